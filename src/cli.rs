@@ -1,0 +1,287 @@
+//! Command-line arguments → a Command. Flags that set configuration keys
+//! become overrides for the configuration loader.
+
+use crate::config::{Override, Source};
+use crate::exit::{Failure, USAGE};
+use lexopt::prelude::*;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+#[derive(Debug, Default)]
+pub struct RunArgs {
+    pub config: Option<PathBuf>,
+    pub workdir: Option<PathBuf>,
+    pub dry_run: bool,
+    pub overrides: Vec<Override>,
+}
+
+#[derive(Debug)]
+pub struct StatusArgs {
+    pub config: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub json: bool,
+    pub id: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum Command {
+    Run(RunArgs),
+    CheckConfig(RunArgs),
+    Status(StatusArgs),
+    Help(&'static str),
+    Version,
+}
+
+/// Flags that set one configuration key from their value.
+const VALUE_FLAGS: &[(&str, &str)] = &[
+    ("agent", "adapter.name"),
+    ("agent-command", "adapter.command"),
+    ("timeout", "adapter.timeout"),
+    ("idle-timeout", "adapter.idle_timeout"),
+    ("max-retries", "adapter.max_retries"),
+    ("retry-delay", "adapter.retry_delay"),
+    ("prompt", "orchestrator.prompt_file"),
+    ("max-iterations", "orchestrator.max_iterations"),
+    ("max-runtime", "orchestrator.max_runtime"),
+    ("checkpoint-interval", "orchestrator.checkpoint_interval"),
+    ("iteration-delay", "orchestrator.iteration_delay"),
+    ("log-file", "logging.file"),
+    ("log-level", "logging.level"),
+    ("log-format", "logging.format"),
+    ("metrics-interval", "monitoring.metrics_interval"),
+    ("state-dir", "paths.state_dir"),
+];
+
+/// Switches that set a key to a fixed value.
+const SWITCHES: &[(&str, &str, &str)] = &[
+    ("no-git", "orchestrator.git_checkpoint", "false"),
+    ("no-archive", "orchestrator.archive_prompts", "false"),
+    ("verbose", "logging.verbose", "true"),
+    ("debug", "logging.level", "debug"),
+];
+
+pub const MAIN_HELP: &str = "\
+ralph-qchat — run an AI coding agent (Amazon Q Developer CLI or Kiro CLI) in a loop
+on a task until the task marks itself complete or a limit is reached.
+
+Usage:
+  ralph-qchat [run] [OPTIONS]          run one task in the foreground
+  ralph-qchat check-config [OPTIONS]   validate and print the effective configuration
+  ralph-qchat status [ID] [--json]     list the tasks in a state directory
+  ralph-qchat --help | --version
+
+`ralph-qchat` with only options means `run`. `ralph-qchat COMMAND --help` shows
+the options of a command. The manual is ralph-qchat(8); the configuration file
+is described in ralph-qchat.toml(5).
+";
+
+pub const RUN_HELP: &str = "\
+Usage: ralph-qchat [run] [OPTIONS]
+
+Runs the agent again and again on the task in the prompt file, in the working
+directory, until the prompt file contains a TASK_COMPLETE line or a limit is hit.
+Re-running the same command after an interruption resumes the task.
+
+Options (each overrides the configuration file and the environment):
+  --prompt FILE              prompt file (default PROMPT.md in the working directory)
+  --workdir DIR              working directory of the agent (default .)
+  --config FILE              TOML configuration file
+  --agent q|qchat|kiro       agent profile
+  --agent-command PATH       agent program instead of the profile's (q, kiro-cli)
+  --max-iterations N         stop after N iterations (limit_reached)
+  --max-runtime SECS         stop after SECS seconds of running (limit_reached)
+  --checkpoint-interval N    archive the prompt and git-commit every N iterations
+  --timeout SECS             wall-clock limit of one agent request
+  --idle-timeout SECS        stop a request after SECS without output (0 = off)
+  --max-retries N            retries of a failed request
+  --retry-delay SECS         first retry delay (doubles each retry)
+  --iteration-delay SECS     pause between iterations
+  --no-git                   no git commits at checkpoints
+  --no-archive               no prompt archive at checkpoints
+  --state-dir DIR            state directory (default WORKDIR/.ralph-qchat)
+  --log-file FILE            also log to FILE (rotated by size)
+  --log-level LEVEL          error, warn, info, debug or trace
+  --log-format text|json     log line format
+  --metrics-interval SECS    seconds between summary lines (0 = off)
+  --verbose                  stream the agent's output to stderr
+  --debug                    debug logging (includes the prompt text)
+  --dry-run                  print the agent command line and limits, run nothing
+  -h, --help                 this help
+
+Exit status: 0 completed, 1 failed, 2 limit reached, 64 usage, 65 prompt refused,
+66 prompt file missing, 69 agent unavailable, 73 state directory not writable,
+75 state directory in use, 78 configuration error, 130/143 interrupted.
+";
+
+pub const CHECK_HELP: &str = "\
+Usage: ralph-qchat check-config [--config FILE] [RUN OPTIONS]
+
+Validates the configuration (built-in defaults < file < environment < options)
+and prints the effective configuration as TOML. Values that are not the
+built-in default are followed by a comment naming the file and line, the
+environment variable or the option they came from.
+
+Exit status: 0 valid, 78 invalid (the message names the key and where it was set).
+";
+
+pub const STATUS_HELP: &str = "\
+Usage: ralph-qchat status [ID] [--state-dir DIR] [--config FILE] [--json]
+
+Lists the tasks recorded in a state directory (default: [paths] state_dir, else
+./.ralph-qchat). Works whether or not a ralph-qchat is running.
+
+  --json    print the task records as a JSON array
+";
+
+fn usage(msg: impl std::fmt::Display) -> Failure {
+    Failure::new(USAGE, format!("{msg}\nTry `ralph-qchat --help`."))
+}
+
+fn text(v: OsString, flag: &str) -> Result<String, Failure> {
+    v.into_string()
+        .map_err(|_| usage(format!("the value of --{flag} is not valid UTF-8")))
+}
+
+pub fn parse(args: Vec<OsString>) -> Result<Command, Failure> {
+    let first = args.first().and_then(|a| a.to_str()).unwrap_or("");
+    let (cmd, rest): (&str, Vec<OsString>) = match first {
+        "run" | "check-config" | "status" => (first, args[1..].to_vec()),
+        "help" => return Ok(Command::Help(MAIN_HELP)),
+        "" if args.is_empty() => ("run", args),
+        s if s.starts_with('-') => {
+            if args.len() == 1 && (s == "--help" || s == "-h") {
+                return Ok(Command::Help(MAIN_HELP));
+            }
+            if args.len() == 1 && (s == "--version" || s == "-V") {
+                return Ok(Command::Version);
+            }
+            ("run", args)
+        }
+        other => return Err(usage(format!("unknown command `{other}`"))),
+    };
+    match cmd {
+        "status" => parse_status(rest),
+        "check-config" => parse_run(rest, CHECK_HELP).map(|c| match c {
+            Command::Run(a) => Command::CheckConfig(a),
+            other => other,
+        }),
+        _ => parse_run(rest, RUN_HELP),
+    }
+}
+
+fn parse_run(args: Vec<OsString>, help: &'static str) -> Result<Command, Failure> {
+    let mut p = lexopt::Parser::from_args(args);
+    let mut a = RunArgs::default();
+    let mut level_flag = None;
+    while let Some(arg) = p.next().map_err(usage)? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help(help)),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            Long("config") => a.config = Some(p.value().map_err(usage)?.into()),
+            Long("workdir") => a.workdir = Some(p.value().map_err(usage)?.into()),
+            Long("dry-run") => a.dry_run = true,
+            Long(name) => {
+                let name = name.to_string();
+                if let Some((flag, key)) = VALUE_FLAGS.iter().find(|(f, _)| *f == name) {
+                    let raw = text(p.value().map_err(usage)?, flag)?;
+                    let o = Override {
+                        source: Source::Flag(format!("--{flag}")),
+                        key: key.to_string(),
+                        raw,
+                    };
+                    if *flag == "log-level" {
+                        level_flag = Some(o);
+                    } else {
+                        a.overrides.push(o);
+                    }
+                } else if let Some((flag, key, value)) =
+                    SWITCHES.iter().find(|(f, _, _)| *f == name)
+                {
+                    a.overrides.push(Override {
+                        source: Source::Flag(format!("--{flag}")),
+                        key: key.to_string(),
+                        raw: value.to_string(),
+                    });
+                } else {
+                    return Err(usage(format!("unknown option --{name}")));
+                }
+            }
+            other => return Err(usage(other.unexpected())),
+        }
+    }
+    // An explicit --log-level wins over --debug, whatever their order.
+    a.overrides.extend(level_flag);
+    Ok(Command::Run(a))
+}
+
+fn parse_status(args: Vec<OsString>) -> Result<Command, Failure> {
+    let mut p = lexopt::Parser::from_args(args);
+    let mut s = StatusArgs {
+        config: None,
+        state_dir: None,
+        json: false,
+        id: None,
+    };
+    while let Some(arg) = p.next().map_err(usage)? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help(STATUS_HELP)),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            Long("json") => s.json = true,
+            Long("state-dir") => s.state_dir = Some(p.value().map_err(usage)?.into()),
+            Long("config") => s.config = Some(p.value().map_err(usage)?.into()),
+            Value(v) if s.id.is_none() => s.id = Some(text(v, "ID")?),
+            other => return Err(usage(other.unexpected())),
+        }
+    }
+    Ok(Command::Status(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<Command, Failure> {
+        parse(args.iter().map(OsString::from).collect())
+    }
+
+    #[test]
+    fn flags_alone_mean_run() {
+        let Ok(Command::Run(a)) = p(&[
+            "--agent",
+            "q",
+            "--config",
+            "qchat.toml",
+            "--max-iterations",
+            "1000",
+            "--verbose",
+            "--debug",
+            "--log-level",
+            "DEBUG",
+        ]) else {
+            panic!("not run")
+        };
+        assert_eq!(a.config, Some(PathBuf::from("qchat.toml")));
+        let keys: Vec<&str> = a.overrides.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "adapter.name",
+                "orchestrator.max_iterations",
+                "logging.verbose",
+                "logging.level",
+                "logging.level"
+            ]
+        );
+        assert_eq!(a.overrides.last().unwrap().raw, "DEBUG");
+    }
+
+    #[test]
+    fn usage_errors() {
+        assert_eq!(p(&["frobnicate"]).unwrap_err().code, USAGE);
+        assert_eq!(p(&["run", "--bogus"]).unwrap_err().code, USAGE);
+        assert_eq!(p(&["run", "--timeout"]).unwrap_err().code, USAGE);
+        assert!(matches!(p(&["status", "--help"]), Ok(Command::Help(_))));
+        assert!(matches!(p(&["--version"]), Ok(Command::Version)));
+        assert!(matches!(p(&[]), Ok(Command::Run(_))));
+    }
+}

@@ -1,0 +1,100 @@
+//! Building an agent request from the configuration and a task: argv, the
+//! environment, and the deadlines that apply.
+
+use crate::agent::instruction::instruction;
+use crate::agent::{AgentRequest, Cancel, Progress};
+use crate::config::Config;
+use crate::task::TaskState;
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Inputs<'a> {
+    pub cfg: &'a Config,
+    pub state_dir: &'a Path,
+    pub task: &'a TaskState,
+    pub prompt: &'a [u8],
+    pub attempt: u32,
+    /// Seconds left of the task's max_runtime.
+    pub remaining_runtime: f64,
+    pub transcript: Option<PathBuf>,
+    pub stream: bool,
+    pub cancel: Arc<Cancel>,
+    pub progress: Arc<Progress>,
+}
+
+/// The marker value that tags every process of this task's agent runs.
+pub fn owner_marker(state_dir: &Path, task_id: &str) -> String {
+    format!("{}#{task_id}", state_dir.display())
+}
+
+/// The request, and whether the prompt went by reference (too big for argv).
+pub fn build(i: Inputs) -> (AgentRequest, bool) {
+    let a = &i.cfg.adapter;
+    let o = &i.cfg.orchestrator;
+    let (text, by_reference) = instruction(
+        &o.prompt_template,
+        &i.task.prompt_file,
+        i.prompt,
+        &o.completion_marker,
+        i.task.iteration,
+    );
+    let fixed_args = a.effective_args();
+    let program = a.effective_command();
+    let shown = format!(
+        "{} {} <instruction, {} bytes{}>",
+        program,
+        fixed_args.join(" "),
+        text.len(),
+        if by_reference {
+            ", prompt by reference"
+        } else {
+            ""
+        }
+    );
+    let mut args: Vec<OsString> = fixed_args.into_iter().map(OsString::from).collect();
+    args.push(OsString::from_vec(text));
+    let mut env: Vec<(OsString, OsString)> =
+        a.env.iter().map(|(k, v)| (k.into(), v.into())).collect();
+    env.push((
+        crate::agent::spawn_marker_var().into(),
+        owner_marker(i.state_dir, &i.task.id).into(),
+    ));
+    env.push(("RALPH_QCHAT_TASK_ID".into(), i.task.id.clone().into()));
+    env.push((
+        "RALPH_QCHAT_ITERATION".into(),
+        i.task.iteration.to_string().into(),
+    ));
+    env.push((
+        "RALPH_QCHAT_PROMPT_FILE".into(),
+        i.task.prompt_file.clone().into(),
+    ));
+    let timeout = a.timeout.min(i.remaining_runtime.max(0.0));
+    let req = AgentRequest {
+        task_id: i.task.id.clone(),
+        iteration: i.task.iteration,
+        attempt: i.attempt,
+        program: program.into(),
+        args,
+        shown,
+        env,
+        workdir: PathBuf::from(&i.task.workdir),
+        timeout: Duration::from_secs_f64(timeout),
+        timeout_is_runtime: i.remaining_runtime < a.timeout,
+        idle_timeout: (a.idle_timeout > 0.0).then(|| Duration::from_secs_f64(a.idle_timeout)),
+        kill_grace: Duration::from_secs_f64(a.kill_grace),
+        poll_interval: Duration::from_secs_f64(i.cfg.performance.poll_interval),
+        buffer_size: i.cfg.performance.buffer_size as usize,
+        max_output: i.cfg.limits.max_output_size,
+        max_memory_mb: i.cfg.limits.max_memory_mb,
+        output_marker: (!o.output_completion_marker.is_empty())
+            .then(|| o.output_completion_marker.as_bytes().to_vec()),
+        transcript: i.transcript,
+        stream: i.stream,
+        cancel: i.cancel,
+        progress: i.progress,
+    };
+    (req, by_reference)
+}

@@ -1,0 +1,41 @@
+//! Exit codes (sysexits where one fits) and the error type that carries one.
+
+use std::fmt;
+
+pub const OK: i32 = 0;
+pub const TASK_FAILED: i32 = 1;
+pub const LIMIT_REACHED: i32 = 2;
+pub const USAGE: i32 = 64;
+pub const PROMPT_REFUSED: i32 = 65;
+pub const UNAVAILABLE: i32 = 69;
+pub const CANT_CREATE: i32 = 73;
+pub const TEMPFAIL: i32 = 75;
+pub const CONFIG: i32 = 78;
+
+/// A failure that ends the program: what went wrong and the code to exit with.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: i32, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<crate::config::ConfigError> for Failure {
+    fn from(e: crate::config::ConfigError) -> Failure {
+        Failure::new(CONFIG, e.to_string())
+    }
+}

@@ -1,0 +1,13 @@
+//! ralph-qchat: runs an AI coding agent in a loop on a task until it is done.
+
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod exit;
+pub mod logging;
+pub mod run;
+pub mod status;
+pub mod store;
+pub mod task;
+pub mod timefmt;

@@ -1,0 +1,48 @@
+//! Entry point: parse the command, dispatch, exit with its code.
+
+use ralph_qchat::cli::{self, Command};
+use ralph_qchat::config::{self, Layers};
+use ralph_qchat::exit::{self, Failure};
+
+fn main() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let code = match cli::parse(args).and_then(dispatch) {
+        Ok(code) => code,
+        Err(f) => {
+            // Logging may not be up yet (or may go to a file): always tell stderr.
+            eprintln!("ralph-qchat: {}", f.message);
+            log::logger().flush();
+            f.code
+        }
+    };
+    log::logger().flush();
+    std::process::exit(code);
+}
+
+fn dispatch(cmd: Command) -> Result<i32, Failure> {
+    match cmd {
+        Command::Help(text) => {
+            print!("{text}");
+            Ok(exit::OK)
+        }
+        Command::Version => {
+            println!("ralph-qchat {}", env!("CARGO_PKG_VERSION"));
+            Ok(exit::OK)
+        }
+        Command::Run(a) => ralph_qchat::run::run(a),
+        Command::Status(a) => ralph_qchat::status::status(a),
+        Command::CheckConfig(a) => {
+            let loaded = config::load(&Layers {
+                file: a.config.clone(),
+                file_required: true,
+                env: ralph_qchat::run::env_pairs(),
+                flags: a.overrides.clone(),
+            })?;
+            print!("{}", config::render(&loaded));
+            for w in &loaded.warnings {
+                eprintln!("ralph-qchat: warning: {w}");
+            }
+            Ok(exit::OK)
+        }
+    }
+}

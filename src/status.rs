@@ -1,0 +1,108 @@
+//! `ralph-qchat status`: the task records of a state directory, read from
+//! disk so it works whether or not anything is running.
+
+use crate::cli::StatusArgs;
+use crate::config::{self, Layers};
+use crate::exit::{self, Failure};
+use crate::store::{StateLock, TaskStore};
+use std::fmt::Write;
+use std::path::PathBuf;
+
+pub fn status(args: StatusArgs) -> Result<i32, Failure> {
+    let state_dir = match &args.state_dir {
+        Some(d) => d.clone(),
+        None => {
+            let loaded = config::load(&Layers {
+                file: args.config.clone(),
+                file_required: args.config.is_some(),
+                env: crate::run::env_pairs(),
+                flags: vec![],
+            })?;
+            if loaded.config.paths.state_dir.is_empty() {
+                PathBuf::from(".ralph-qchat")
+            } else {
+                PathBuf::from(&loaded.config.paths.state_dir)
+            }
+        }
+    };
+    if !state_dir.is_dir() {
+        return Err(Failure::new(
+            crate::run::NO_INPUT,
+            format!(
+                "no state directory at {} (name one with --state-dir)",
+                state_dir.display()
+            ),
+        ));
+    }
+    let store = TaskStore::new(&state_dir);
+    let (mut tasks, problems) = store.load_all();
+    for p in &problems {
+        eprintln!("ralph-qchat: warning: {p}");
+    }
+    if let Some(id) = &args.id {
+        tasks.retain(|t| &t.id == id);
+        if tasks.is_empty() {
+            return Err(Failure::new(
+                crate::run::NO_INPUT,
+                format!("no task {id:?} in {}", state_dir.display()),
+            ));
+        }
+    }
+    if args.json {
+        let json = if args.id.is_some() {
+            serde_json::to_string_pretty(&tasks[0])
+        } else {
+            serde_json::to_string_pretty(&tasks)
+        };
+        println!(
+            "{}",
+            json.map_err(|e| Failure::new(exit::TASK_FAILED, e.to_string()))?
+        );
+        return Ok(exit::OK);
+    }
+    let holder = StateLock::holder(&state_dir);
+    let mut out = String::new();
+    match holder {
+        Some(pid) if pid > 0 => {
+            let _ = writeln!(
+                out,
+                "{}: in use by ralph-qchat pid {pid}",
+                state_dir.display()
+            );
+        }
+        Some(_) => {
+            let _ = writeln!(out, "{}: in use", state_dir.display());
+        }
+        None => {
+            let _ = writeln!(out, "{}: no ralph-qchat running on it", state_dir.display());
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{:<24} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<24} LAST ERROR",
+        "ID", "STATUS", "ITER", "OK", "FAILED", "RETRIES", "UPDATED"
+    );
+    for t in &tasks {
+        let mut status = t.status.as_str().to_string();
+        if holder.is_none() && t.status == crate::task::Status::Running {
+            status = "interrupted".into();
+        }
+        let _ = writeln!(
+            out,
+            "{:<24} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<24} {}",
+            t.id,
+            status,
+            t.iteration,
+            t.successful_iterations,
+            t.failed_iterations,
+            t.retries,
+            t.updated_at,
+            t.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    if tasks.is_empty() {
+        let _ = writeln!(out, "(no tasks)");
+    }
+    print!("{out}");
+    Ok(exit::OK)
+}

@@ -1,0 +1,10 @@
+//! Everything on disk: atomic writes, the state-directory lock, task records
+//! and transcripts.
+
+pub mod atomic;
+pub mod lock;
+pub mod tasks;
+
+pub use atomic::write_atomic;
+pub use lock::{LockError, StateLock};
+pub use tasks::TaskStore;

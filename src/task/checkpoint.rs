@@ -1,0 +1,140 @@
+//! Checkpoints: the prompt archived beside the task's state, and the work
+//! committed to git. Nothing here ever resets or discards work.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+#[derive(Debug, Clone)]
+pub struct CheckpointJob {
+    pub task_id: String,
+    pub iteration: u64,
+    pub prompt_file: PathBuf,
+    pub workdir: PathBuf,
+    /// Where to copy the prompt; None when archive_prompts is off.
+    pub archive_dir: Option<PathBuf>,
+    pub git: bool,
+    /// Never committed, even when it lies inside the work tree.
+    pub state_dir: PathBuf,
+}
+
+/// What a checkpoint did, for the log.
+#[derive(Debug, Default, PartialEq)]
+pub struct Done {
+    pub archived: Option<PathBuf>,
+    pub commit: Option<String>,
+    pub notes: Vec<String>,
+}
+
+pub fn checkpoint(job: &CheckpointJob) -> Done {
+    let mut done = Done::default();
+    if let Some(dir) = &job.archive_dir {
+        let dest = dir.join(format!("prompt-{:06}.md", job.iteration));
+        match std::fs::create_dir_all(dir).and_then(|_| std::fs::copy(&job.prompt_file, &dest)) {
+            Ok(_) => done.archived = Some(dest),
+            Err(e) => done.notes.push(format!(
+                "cannot archive {} to {}: {e}",
+                job.prompt_file.display(),
+                dest.display()
+            )),
+        }
+    }
+    if job.git {
+        match git_commit(job) {
+            Ok(c) => done.commit = c,
+            Err(e) => done.notes.push(e),
+        }
+    }
+    done
+}
+
+fn git(dir: &Path) -> Command {
+    let mut c = Command::new("git");
+    c.current_dir(dir)
+        .stdin(Stdio::null())
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .args([
+            "-c",
+            "commit.gpgsign=false",
+            "-c",
+            "core.hooksPath=/dev/null",
+        ]);
+    c
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<std::process::Output, String> {
+    cmd.output()
+        .map_err(|e| format!("git checkpoint: cannot run git ({what}): {e}"))
+}
+
+/// Commits every change in the work tree around `workdir`; Ok(None) when the
+/// directory is not in a git work tree or nothing changed.
+fn git_commit(job: &CheckpointJob) -> Result<Option<String>, String> {
+    let top = match run(
+        git(&job.workdir).args(["rev-parse", "--show-toplevel"]),
+        "rev-parse",
+    ) {
+        Ok(o) if o.status.success() => PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()),
+        Ok(_) => return Ok(None),
+        Err(e) if e.contains("No such file") => {
+            return Err("git checkpoint skipped: git is not installed".into());
+        }
+        Err(e) => return Err(e),
+    };
+    let mut add = git(&top);
+    add.args(["add", "-A", "--", "."]);
+    if let (Ok(t), Ok(s)) = (top.canonicalize(), job.state_dir.canonicalize())
+        && let Ok(rel) = s.strip_prefix(&t)
+    {
+        if rel.as_os_str().is_empty() {
+            return Err(
+                "git checkpoint skipped: the state directory is the work tree itself".into(),
+            );
+        }
+        add.arg(format!(":(exclude){}", rel.display()));
+    }
+    let o = run(&mut add, "add")?;
+    if !o.status.success() {
+        return Err(format!(
+            "git checkpoint: `git add -A` failed in {}: {}",
+            top.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
+    }
+    let staged = run(git(&top).args(["diff", "--cached", "--quiet"]), "diff")?;
+    if staged.status.success() {
+        return Ok(None);
+    }
+    let mut commit = git(&top);
+    let has_identity = run(git(&top).args(["config", "user.email"]), "config")
+        .map(|o| o.status.success() && !o.stdout.trim_ascii().is_empty())
+        .unwrap_or(false);
+    if !has_identity {
+        commit
+            .env("GIT_AUTHOR_NAME", "ralph-qchat")
+            .env("GIT_AUTHOR_EMAIL", "ralph-qchat@localhost")
+            .env("GIT_COMMITTER_NAME", "ralph-qchat")
+            .env("GIT_COMMITTER_EMAIL", "ralph-qchat@localhost");
+    }
+    let message = format!(
+        "ralph-qchat checkpoint: task {} after iteration {}",
+        job.task_id, job.iteration
+    );
+    let o = run(
+        commit.args(["commit", "--no-verify", "-q", "-m", &message]),
+        "commit",
+    )?;
+    if !o.status.success() {
+        return Err(format!(
+            "git checkpoint: commit failed in {}: {}",
+            top.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
+    }
+    let head = run(
+        git(&top).args(["rev-parse", "--short", "HEAD"]),
+        "rev-parse",
+    )?;
+    Ok(Some(
+        String::from_utf8_lossy(&head.stdout).trim().to_string(),
+    ))
+}

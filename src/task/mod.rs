@@ -1,0 +1,158 @@
+//! A task's persisted record and the pure rules of the Ralph loop.
+
+pub mod checkpoint;
+pub mod completion;
+pub mod rules;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    LimitReached,
+    Cancelled,
+}
+
+impl Status {
+    pub fn is_finished(self) -> bool {
+        !matches!(self, Status::Queued | Status::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::LimitReached => "limit_reached",
+            Status::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What `<state_dir>/tasks/<id>/state.json` holds. Only the scheduler writes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskState {
+    pub id: String,
+    pub status: Status,
+    /// Iterations started, the one in progress included.
+    pub iteration: u64,
+    pub successful_iterations: u64,
+    pub failed_iterations: u64,
+    pub consecutive_failures: u32,
+    pub retries: u64,
+    pub interrupted_iterations: u64,
+    pub started_at: Option<String>,
+    pub updated_at: String,
+    pub finished_at: Option<String>,
+    pub last_error: Option<String>,
+    /// Why the task ended (completion_marker, output_marker, max_iterations, …).
+    pub reason: Option<String>,
+    pub prompt_file: String,
+    pub workdir: String,
+    /// The iteration that was running when this record was written; set on
+    /// disk means it was interrupted if the process is gone.
+    #[serde(default)]
+    pub in_progress: Option<u64>,
+    /// Seconds spent running, summed over every process that ran the task.
+    #[serde(default)]
+    pub runtime_secs: f64,
+    #[serde(default)]
+    pub last_checkpoint: u64,
+    /// Per-task limits overriding the configuration (from a task spec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_iterations: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_runtime: Option<f64>,
+    #[serde(default)]
+    pub submitted_at: Option<String>,
+}
+
+impl TaskState {
+    pub fn new(id: &str, prompt_file: &str, workdir: &str) -> TaskState {
+        let now = crate::timefmt::now_rfc3339();
+        TaskState {
+            id: id.to_string(),
+            status: Status::Queued,
+            iteration: 0,
+            successful_iterations: 0,
+            failed_iterations: 0,
+            consecutive_failures: 0,
+            retries: 0,
+            interrupted_iterations: 0,
+            started_at: None,
+            updated_at: now.clone(),
+            finished_at: None,
+            last_error: None,
+            reason: None,
+            prompt_file: prompt_file.to_string(),
+            workdir: workdir.to_string(),
+            in_progress: None,
+            runtime_secs: 0.0,
+            last_checkpoint: 0,
+            max_iterations: None,
+            max_runtime: None,
+            submitted_at: Some(now),
+        }
+    }
+}
+
+/// A task id is a file name inside the state directory: keep it plain.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// A task id derived from a prompt file name (`PROMPT.md` → `PROMPT`).
+pub fn id_from_file_name(name: &str) -> String {
+    let stem = name.rsplit_once('.').map_or(name, |(s, _)| s);
+    let mut id: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect();
+    if id.is_empty() {
+        id = "task".into();
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(valid_id("PROMPT"));
+        assert!(valid_id("a.b-c_1"));
+        assert!(!valid_id("../x"));
+        assert!(!valid_id("a/b"));
+        assert!(!valid_id(".."));
+        assert!(!valid_id(""));
+        assert_eq!(id_from_file_name("PROMPT.md"), "PROMPT");
+        assert_eq!(id_from_file_name("my task.md"), "my_task");
+        assert_eq!(id_from_file_name(".md"), "task");
+    }
+
+    #[test]
+    fn state_round_trips_as_json() {
+        let s = TaskState::new("x", "/w/PROMPT.md", "/w");
+        let j = serde_json::to_string(&s).unwrap();
+        assert!(j.contains("\"status\":\"queued\""));
+        assert_eq!(serde_json::from_str::<TaskState>(&j).unwrap(), s);
+    }
+}

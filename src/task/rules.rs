@@ -1,0 +1,110 @@
+//! The loop's decisions as plain functions: limits, retry delays, and what an
+//! agent run's ending means for the iteration.
+
+use crate::agent::Ending;
+use std::time::Duration;
+
+/// The limits that apply to one task.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub max_iterations: u64,
+    pub max_runtime: f64,
+    pub max_consecutive_failures: u32,
+    pub max_retries: u32,
+}
+
+/// Which limit, if any, stops the task before iteration `next` starts.
+pub fn limit_before(next: u64, runtime_secs: f64, l: &Limits) -> Option<&'static str> {
+    if next > l.max_iterations {
+        Some("max_iterations")
+    } else if runtime_secs >= l.max_runtime {
+        Some("max_runtime")
+    } else {
+        None
+    }
+}
+
+/// Delay before retry `attempt` (1 = the first retry): base × 2^(attempt−1),
+/// up to a quarter more by `jitter` in [0, 1), capped.
+pub fn retry_delay(base: f64, attempt: u32, cap: f64, jitter: f64) -> Duration {
+    let exp = 2f64.powi(attempt.saturating_sub(1).min(60) as i32);
+    let d = (base * exp * (1.0 + 0.25 * jitter.clamp(0.0, 1.0))).min(cap);
+    Duration::from_secs_f64(d.max(0.0))
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Success,
+    /// Try the same iteration again after a delay.
+    Retry,
+    /// Retries exhausted: the iteration failed.
+    Failed,
+    /// The agent command cannot run: stop, tell the operator.
+    Unavailable,
+    /// Stopped by max_runtime: the task ends on its limit.
+    RuntimeOut,
+    Cancelled,
+    /// Stopped by our shutdown: the iteration is interrupted, not failed.
+    Interrupted,
+}
+
+/// What an ending means, given that `retries_done` retries were already made.
+pub fn judge(ending: &Ending, retries_done: u32, max_retries: u32) -> Verdict {
+    match ending {
+        Ending::Exited(0) => Verdict::Success,
+        Ending::Unavailable(_) => Verdict::Unavailable,
+        Ending::RuntimeExceeded => Verdict::RuntimeOut,
+        Ending::Cancelled => Verdict::Cancelled,
+        Ending::ShutDown => Verdict::Interrupted,
+        _ if retries_done < max_retries => Verdict::Retry,
+        _ => Verdict::Failed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: Limits = Limits {
+        max_iterations: 3,
+        max_runtime: 10.0,
+        max_consecutive_failures: 2,
+        max_retries: 2,
+    };
+
+    #[test]
+    fn limits() {
+        assert_eq!(limit_before(3, 0.0, &L), None);
+        assert_eq!(limit_before(4, 0.0, &L), Some("max_iterations"));
+        assert_eq!(limit_before(1, 10.0, &L), Some("max_runtime"));
+    }
+
+    #[test]
+    fn delays_double_with_bounded_jitter_and_cap() {
+        assert_eq!(retry_delay(1.0, 1, 60.0, 0.0), Duration::from_secs(1));
+        assert_eq!(retry_delay(1.0, 3, 60.0, 0.0), Duration::from_secs(4));
+        assert_eq!(retry_delay(1.0, 3, 60.0, 1.0), Duration::from_secs(5));
+        assert_eq!(retry_delay(1.0, 10, 60.0, 0.5), Duration::from_secs(60));
+        assert_eq!(retry_delay(1.0, 1000, 60.0, 0.5), Duration::from_secs(60));
+        // Even the largest jitter never makes a retry wait less than the one before.
+        for a in 1..8 {
+            assert!(retry_delay(0.5, a, 1e9, 1.0) < retry_delay(0.5, a + 1, 1e9, 0.0));
+        }
+    }
+
+    #[test]
+    fn verdicts() {
+        assert_eq!(judge(&Ending::Exited(0), 0, 2), Verdict::Success);
+        assert_eq!(judge(&Ending::Exited(1), 0, 2), Verdict::Retry);
+        assert_eq!(judge(&Ending::TimedOut, 2, 2), Verdict::Failed);
+        assert_eq!(
+            judge(&Ending::Unavailable("x".into()), 0, 2),
+            Verdict::Unavailable
+        );
+        assert_eq!(judge(&Ending::ShutDown, 0, 2), Verdict::Interrupted);
+        assert_eq!(
+            judge(&Ending::SpawnFailed("EMFILE".into()), 0, 2),
+            Verdict::Retry
+        );
+    }
+}
