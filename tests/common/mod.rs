@@ -1,0 +1,282 @@
+//! Test harness: a sandbox directory per test, the real binary run against
+//! fake agents, waits with deadlines, and a check that nothing started by
+//! the test is left running.
+
+#![allow(dead_code)]
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ralph-qchat");
+
+pub struct Sandbox {
+    pub dir: PathBuf,
+    pub tag: String,
+}
+
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+    /// Peak resident memory of ralph-qchat (and children it waited for), KiB.
+    pub maxrss_kib: i64,
+}
+
+impl Finished {
+    pub fn code(&self) -> i32 {
+        self.status
+            .code()
+            .unwrap_or_else(|| 128 + self.status.signal().unwrap_or(0))
+    }
+}
+
+impl Sandbox {
+    pub fn new(name: &str) -> Sandbox {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let tag = format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let dir = std::env::temp_dir().join(format!("ralph-qchat-test-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let dir = dir.canonicalize().unwrap();
+        std::fs::write(dir.join("PROMPT.md"), "# Task\n\nMake the tests pass.\n").unwrap();
+        Sandbox { dir, tag }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    pub fn write(&self, rel: &str, content: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.path(rel);
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.path(rel)).unwrap_or_default()
+    }
+
+    pub fn agent(name: &str) -> String {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fake-agents")
+            .join(name)
+            .display()
+            .to_string()
+    }
+
+    /// The binary, in the sandbox, isolated from the caller's environment.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .current_dir(&self.dir)
+            .env("RALPH_TEST_TAG", &self.tag)
+            .env("HOME", &self.dir)
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("QCHAT_") || k.starts_with("HEALTH_CHECK_") || k.starts_with("FAKE_") {
+                c.env_remove(k);
+            }
+        }
+        c
+    }
+
+    /// `run` with a fake agent, fast defaults (no delays), and extra args.
+    pub fn run_cmd(&self, agent: &str, extra: &[&str]) -> Command {
+        let a = Sandbox::agent(agent);
+        let mut args = vec![
+            "run",
+            "--agent-command",
+            a.as_str(),
+            "--iteration-delay",
+            "0",
+            "--retry-delay",
+            "0.05",
+            "--metrics-interval",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        self.cmd(&args)
+    }
+
+    pub fn state(&self) -> serde_json::Value {
+        self.state_of("PROMPT")
+    }
+
+    pub fn state_of(&self, id: &str) -> serde_json::Value {
+        let p = self.path(&format!(".ralph-qchat/tasks/{id}/state.json"));
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub fn runs(&self) -> usize {
+        self.read("fake-runs.log").lines().count()
+    }
+
+    /// Processes carrying this sandbox's tag that are not zombies.
+    pub fn live_processes(&self) -> Vec<i32> {
+        let needle = format!("RALPH_TEST_TAG={}", self.tag);
+        let mut found = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+                continue;
+            };
+            if !env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) {
+                continue;
+            }
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.rfind(')').and_then(|i| stat[i + 2..].chars().next());
+            if state.is_some_and(|s| s != 'Z') {
+                found.push(pid);
+            }
+        }
+        found
+    }
+
+    /// Asserts that nothing this test started is running, allowing a moment
+    /// for processes that were just killed to disappear.
+    pub fn assert_nothing_left(&self) {
+        let ok = wait_until(Duration::from_secs(5), || self.live_processes().is_empty());
+        if !ok {
+            let left = self.live_processes();
+            for p in &left {
+                unsafe { libc::kill(*p, libc::SIGKILL) };
+            }
+            panic!("processes left running after the test: {left:?}");
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for p in self.live_processes() {
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("sandbox kept for inspection: {}", self.dir.display());
+        }
+    }
+}
+
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Spawns with piped output drained on threads, so a chatty child never blocks.
+pub struct Running {
+    pub child: Child,
+    started: Instant,
+    out: Option<std::thread::JoinHandle<Vec<u8>>>,
+    err: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+pub fn start(mut cmd: Command) -> Running {
+    let mut child = cmd.spawn().expect("spawn ralph-qchat");
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut so, &mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut se, &mut v);
+        v
+    });
+    Running {
+        child,
+        started: Instant::now(),
+        out: Some(out),
+        err: Some(err),
+    }
+}
+
+impl Running {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Waits for exit (killing it and failing after `limit`), with rusage.
+    pub fn finish(mut self, limit: Duration) -> Finished {
+        let pid = self.pid();
+        let deadline = self.started + limit;
+        let mut status = 0;
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        loop {
+            let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+            if r == pid {
+                break;
+            }
+            if Instant::now() >= deadline {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+                let err = self
+                    .err
+                    .take()
+                    .map(|h| h.join().unwrap())
+                    .unwrap_or_default();
+                panic!(
+                    "ralph-qchat did not finish within {limit:?}; stderr:\n{}",
+                    String::from_utf8_lossy(&err)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let elapsed = self.started.elapsed();
+        // The Child no longer owns a process: keep std from waiting on it.
+        std::mem::forget(self.child);
+        let stdout = self
+            .out
+            .take()
+            .map(|h| h.join().unwrap())
+            .unwrap_or_default();
+        let stderr = self
+            .err
+            .take()
+            .map(|h| h.join().unwrap())
+            .unwrap_or_default();
+        Finished {
+            status: ExitStatus::from_raw(status),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+            elapsed,
+            maxrss_kib: usage.ru_maxrss,
+        }
+    }
+}
+
+pub fn run(cmd: Command) -> Finished {
+    start(cmd).finish(Duration::from_secs(30))
+}

@@ -1,0 +1,232 @@
+//! The agent child under hostile behaviour: hangs, silence, ignored SIGTERM,
+//! grandchildren holding the pipes, floods, bad bytes, questions on stdin,
+//! missing commands, huge or refused prompts. Nothing may hang or be left.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+fn config(sb: &Sandbox, text: &str) {
+    sb.write("cfg.toml", text);
+}
+
+#[test]
+fn wall_clock_timeout_kills_the_agent() {
+    let sb = Sandbox::new("timeout");
+    config(
+        &sb,
+        "[orchestrator]\nmax_consecutive_failures = 1\n[adapter]\nmax_retries = 0\nkill_grace = 0.5\n",
+    );
+    let r = run(sb.run_cmd("sleep.sh", &["--config", "cfg.toml", "--timeout", "1"]));
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+    assert!(r.elapsed < Duration::from_secs(10), "{:?}", r.elapsed);
+    let s = sb.state();
+    assert!(
+        s["last_error"].as_str().unwrap().contains("timed out"),
+        "{s}"
+    );
+    let t = sb.read(".ralph-qchat/tasks/PROMPT/iterations/000001.log");
+    assert!(t.contains("thinking..."), "{t}");
+    assert!(t.contains("=== end: timed out"), "{t}");
+    sb.assert_nothing_left();
+}
+
+#[test]
+fn idle_timeout_kills_a_silent_agent() {
+    let sb = Sandbox::new("idle");
+    config(
+        &sb,
+        "[orchestrator]\nmax_consecutive_failures = 1\n[adapter]\nmax_retries = 0\nkill_grace = 0.5\n",
+    );
+    let r = run(sb.run_cmd(
+        "silent.sh",
+        &[
+            "--config",
+            "cfg.toml",
+            "--timeout",
+            "60",
+            "--idle-timeout",
+            "1",
+        ],
+    ));
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+    assert!(r.elapsed < Duration::from_secs(10), "{:?}", r.elapsed);
+    let e = sb.state()["last_error"].as_str().unwrap().to_string();
+    assert!(e.contains("no output"), "{e}");
+    sb.assert_nothing_left();
+}
+
+#[test]
+fn agent_ignoring_sigterm_is_killed_after_the_grace() {
+    let sb = Sandbox::new("ignoreterm");
+    config(
+        &sb,
+        "[orchestrator]\nmax_consecutive_failures = 1\n[adapter]\nmax_retries = 0\nkill_grace = 1\n",
+    );
+    let r = run(sb.run_cmd(
+        "ignore-term.sh",
+        &["--config", "cfg.toml", "--timeout", "1"],
+    ));
+    assert_eq!(r.code(), 1, "{}", r.stderr);
+    // 1 s timeout + 1 s grace, then SIGKILL; well before the agent's own end.
+    assert!(r.elapsed >= Duration::from_secs(2), "{:?}", r.elapsed);
+    assert!(r.elapsed < Duration::from_secs(8), "{:?}", r.elapsed);
+    sb.assert_nothing_left();
+}
+
+#[test]
+fn grandchild_holding_stdout_does_not_hold_up_the_iteration() {
+    let sb = Sandbox::new("grandchild");
+    let r = run(sb.run_cmd("grandchild.sh", &[]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert!(r.elapsed < Duration::from_secs(5), "{:?}", r.elapsed);
+    let gc: i32 = sb.read("grandchild.pid").trim().parse().unwrap();
+    assert!(gc > 0);
+    sb.assert_nothing_left();
+}
+
+#[test]
+fn flood_on_both_pipes_is_capped_without_deadlock_or_memory_growth() {
+    let sb = Sandbox::new("flood");
+    let r = start(sb.run_cmd("flood.sh", &[])).finish(Duration::from_secs(60));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let t = std::fs::metadata(sb.path(".ralph-qchat/tasks/PROMPT/iterations/000001.log"))
+        .unwrap()
+        .len();
+    let cap = 10 * 1024 * 1024;
+    assert!(t >= cap && t < cap + 4096, "transcript of {t} bytes");
+    let text = std::fs::read(sb.path(".ralph-qchat/tasks/PROMPT/iterations/000001.log")).unwrap();
+    let tail = String::from_utf8_lossy(&text[text.len() - 300..]).into_owned();
+    assert!(tail.contains("104857600 bytes of output"), "{tail}");
+    assert!(tail.contains("truncated: 94371840 bytes dropped"), "{tail}");
+    assert!(r.stderr.contains("94371840 bytes dropped"), "{}", r.stderr);
+    // 100 MB went through; the daemon's peak stays far below that.
+    assert!(r.maxrss_kib < 40 * 1024, "peak RSS {} KiB", r.maxrss_kib);
+    sb.assert_nothing_left();
+}
+
+#[test]
+fn invalid_utf8_output_is_kept_byte_for_byte() {
+    let sb = Sandbox::new("bytes");
+    let r = run(sb.run_cmd("bytes.sh", &[]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let t = std::fs::read(sb.path(".ralph-qchat/tasks/PROMPT/iterations/000001.log")).unwrap();
+    let needle = b"before \xff\xfe\xc3\x28 after\n";
+    assert!(t.windows(needle.len()).any(|w| w == needle));
+}
+
+#[test]
+fn agent_reading_stdin_gets_eof() {
+    let sb = Sandbox::new("stdin");
+    let r = run(sb.run_cmd("read-stdin.sh", &["--timeout", "20"]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert!(r.elapsed < Duration::from_secs(5), "{:?}", r.elapsed);
+    let t = sb.read(".ralph-qchat/tasks/PROMPT/iterations/000001.log");
+    assert!(t.contains("stdin: EOF"), "{t}");
+}
+
+#[test]
+fn missing_agent_command_exits_69_without_retrying() {
+    let sb = Sandbox::new("missing");
+    let r = run(sb.cmd(&[
+        "run",
+        "--agent-command",
+        "no-such-agent-xyz",
+        "--retry-delay",
+        "5",
+    ]));
+    assert_eq!(r.code(), 69, "{}", r.stderr);
+    assert!(r.stderr.contains("no-such-agent-xyz"), "{}", r.stderr);
+    assert!(r.stderr.contains("not found"), "{}", r.stderr);
+    assert!(
+        r.elapsed < Duration::from_secs(3),
+        "retried: {:?}",
+        r.elapsed
+    );
+    let s = sb.state();
+    assert_eq!(s["status"], "failed");
+    assert_eq!(s["reason"], "agent_unavailable");
+    assert_eq!(s["retries"], 0);
+}
+
+#[test]
+fn non_executable_agent_command_exits_69() {
+    let sb = Sandbox::new("noexec");
+    sb.write("agent.sh", "#!/bin/sh\necho hi\n");
+    let r = run(sb.cmd(&["run", "--agent-command", "./agent.sh", "--retry-delay", "5"]));
+    assert_eq!(r.code(), 69, "{}", r.stderr);
+    assert!(r.stderr.contains("agent.sh"), "{}", r.stderr);
+    assert!(r.stderr.contains("cannot be executed"), "{}", r.stderr);
+    assert!(
+        r.elapsed < Duration::from_secs(3),
+        "retried: {:?}",
+        r.elapsed
+    );
+}
+
+#[test]
+fn one_mebibyte_prompt_runs_without_e2big() {
+    let sb = Sandbox::new("bigprompt");
+    let mut prompt = String::from("# Big task\n");
+    while prompt.len() < 1024 * 1024 {
+        prompt.push_str("Refactor every module so that it reads well. ");
+    }
+    sb.write("PROMPT.md", &prompt);
+    let r = run(sb.run_cmd("args.sh", &[]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let instruction = sb.read("instruction.txt");
+    assert!(instruction.len() < 128 * 1024, "{}", instruction.len());
+    assert!(instruction.contains(&sb.path("PROMPT.md").display().to_string()));
+    assert!(r.stderr.contains("read"), "{}", r.stderr);
+}
+
+#[test]
+fn prompt_over_max_prompt_size_is_refused_with_65() {
+    let sb = Sandbox::new("oversize");
+    config(&sb, "[limits]\nmax_prompt_size = 100\n");
+    sb.write("PROMPT.md", "x".repeat(200));
+    let r = run(sb.run_cmd("args.sh", &["--config", "cfg.toml"]));
+    assert_eq!(r.code(), 65, "{}", r.stderr);
+    assert!(r.stderr.contains("max_prompt_size"), "{}", r.stderr);
+    assert_eq!(sb.runs(), 0);
+}
+
+#[test]
+fn blocked_pattern_is_refused_with_65_naming_it() {
+    let sb = Sandbox::new("blocked");
+    config(&sb, "[limits]\nblocked_patterns = [\"rm -rf /\"]\n");
+    sb.write("PROMPT.md", "clean up: rm -rf / please\n");
+    let r = run(sb.run_cmd("args.sh", &["--config", "cfg.toml"]));
+    assert_eq!(r.code(), 65, "{}", r.stderr);
+    assert!(r.stderr.contains("\"rm -rf /\""), "{}", r.stderr);
+    assert_eq!(sb.runs(), 0);
+}
+
+#[test]
+fn nul_bytes_are_stripped_and_logged() {
+    let sb = Sandbox::new("nul");
+    sb.write("PROMPT.md", b"fix the\0 bug\0\n");
+    let r = run(sb.run_cmd("args.sh", &[]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert!(r.stderr.contains("removed 2 NUL byte(s)"), "{}", r.stderr);
+    assert!(sb.read("instruction.txt").contains("fix the bug"));
+}
+
+#[test]
+fn memory_limit_applies_to_the_agent() {
+    let sb = Sandbox::new("rlimit");
+    sb.write(
+        "mem.sh",
+        "#!/bin/bash\necho \"as=$(ulimit -v) core=$(ulimit -c)\"\nprintf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\"\n",
+    );
+    std::process::Command::new("chmod")
+        .args(["+x", "mem.sh"])
+        .current_dir(&sb.dir)
+        .status()
+        .unwrap();
+    config(&sb, "[limits]\nmax_memory_mb = 512\n");
+    let r = run(sb.cmd(&["run", "--config", "cfg.toml", "--agent-command", "./mem.sh"]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let t = sb.read(".ralph-qchat/tasks/PROMPT/iterations/000001.log");
+    assert!(t.contains("as=524288 core=0"), "{t}");
+}
