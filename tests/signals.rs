@@ -1,0 +1,153 @@
+//! Stopping and resuming: SIGTERM, kill -9, SIGUSR1, and two runs on one
+//! state directory.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+fn agent_started(sb: &Sandbox) -> bool {
+    wait_until(Duration::from_secs(10), || sb.path("agent.pid").is_file())
+}
+
+fn agent_pid(sb: &Sandbox) -> i32 {
+    sb.read("agent.pid").trim().parse().unwrap()
+}
+
+fn alive(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rfind(')')
+        .and_then(|i| stat[i + 2..].chars().next())
+        .is_some_and(|s| s != 'Z')
+}
+
+#[test]
+fn sigterm_mid_run_stops_everything_and_a_rerun_resumes() {
+    let sb = Sandbox::new("sigterm");
+    sb.write("cfg.toml", "[adapter]\nkill_grace = 1\n");
+    // An agent that ignores SIGTERM: the daemon must escalate within kill_grace.
+    let r = start(sb.run_cmd("ignore-term.sh", &["--config", "cfg.toml"]));
+    assert!(agent_started(&sb));
+    let s = sb.state();
+    assert_eq!(s["status"], "running");
+    assert_eq!(s["in_progress"], 1);
+    let t0 = std::time::Instant::now();
+    r.signal(libc::SIGTERM);
+    let r = r.finish(Duration::from_secs(10));
+    assert_eq!(r.code(), 143, "{}", r.stderr);
+    // kill_grace + 1 s.
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    sb.assert_nothing_left();
+    let s = sb.state();
+    assert_eq!(s["status"], "running");
+    assert_eq!(s["in_progress"], 1);
+    assert_eq!(s["iteration"], 1);
+
+    let mut rerun = sb.run_cmd("complete-after.sh", &[]);
+    rerun.env("FAKE_N", "2").env("FAKE_LOG", "rerun.log");
+    let r = run(rerun);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("iteration 1 was interrupted"),
+        "{}",
+        r.stderr
+    );
+    let s = sb.state();
+    assert_eq!(s["status"], "completed");
+    assert_eq!(s["interrupted_iterations"], 1);
+    // Iteration 1 ran again, then iteration 2.
+    assert_eq!(s["iteration"], 2);
+    assert_eq!(s["successful_iterations"], 2);
+    sb.assert_nothing_left();
+}
+
+#[test]
+fn sigint_exits_130() {
+    let sb = Sandbox::new("sigint");
+    let r = start(sb.run_cmd("sleep.sh", &[]));
+    assert!(agent_started(&sb));
+    r.signal(libc::SIGINT);
+    let r = r.finish(Duration::from_secs(10));
+    assert_eq!(r.code(), 130, "{}", r.stderr);
+    sb.assert_nothing_left();
+}
+
+#[test]
+fn kill_9_mid_run_takes_the_agent_along_and_a_rerun_resumes() {
+    let sb = Sandbox::new("kill9");
+    let mut first = sb.run_cmd("sleep.sh", &[]);
+    first.env("FAKE_SLEEP", "300");
+    let r = start(first);
+    assert!(agent_started(&sb));
+    let agent = agent_pid(&sb);
+    r.signal(libc::SIGKILL);
+    let r = r.finish(Duration::from_secs(10));
+    assert_eq!(r.code(), 128 + 9);
+    // The agent dies with the process that ran it.
+    assert!(
+        wait_until(Duration::from_secs(5), || !alive(agent)),
+        "agent {agent} outlived its supervisor"
+    );
+    let mut rerun = sb.run_cmd("complete-after.sh", &[]);
+    rerun.env("FAKE_N", "1");
+    let r = run(rerun);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let s = sb.state();
+    assert_eq!(s["interrupted_iterations"], 1);
+    assert_eq!(s["iteration"], 1);
+    assert_eq!(s["status"], "completed");
+    assert!(
+        r.stderr.contains("leftover agent processes"),
+        "{}",
+        r.stderr
+    );
+    // Whatever the killed agent had started is gone too.
+    sb.assert_nothing_left();
+}
+
+#[test]
+fn sigusr1_dumps_diagnostics_and_the_run_goes_on() {
+    let sb = Sandbox::new("usr1");
+    let mut cmd = sb.run_cmd("sleep.sh", &["--max-iterations", "1"]);
+    cmd.env("FAKE_SLEEP", "2");
+    let r = start(cmd);
+    assert!(agent_started(&sb));
+    let agent = agent_pid(&sb);
+    r.signal(libc::SIGUSR1);
+    let dump = sb.path(".ralph-qchat/diagnostics.txt");
+    assert!(wait_until(Duration::from_secs(5), || dump.is_file()));
+    let text = sb.read(".ralph-qchat/diagnostics.txt");
+    assert!(
+        text.contains("task PROMPT: running (running agent), iteration 1"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("child pid {agent}")), "{text}");
+    assert!(text.contains("rss"), "{text}");
+    assert!(text.contains("open fds"), "{text}");
+    let r = r.finish(Duration::from_secs(20));
+    // The run went on to its end: one iteration, then the limit.
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("diagnostics: task PROMPT"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(sb.state()["successful_iterations"], 1);
+}
+
+#[test]
+fn second_run_on_the_same_state_exits_75_naming_the_holder() {
+    let sb = Sandbox::new("locked");
+    let first = start(sb.run_cmd("sleep.sh", &[]));
+    assert!(agent_started(&sb));
+    let second = run(sb.run_cmd("sleep.sh", &[]));
+    assert_eq!(second.code(), 75, "{}", second.stderr);
+    assert!(
+        second.stderr.contains(&format!("pid {}", first.pid())),
+        "{}",
+        second.stderr
+    );
+    first.signal(libc::SIGTERM);
+    let r = first.finish(Duration::from_secs(10));
+    assert_eq!(r.code(), 143);
+    sb.assert_nothing_left();
+}
