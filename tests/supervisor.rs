@@ -230,3 +230,51 @@ fn memory_limit_applies_to_the_agent() {
     let t = sb.read(".ralph-qchat/tasks/PROMPT/iterations/000001.log");
     assert!(t.contains("as=524288 core=0"), "{t}");
 }
+
+#[test]
+fn max_runtime_stops_a_running_request_without_waiting_for_its_timeout() {
+    let sb = Sandbox::new("runtime");
+    sb.write("cfg.toml", "[adapter]\nkill_grace = 0.5\n");
+    let r = run(sb.run_cmd(
+        "sleep.sh",
+        &[
+            "--config",
+            "cfg.toml",
+            "--timeout",
+            "60",
+            "--max-runtime",
+            "1",
+        ],
+    ));
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    assert!(r.elapsed < Duration::from_secs(5), "{:?}", r.elapsed);
+    let s = sb.state();
+    assert_eq!(s["status"], "limit_reached");
+    assert_eq!(s["reason"], "max_runtime");
+    sb.assert_nothing_left();
+}
+
+#[test]
+fn waiting_on_a_silent_agent_does_not_burn_cpu() {
+    let sb = Sandbox::new("idlecpu");
+    let mut c = sb.run_cmd("sleep.sh", &["--max-iterations", "1"]);
+    c.env("FAKE_SLEEP", "3");
+    let r = start(c);
+    let pid = r.pid();
+    assert!(wait_until(Duration::from_secs(10), || sb
+        .path("agent.pid")
+        .is_file()));
+    let cpu = |pid: i32| -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    };
+    let before = cpu(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu(pid) - before;
+    let r = r.finish(Duration::from_secs(20));
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    // A polling loop would use most of a core over those two seconds.
+    assert!(used < 0.2, "{used} s of CPU while the agent was silent");
+}
