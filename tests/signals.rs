@@ -112,10 +112,19 @@ fn sigusr1_dumps_diagnostics_and_the_run_goes_on() {
     let r = start(cmd);
     assert!(agent_started(&sb));
     let agent = agent_pid(&sb);
-    r.signal(libc::SIGUSR1);
-    let dump = sb.path(".ralph-qchat/diagnostics.txt");
-    assert!(wait_until(Duration::from_secs(5), || dump.is_file()));
+    // The agent can write its pid before the worker has recorded it; a dump
+    // shows the moment it was asked for, so ask until it shows the child.
+    let mut last_sent = std::time::Instant::now() - Duration::from_secs(1);
+    let shows_child = wait_until(Duration::from_secs(5), || {
+        if last_sent.elapsed() >= Duration::from_millis(200) {
+            r.signal(libc::SIGUSR1);
+            last_sent = std::time::Instant::now();
+        }
+        sb.read(".ralph-qchat/diagnostics.txt")
+            .contains(&format!("child pid {agent}"))
+    });
     let text = sb.read(".ralph-qchat/diagnostics.txt");
+    assert!(shows_child, "{text}");
     assert!(
         text.contains("task PROMPT: running (running agent), iteration 1"),
         "{text}"

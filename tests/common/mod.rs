@@ -165,6 +165,10 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        // Every test ends with the check that nothing it started is running.
+        if !std::thread::panicking() {
+            self.assert_nothing_left();
+        }
         for p in self.live_processes() {
             unsafe { libc::kill(p, libc::SIGKILL) };
         }
