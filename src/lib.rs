@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod exit;
 pub mod logging;
+pub mod paths;
 pub mod run;
 pub mod status;
 pub mod store;

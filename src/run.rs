@@ -3,6 +3,8 @@
 
 use crate::cli::RunArgs;
 use crate::config::{self, Config, Layers};
+use crate::daemon::notify::Notifier;
+use crate::daemon::scheduler::Mode;
 use crate::daemon::{Scheduler, signals};
 use crate::exit::{self, Failure};
 use crate::store::{LockError, StateLock, TaskStore};
@@ -149,17 +151,11 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
     );
     let mut cfg = cfg;
     cfg.performance.max_concurrent = 1;
-    let mut scheduler = Scheduler::new(cfg, store, true)
+    let mut scheduler = Scheduler::new(cfg, store, Mode::Run, Notifier::disabled())
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start worker: {e}")))?;
     scheduler.adopt(state);
-    let signals = signals::forward(scheduler.sender(), Duration::ZERO).map_err(|e| {
-        Failure::new(
-            exit::CANT_CREATE,
-            format!("cannot install signal handlers: {e}"),
-        )
-    })?;
-    let finished = scheduler.run();
-    signals.close();
+    let finished = signals::serve(scheduler, Duration::ZERO, None)
+        .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot run: {e}")))?;
     if let Some(sig) = finished.signal {
         log::info!("interrupted by signal {sig}; run the same command again to resume");
         return Ok(128 + sig);

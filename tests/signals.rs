@@ -9,6 +9,21 @@ fn agent_started(sb: &Sandbox) -> bool {
     wait_until(Duration::from_secs(10), || sb.path("agent.pid").is_file())
 }
 
+/// The newest diagnostics dump of the sandbox's state directory.
+pub fn newest_dump(sb: &Sandbox) -> serde_json::Value {
+    let dir = sb.path(".ralph-qchat/diagnostics");
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return serde_json::Value::Null;
+    };
+    let mut names: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+    names.sort();
+    names
+        .last()
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
 fn agent_pid(sb: &Sandbox) -> i32 {
     sb.read("agent.pid").trim().parse().unwrap()
 }
@@ -114,24 +129,25 @@ fn sigusr1_dumps_diagnostics_and_the_run_goes_on() {
     let agent = agent_pid(&sb);
     // The agent can write its pid before the worker has recorded it; a dump
     // shows the moment it was asked for, so ask until it shows the child.
-    let mut last_sent = std::time::Instant::now() - Duration::from_secs(1);
-    let shows_child = wait_until(Duration::from_secs(5), || {
-        if last_sent.elapsed() >= Duration::from_millis(200) {
+    let mut last_sent = std::time::Instant::now() - Duration::from_secs(2);
+    let mut dump = serde_json::Value::Null;
+    let shows_child = wait_until(Duration::from_secs(8), || {
+        if last_sent.elapsed() >= Duration::from_millis(1100) {
             r.signal(libc::SIGUSR1);
             last_sent = std::time::Instant::now();
         }
-        sb.read(".ralph-qchat/diagnostics.txt")
-            .contains(&format!("child pid {agent}"))
+        dump = newest_dump(&sb);
+        dump["tasks"][0]["child_pid"] == agent
     });
-    let text = sb.read(".ralph-qchat/diagnostics.txt");
-    assert!(shows_child, "{text}");
-    assert!(
-        text.contains("task PROMPT: running (running agent), iteration 1"),
-        "{text}"
-    );
-    assert!(text.contains(&format!("child pid {agent}")), "{text}");
-    assert!(text.contains("rss"), "{text}");
-    assert!(text.contains("open fds"), "{text}");
+    assert!(shows_child, "{dump}");
+    let task = &dump["tasks"][0];
+    assert_eq!(task["id"], "PROMPT");
+    assert_eq!(task["status"], "running");
+    assert_eq!(task["iteration"], 1);
+    assert!(task["running_seconds"].as_f64().is_some(), "{dump}");
+    assert!(dump["process"]["rss_kib"].as_u64().unwrap() > 0, "{dump}");
+    assert!(dump["process"]["open_fds"].as_u64().unwrap() > 0, "{dump}");
+    assert_eq!(dump["workers"]["busy"], 1, "{dump}");
     let r = r.finish(Duration::from_secs(20));
     // The run went on to its end: one iteration, then the limit.
     assert_eq!(r.code(), 2, "{}", r.stderr);

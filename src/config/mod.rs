@@ -7,7 +7,7 @@ mod load;
 mod render;
 mod validate;
 
-pub use load::{ConfigError, ENV_KEYS, Layers, Loaded, Override, Source, load};
+pub use load::{ConfigError, ENV_KEYS, Layers, Loaded, Override, Source, line_of, load};
 pub use render::render;
 pub use validate::validate;
 
@@ -129,6 +129,7 @@ pub struct Orchestrator {
     pub output_completion_marker: String,
     pub prompt_template: String,
     pub keep_transcripts: u32,
+    pub shutdown_grace: f64,
 }
 
 impl Default for Orchestrator {
@@ -146,6 +147,7 @@ impl Default for Orchestrator {
             output_completion_marker: String::new(),
             prompt_template: DEFAULT_PROMPT_TEMPLATE.into(),
             keep_transcripts: 20,
+            shutdown_grace: 30.0,
         }
     }
 }
@@ -156,6 +158,7 @@ pub struct Performance {
     pub buffer_size: u64,
     pub poll_interval: f64,
     pub max_concurrent: u32,
+    pub max_requests_per_minute: u32,
 }
 
 impl Default for Performance {
@@ -164,6 +167,7 @@ impl Default for Performance {
             buffer_size: 4096,
             poll_interval: 0.1,
             max_concurrent: 5,
+            max_requests_per_minute: 0,
         }
     }
 }
@@ -249,6 +253,40 @@ impl Default for Monitoring {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitBreaker {
+    pub failure_threshold: u32,
+    pub cooldown: f64,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        CircuitBreaker {
+            failure_threshold: 5,
+            cooldown: 60.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Cache {
+    pub enabled: bool,
+    pub max_size: u32,
+    pub ttl: f64,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache {
+            enabled: false,
+            max_size: 1000,
+            ttl: 3600.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Paths {
@@ -265,5 +303,7 @@ pub struct Config {
     pub limits: Limits,
     pub logging: Logging,
     pub monitoring: Monitoring,
+    pub circuit_breaker: CircuitBreaker,
+    pub cache: Cache,
     pub paths: Paths,
 }

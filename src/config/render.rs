@@ -12,6 +12,8 @@ const SECTIONS: &[&str] = &[
     "limits",
     "logging",
     "monitoring",
+    "circuit_breaker",
+    "cache",
     "paths",
 ];
 

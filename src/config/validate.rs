@@ -71,6 +71,7 @@ pub fn validate(c: &Config) -> Result<(), Invalid> {
         )?;
     }
     non_negative("orchestrator.iteration_delay", o.iteration_delay)?;
+    non_negative("orchestrator.shutdown_grace", o.shutdown_grace)?;
     let marker = o.completion_marker.trim();
     if marker.is_empty() || marker.contains(char::is_whitespace) || marker.len() > 200 {
         bad(
@@ -164,6 +165,12 @@ pub fn validate(c: &Config) -> Result<(), Invalid> {
             ),
         )?;
     }
+
+    if c.circuit_breaker.failure_threshold == 0 {
+        bad("circuit_breaker.failure_threshold", "must be at least 1")?;
+    }
+    non_negative("circuit_breaker.cooldown", c.circuit_breaker.cooldown)?;
+    positive("cache.ttl", c.cache.ttl)?;
 
     let m = &c.monitoring;
     non_negative("monitoring.metrics_interval", m.metrics_interval)?;

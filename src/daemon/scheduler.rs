@@ -2,9 +2,13 @@
 //! hands jobs to workers, judges their results, keeps timers, and writes every
 //! state change to disk in batches.
 
+use super::cache::{self, Cache};
+use super::circuit::Circuit;
+use super::notify::Notifier;
+use super::ratelimit::Bucket;
 use super::request::{self, Inputs};
 use super::stats::Stats;
-use super::worker::{Job, JobMsg, JobResult, spawn_worker};
+use super::worker::{Job, JobMsg, JobResult, WorkerState, spawn_worker};
 use crate::agent::{AgentOutcome, Cancel, CancelReason, Progress};
 use crate::config::Config;
 use crate::store::TaskStore;
@@ -15,8 +19,22 @@ use crate::task::{Status, TaskState};
 use crate::timefmt::now_rfc3339;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// `run` ends with its one task and reports an unusable agent at once; the
+/// daemon waits for more tasks and lets the circuit breaker handle outages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Run,
+    Daemon,
+}
+
+/// Dumps closer together than this are merged into one.
+const DUMP_EVERY: Duration = Duration::from_secs(1);
+const KEEP_DUMPS: usize = 20;
 
 /// Messages from the signal thread (and later the spool and clients).
 #[derive(Debug)]
@@ -27,6 +45,18 @@ pub enum Control {
         signal: i32,
     },
     Dump,
+    /// A new task from the spool; `entry` is removed once the task is on disk.
+    Submit {
+        state: Box<TaskState>,
+        entry: PathBuf,
+    },
+    /// `ralph-qchat cancel`; `request` is removed once handled.
+    Cancel {
+        id: String,
+        request: PathBuf,
+    },
+    /// A validated configuration (SIGHUP).
+    Reload(Box<Config>),
 }
 
 pub enum Event {
@@ -67,6 +97,10 @@ struct Slot {
     cancel: Option<Arc<Cancel>>,
     progress: Arc<Progress>,
     dirty: bool,
+    /// Cache key of the request in flight, stored on success.
+    cache_key: Option<u64>,
+    /// Cancel requested while a checkpoint was running.
+    cancel_pending: bool,
 }
 
 impl Slot {
@@ -91,14 +125,23 @@ pub struct Scheduler {
     slots: BTreeMap<String, Slot>,
     ready: VecDeque<String>,
     jobs: Sender<JobMsg>,
+    jobs_rx: Receiver<JobMsg>,
     events: Receiver<Event>,
     events_tx: Sender<Event>,
     workers: usize,
+    worker_states: Vec<Arc<WorkerState>>,
+    mode: Mode,
+    circuit: Circuit,
+    bucket: Bucket,
+    cache: Option<Cache>,
+    notifier: Notifier,
+    last_dump: Option<Instant>,
+    dump_due: Option<Instant>,
+    /// Shared with the spool intake, which checks sizes before we see a task.
+    pub max_prompt: Arc<AtomicU64>,
     in_flight: usize,
     seq: u64,
     stats: Stats,
-    /// Stop when every task has finished (`run`); a daemon waits for more.
-    exit_when_idle: bool,
     stream_output: bool,
     shutdown: Option<(Instant, i32)>,
     next_summary: Option<Instant>,
@@ -109,15 +152,31 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(cfg: Config, store: TaskStore, exit_when_idle: bool) -> std::io::Result<Scheduler> {
+    pub fn new(
+        cfg: Config,
+        store: TaskStore,
+        mode: Mode,
+        notifier: Notifier,
+    ) -> std::io::Result<Scheduler> {
         let (events_tx, events) = crossbeam_channel::unbounded();
         let (jobs, jobs_rx) = crossbeam_channel::unbounded();
-        let workers = cfg.performance.max_concurrent as usize;
-        for i in 0..workers {
-            spawn_worker(i, jobs_rx.clone(), events_tx.clone())?;
-        }
         let interval = cfg.monitoring.metrics_interval;
-        Ok(Scheduler {
+        let now = Instant::now();
+        let mut s = Scheduler {
+            circuit: Circuit::new(
+                cfg.circuit_breaker.failure_threshold,
+                Duration::from_secs_f64(cfg.circuit_breaker.cooldown),
+            ),
+            bucket: Bucket::new(cfg.performance.max_requests_per_minute, now),
+            cache: cache_for(&cfg),
+            notifier,
+            last_dump: None,
+            dump_due: None,
+            max_prompt: Arc::new(AtomicU64::new(cfg.limits.max_prompt_size)),
+            mode,
+            jobs_rx,
+            worker_states: Vec::new(),
+            workers: 0,
             stream_output: cfg.logging.verbose,
             next_summary: (interval > 0.0)
                 .then(|| Instant::now() + Duration::from_secs_f64(interval)),
@@ -128,17 +187,50 @@ impl Scheduler {
             jobs,
             events,
             events_tx,
-            workers,
             in_flight: 0,
             seq: 0,
             stats: Stats::default(),
-            exit_when_idle,
             shutdown: None,
             save_error: None,
             unavailable: false,
             refused: false,
             rng: seed(),
-        })
+        };
+        s.resize_pool(s.cfg.performance.max_concurrent as usize)?;
+        Ok(s)
+    }
+
+    /// Grows the pool with new threads, or shrinks it by retiring idle
+    /// workers; a running agent is never interrupted.
+    fn resize_pool(&mut self, target: usize) -> std::io::Result<()> {
+        while self.workers < target {
+            let st = Arc::new(WorkerState::default());
+            spawn_worker(
+                self.worker_states.len(),
+                self.jobs_rx.clone(),
+                self.events_tx.clone(),
+                st.clone(),
+            )?;
+            self.worker_states.push(st);
+            self.workers += 1;
+        }
+        while self.workers > target {
+            let _ = self.jobs.send(JobMsg {
+                task: String::new(),
+                seq: 0,
+                job: Job::Retire,
+            });
+            self.workers -= 1;
+        }
+        Ok(())
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    pub fn task_count(&self) -> usize {
+        self.slots.len()
     }
 
     /// A sender for control messages (signals, clients).
@@ -180,26 +272,53 @@ impl Scheduler {
                 cancel: None,
                 progress: Arc::new(Progress::default()),
                 dirty: true,
+                cache_key: None,
+                cancel_pending: false,
             },
         );
+    }
+
+    /// One line for systemd's STATUS= and logs.
+    pub fn status_line(&self) -> String {
+        let mut by = BTreeMap::new();
+        for s in self.slots.values() {
+            *by.entry(s.state.status.as_str()).or_insert(0) += 1;
+        }
+        let tasks: Vec<String> = by.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        format!(
+            "{}/{} workers busy; tasks: {}; circuit {}",
+            self.in_flight,
+            self.workers,
+            if tasks.is_empty() {
+                "none".into()
+            } else {
+                tasks.join(", ")
+            },
+            self.circuit.label()
+        )
     }
 
     pub fn run(mut self) -> Finished {
         loop {
             self.dispatch();
             self.flush();
+            let now = Instant::now();
+            self.notifier.tick(now);
+            if self.notifier.enabled() {
+                let line = self.status_line();
+                self.notifier.status(line);
+            }
             let busy = self.in_flight > 0;
             if !busy && self.shutdown.is_some() {
                 break;
             }
             if !busy
-                && self.exit_when_idle
+                && self.mode == Mode::Run
                 && self.slots.values().all(|s| s.phase == Phase::Finished)
             {
                 break;
             }
-            let now = Instant::now();
-            let next = self.next_wake();
+            let next = self.next_wake(now);
             let timeout = next.map_or(Duration::from_secs(3600), |t| {
                 t.saturating_duration_since(now)
             });
@@ -223,15 +342,28 @@ impl Scheduler {
         }
     }
 
-    fn next_wake(&self) -> Option<Instant> {
+    fn next_wake(&mut self, now: Instant) -> Option<Instant> {
+        let gates =
+            if self.ready.is_empty() || self.shutdown.is_some() || self.in_flight >= self.workers {
+                None
+            } else {
+                self.bucket
+                    .wait(now)
+                    .into_iter()
+                    .chain(self.circuit.reopens_at())
+                    .max()
+            };
         let timers = self.slots.values().filter_map(|s| match s.phase {
             Phase::Waiting(t) if self.shutdown.is_none() => Some(t),
             _ => None,
         });
-        timers
-            .chain(self.next_summary)
-            .chain(self.shutdown.map(|(t, _)| t).filter(|_| self.in_flight > 0))
-            .min()
+        let mut next: Vec<Instant> = timers.collect();
+        next.extend(self.next_summary);
+        next.extend(self.shutdown.map(|(t, _)| t).filter(|_| self.in_flight > 0));
+        next.extend(gates);
+        next.extend(self.notifier.next_watchdog);
+        next.extend(self.dump_due);
+        next.into_iter().min()
     }
 
     fn timers(&mut self) {
@@ -258,6 +390,10 @@ impl Scheduler {
         {
             self.cancel_all(CancelReason::Shutdown);
         }
+        if self.dump_due.is_some_and(|t| t <= now) {
+            self.dump_due = None;
+            self.dump();
+        }
     }
 
     fn handle(&mut self, ev: Event) {
@@ -270,6 +406,7 @@ impl Scheduler {
                         grace.as_secs_f64()
                     );
                     self.shutdown = Some((Instant::now() + grace, signal));
+                    self.notifier.stopping();
                     self.ready.clear();
                     if grace.is_zero() {
                         self.cancel_all(CancelReason::Shutdown);
@@ -279,7 +416,18 @@ impl Scheduler {
                     self.cancel_all(CancelReason::Shutdown);
                 }
             }
-            Event::Control(Control::Dump) => self.dump(),
+            Event::Control(Control::Dump) => {
+                let now = Instant::now();
+                match self.last_dump {
+                    Some(t) if now < t + DUMP_EVERY => {
+                        self.dump_due.get_or_insert(t + DUMP_EVERY);
+                    }
+                    _ => self.dump(),
+                }
+            }
+            Event::Control(Control::Submit { state, entry }) => self.submit(*state, entry),
+            Event::Control(Control::Cancel { id, request }) => self.cancel(&id, request),
+            Event::Control(Control::Reload(cfg)) => self.reload(*cfg),
             Event::Done { task, seq, result } => {
                 let current = self.slots.get(&task).map(|s| s.phase);
                 let matches = match current {
@@ -319,12 +467,25 @@ impl Scheduler {
 
     fn dispatch(&mut self) {
         while self.shutdown.is_none() && self.in_flight < self.workers {
-            let Some(id) = self.ready.pop_front() else {
+            let Some(id) = self.ready.front().cloned() else {
                 break;
             };
             if self.slots.get(&id).map(|s| s.phase) != Some(Phase::Ready) {
+                self.ready.pop_front();
                 continue;
             }
+            // Closed gates keep the task at the head of the queue, unspent.
+            let now = Instant::now();
+            let circuit_ok = self.mode == Mode::Run || self.circuit.allows(now);
+            if !circuit_ok || self.bucket.wait(now).is_some() {
+                if !circuit_ok {
+                    self.stats.paused_by_circuit += 1;
+                } else {
+                    self.bucket.limited_total += 1;
+                }
+                break;
+            }
+            self.ready.pop_front();
             self.start(&id);
         }
     }
@@ -416,6 +577,11 @@ impl Scheduler {
             progress: slot.progress.clone(),
         });
         let it = slot.state.iteration;
+        let key = self
+            .cache
+            .as_ref()
+            .map(|_| cache::key(&req.program, &req.args, &req.workdir, &prompt.text));
+        slot.cache_key = key;
         if by_reference {
             log::info!(task = id, iteration = it; "the instruction would exceed one argument's 128 KiB; telling the agent to read {prompt_path}");
         }
@@ -425,6 +591,27 @@ impl Scheduler {
             seq,
             since: Instant::now(),
         };
+        let now = Instant::now();
+        if let (Some(c), Some(k)) = (self.cache.as_mut(), key) {
+            if let Some(hit) = c.get(k, now) {
+                log::info!(task = id, iteration = it; "identical request answered from the cache (cache.enabled); no agent started");
+                if let Some(path) = &req.transcript {
+                    let note = format!(
+                        "=== iteration {it}: answered from the response cache, no agent was started\n"
+                    );
+                    let _ = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .and_then(|mut f| std::io::Write::write_all(&mut f, note.as_bytes()));
+                }
+                return self.agent_done(id, hit);
+            }
+        }
+        self.bucket.take(now);
+        if self.mode == Mode::Daemon {
+            self.circuit.dispatched();
+        }
         self.send(id, seq, Job::Agent(Box::new(req)));
     }
 
@@ -465,6 +652,32 @@ impl Scheduler {
         let it = slot.state.iteration;
         let verdict = rules::judge(&o.ending, slot.retries_now, limits.max_retries);
         let detail = describe(&o);
+        let key = slot.cache_key.take();
+        let now = Instant::now();
+        if self.mode == Mode::Daemon {
+            match verdict {
+                Verdict::Success => {
+                    if self.circuit.is_open() {
+                        log::info!("circuit breaker closed: requests succeed again");
+                    }
+                    self.circuit.success();
+                }
+                Verdict::Retry | Verdict::Failed if self.circuit.failure(now, &detail) => {
+                    log::warn!(
+                        "circuit breaker open after {} failed requests in a row (last: {detail}); no requests for {:.0} s",
+                        self.cfg.circuit_breaker.failure_threshold,
+                        self.cfg.circuit_breaker.cooldown
+                    );
+                }
+                _ => {}
+            }
+        }
+        if let (Verdict::Success, Some(c), Some(k)) = (&verdict, self.cache.as_mut(), key) {
+            c.put(k, o.clone(), now);
+        }
+        let Some(slot) = self.slots.get_mut(id) else {
+            return;
+        };
         if o.truncated() {
             log::warn!(task = id, iteration = it; "agent output over limits.max_output_size: {} bytes dropped", o.bytes_dropped);
         }
@@ -517,6 +730,19 @@ impl Scheduler {
             Verdict::Unavailable => {
                 slot.state.in_progress = None;
                 slot.state.iteration = slot.state.iteration.saturating_sub(1);
+                slot.state.last_error = Some(detail.clone());
+                if self.mode == Mode::Daemon {
+                    // Not the task's fault: it keeps its place and waits.
+                    slot.phase = Phase::Ready;
+                    self.ready.push_front(id.to_string());
+                    if self.circuit.trip(now, &detail) {
+                        log::error!(
+                            "{detail}; no agent requests for {:.0} s (circuit_breaker.cooldown), then one probe; tasks wait",
+                            self.cfg.circuit_breaker.cooldown
+                        );
+                    }
+                    return;
+                }
                 self.unavailable = true;
                 log::error!(task = id; "{detail}");
                 self.finish(id, Status::Failed, "agent_unavailable", Some(detail));
@@ -600,6 +826,10 @@ impl Scheduler {
                 ..
             }
         );
+        if slot.cancel_pending && !finishing {
+            slot.phase = Phase::Waiting(Instant::now());
+            return self.finish(id, Status::Cancelled, "cancelled", None);
+        }
         slot.phase = if finishing {
             Phase::Finished
         } else {
@@ -679,12 +909,28 @@ impl Scheduler {
         }
     }
 
-    fn dump(&self) {
-        let text = super::diagnostics::render(super::diagnostics::View {
-            workers: self.workers,
+    fn dump(&mut self) {
+        let now = Instant::now();
+        self.last_dump = Some(now);
+        let workers: Vec<super::diagnostics::WorkerView> = self
+            .worker_states
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| !w.retired.load(Ordering::SeqCst))
+            .map(|(i, w)| super::diagnostics::WorkerView {
+                index: i,
+                job: w.job.lock().ok().and_then(|j| j.clone()),
+            })
+            .collect();
+        let view = super::diagnostics::View {
+            workers_target: self.workers,
+            workers,
             in_flight: self.in_flight,
             ready: self.ready.len(),
             stats: &self.stats,
+            circuit: &self.circuit,
+            bucket: &self.bucket,
+            cache_entries: self.cache.as_ref().map(|c| c.len()),
             tasks: self
                 .slots
                 .values()
@@ -699,15 +945,117 @@ impl Scheduler {
                     progress: &s.progress,
                 })
                 .collect(),
-        });
+        };
+        let text = super::diagnostics::render(&view);
+        let json = super::diagnostics::to_json(&view);
         for line in text.lines() {
             log::info!("diagnostics: {line}");
         }
-        let path = self.store.state_dir().join("diagnostics.txt");
-        match crate::store::write_atomic(&path, text.as_bytes()) {
+        let dir = self.store.state_dir().join("diagnostics");
+        let name = format!("{}.json", crate::timefmt::now_rfc3339().replace(':', ""));
+        let path = dir.join(&name);
+        let written = std::fs::create_dir_all(&dir)
+            .and_then(|_| crate::store::write_atomic(&path, json.as_bytes()));
+        match written {
             Ok(()) => log::info!("diagnostics written to {}", path.display()),
             Err(e) => log::warn!("cannot write diagnostics to {}: {e}", path.display()),
         }
+        prune_dir(&dir, KEEP_DUMPS);
+    }
+
+    fn submit(&mut self, state: TaskState, entry: PathBuf) {
+        let id = state.id.clone();
+        if let Some(existing) = self.slots.get(&id) {
+            if existing.state.source.is_some() && existing.state.source == state.source {
+                // Taken before a crash that kept the entry: nothing new.
+                let _ = std::fs::remove_file(&entry);
+            } else {
+                let spool = entry.parent().map(PathBuf::from).unwrap_or_default();
+                let reason = format!("a task with id {id:?} already exists");
+                match crate::store::spool::reject(&spool, &entry, &reason) {
+                    Ok(d) => {
+                        log::warn!("spool entry rejected: {reason} (moved to {})", d.display())
+                    }
+                    Err(e) => log::error!(
+                        "spool entry {} rejected ({reason}) but cannot be moved: {e}",
+                        entry.display()
+                    ),
+                }
+            }
+            return;
+        }
+        if let Err(e) = self.store.save(&state) {
+            log::error!(task = id.as_str(); "cannot record submitted task: {e}; the spool entry {} stays and is tried again", entry.display());
+            return;
+        }
+        if let Err(e) = std::fs::remove_file(&entry) {
+            log::warn!(task = id.as_str(); "task recorded, but its spool entry {} cannot be removed: {e}", entry.display());
+        }
+        log::info!(task = id.as_str(); "task accepted from the spool: prompt {}, workdir {}", state.prompt_file, state.workdir);
+        self.adopt(state);
+    }
+
+    fn cancel(&mut self, id: &str, request: PathBuf) {
+        let _ = std::fs::remove_file(&request);
+        let Some(slot) = self.slots.get_mut(id) else {
+            log::warn!("cancel request for unknown task {id:?} ignored");
+            return;
+        };
+        match slot.phase {
+            Phase::Finished => {
+                log::info!(task = id; "cancel request ignored: the task already ended {}", slot.state.status.as_str())
+            }
+            Phase::Running { .. } => {
+                log::info!(task = id; "cancelling: stopping the running agent");
+                if let Some(c) = &slot.cancel {
+                    c.request(CancelReason::Cancel);
+                }
+            }
+            Phase::Checkpointing { .. } => slot.cancel_pending = true,
+            Phase::Ready | Phase::Waiting(_) => {
+                slot.state.in_progress = None;
+                self.finish(id, Status::Cancelled, "cancelled", None);
+            }
+        }
+    }
+
+    fn reload(&mut self, cfg: Config) {
+        if cfg.paths.state_dir != self.cfg.paths.state_dir {
+            log::warn!(
+                "reload: paths.state_dir cannot change while running; restart to move the state"
+            );
+        }
+        self.stream_output = cfg.logging.verbose;
+        self.circuit.configure(
+            cfg.circuit_breaker.failure_threshold,
+            Duration::from_secs_f64(cfg.circuit_breaker.cooldown),
+        );
+        self.bucket
+            .configure(cfg.performance.max_requests_per_minute);
+        if cfg.cache != self.cfg.cache {
+            self.cache = cache_for(&cfg);
+        }
+        self.max_prompt
+            .store(cfg.limits.max_prompt_size, Ordering::Relaxed);
+        let interval = cfg.monitoring.metrics_interval;
+        self.next_summary =
+            (interval > 0.0).then(|| Instant::now() + Duration::from_secs_f64(interval));
+        let target = cfg.performance.max_concurrent as usize;
+        let before = self.workers;
+        let paths = self.cfg.paths.clone();
+        self.cfg = cfg;
+        self.cfg.paths = paths;
+        if let Err(e) = self.resize_pool(target) {
+            log::error!(
+                "reload: cannot start more workers: {e}; running with {}",
+                self.workers
+            );
+        }
+        log::info!(
+            "configuration reloaded; workers {before} -> {}",
+            self.workers
+        );
+        self.notifier.ready(&self.status_line());
     }
 
     fn jitter(&mut self) -> f64 {
@@ -745,6 +1093,30 @@ fn describe(o: &AgentOutcome) -> String {
         o.ending.describe()
     } else {
         format!("{}: {last}", o.ending.describe())
+    }
+}
+
+fn cache_for(cfg: &Config) -> Option<Cache> {
+    cfg.cache.enabled.then(|| {
+        Cache::new(
+            cfg.cache.max_size as usize,
+            Duration::from_secs_f64(cfg.cache.ttl),
+        )
+    })
+}
+
+/// Keeps the newest `keep` files of a directory (names sort by time).
+fn prune_dir(dir: &std::path::Path, keep: usize) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut names: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+    if names.len() <= keep {
+        return;
+    }
+    names.sort();
+    for p in &names[..names.len() - keep] {
+        let _ = std::fs::remove_file(p);
     }
 }
 

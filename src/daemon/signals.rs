@@ -1,35 +1,61 @@
-//! Signals become messages: a thread waits for them and tells the scheduler.
-//! Nothing happens inside a signal handler.
+//! Signals become messages: the main thread waits for them and tells the
+//! scheduler, which runs on its own thread. Nothing happens inside a handler.
 
-use super::scheduler::{Control, Event};
-use crossbeam_channel::Sender;
+use super::notify::Notifier;
+use super::scheduler::{Control, Event, Finished, Scheduler};
+use crate::config::Config;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
-use signal_hook::iterator::{Handle, Signals};
+use signal_hook::iterator::Signals;
 use std::time::Duration;
 
-/// Starts forwarding; `grace` is how long running requests may finish after
-/// SIGTERM/SIGINT. Drop-in `Handle::close` stops the thread.
-pub fn forward(events: Sender<Event>, grace: Duration) -> std::io::Result<Handle> {
+/// Reads and validates the configuration again (SIGHUP); None keeps the old.
+pub type Reload = Box<dyn FnMut() -> Option<Config>>;
+
+/// Runs the scheduler to its end while forwarding signals to it. SIGTERM and
+/// SIGINT give running requests `grace`; SIGHUP reopens the log file and,
+/// with `reload`, applies a new configuration.
+pub fn serve(
+    scheduler: Scheduler,
+    grace: Duration,
+    mut reload: Option<Reload>,
+) -> std::io::Result<Finished> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])?;
     let handle = signals.handle();
-    std::thread::Builder::new()
-        .name("signals".into())
+    let events = scheduler.sender();
+    let engine = std::thread::Builder::new()
+        .name("scheduler".into())
         .spawn(move || {
-            for sig in signals.forever() {
-                let msg = match sig {
-                    SIGTERM | SIGINT => Control::Shutdown { grace, signal: sig },
-                    SIGUSR1 => Control::Dump,
-                    SIGHUP => {
-                        crate::logging::reopen();
-                        log::info!("SIGHUP: log file reopened");
+            let finished = scheduler.run();
+            handle.close();
+            finished
+        })?;
+    let notifier = Notifier::from_env();
+    for sig in signals.forever() {
+        let msg = match sig {
+            SIGTERM | SIGINT => Control::Shutdown { grace, signal: sig },
+            SIGUSR1 => Control::Dump,
+            SIGHUP => {
+                crate::logging::reopen();
+                let Some(reload) = reload.as_mut() else {
+                    log::info!("SIGHUP: log file reopened");
+                    continue;
+                };
+                notifier.reloading();
+                match reload() {
+                    Some(cfg) => Control::Reload(Box::new(cfg)),
+                    None => {
+                        notifier.ready("reload refused; running on the previous configuration");
                         continue;
                     }
-                    _ => continue,
-                };
-                if events.send(Event::Control(msg)).is_err() {
-                    break;
                 }
             }
-        })?;
-    Ok(handle)
+            _ => continue,
+        };
+        if events.send(Event::Control(msg)).is_err() {
+            break;
+        }
+    }
+    engine
+        .join()
+        .map_err(|_| std::io::Error::other("the scheduler thread panicked"))
 }

@@ -12,6 +12,7 @@ pub struct Stats {
     pub retries: u64,
     pub total_time: Duration,
     pub max_time: Duration,
+    pub paused_by_circuit: u64,
 }
 
 impl Stats {

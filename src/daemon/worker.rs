@@ -10,6 +10,16 @@ use std::thread::JoinHandle;
 pub enum Job {
     Agent(Box<AgentRequest>),
     Checkpoint(CheckpointJob),
+    /// The worker that takes this exits (the pool shrank on reload).
+    Retire,
+}
+
+/// What a worker is doing, for diagnostics: written by the worker at the
+/// start and end of each job, read by the scheduler's dumps.
+#[derive(Default)]
+pub struct WorkerState {
+    pub job: std::sync::Mutex<Option<String>>,
+    pub retired: std::sync::atomic::AtomicBool,
 }
 
 pub struct JobMsg {
@@ -27,16 +37,33 @@ pub fn spawn_worker(
     index: usize,
     jobs: Receiver<JobMsg>,
     events: Sender<Event>,
+    state: std::sync::Arc<WorkerState>,
 ) -> std::io::Result<JoinHandle<()>> {
     let mut supervisor = Supervisor::new()?;
     std::thread::Builder::new()
         .name(format!("worker-{index}"))
         .spawn(move || {
+            let set = |what: Option<String>| {
+                if let Ok(mut j) = state.job.lock() {
+                    *j = what;
+                }
+            };
             for msg in jobs.iter() {
                 let result = match &msg.job {
-                    Job::Agent(req) => JobResult::Agent(supervisor.run(req)),
-                    Job::Checkpoint(job) => JobResult::Checkpoint(checkpoint(job)),
+                    Job::Agent(req) => {
+                        set(Some(format!(
+                            "agent for task {} iteration {}",
+                            req.task_id, req.iteration
+                        )));
+                        JobResult::Agent(supervisor.run(req))
+                    }
+                    Job::Checkpoint(job) => {
+                        set(Some(format!("checkpoint of task {}", job.task_id)));
+                        JobResult::Checkpoint(checkpoint(job))
+                    }
+                    Job::Retire => break,
                 };
+                set(None);
                 let done = Event::Done {
                     task: msg.task,
                     seq: msg.seq,
@@ -46,5 +73,8 @@ pub fn spawn_worker(
                     break;
                 }
             }
+            state
+                .retired
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         })
 }

@@ -3,6 +3,7 @@
 
 pub mod atomic;
 pub mod lock;
+pub mod spool;
 pub mod tasks;
 
 pub use atomic::write_atomic;

@@ -70,6 +70,9 @@ pub struct TaskState {
     pub max_runtime: Option<f64>,
     #[serde(default)]
     pub submitted_at: Option<String>,
+    /// The spool entry the task came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl TaskState {
@@ -97,6 +100,7 @@ impl TaskState {
             max_iterations: None,
             max_runtime: None,
             submitted_at: Some(now),
+            source: None,
         }
     }
 }

@@ -1,0 +1,153 @@
+//! The spool intake: a thread that watches `<state_dir>/spool/` and
+//! `<state_dir>/cancel/`, turns entries into messages for the scheduler, and
+//! rejects bad entries with their reason. It writes no task state.
+
+use super::scheduler::{Control, Event};
+use crate::store::spool::{self, Entry};
+use crossbeam_channel::Sender;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// An entry handed over but not yet removed is offered again after this long
+/// (the scheduler could not persist it).
+const RESEND: Duration = Duration::from_secs(5);
+
+pub struct Intake {
+    pub state_dir: PathBuf,
+    pub max_prompt: Arc<AtomicU64>,
+    pub poll: Duration,
+    pub events: Sender<Event>,
+    pub stop: Arc<AtomicBool>,
+}
+
+pub fn cancel_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("cancel")
+}
+
+impl Intake {
+    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("intake".into())
+            .spawn(move || self.run())
+    }
+
+    fn run(self) {
+        let spool = spool::spool_dir(&self.state_dir);
+        let cancels = cancel_dir(&self.state_dir);
+        for d in [&spool, &cancels] {
+            if let Err(e) = std::fs::create_dir_all(d) {
+                log::error!(
+                    "cannot create {}: {e}; submissions there are not taken",
+                    d.display()
+                );
+            }
+        }
+        let mut sent: HashMap<PathBuf, Instant> = HashMap::new();
+        while !self.stop.load(Ordering::SeqCst) {
+            let now = Instant::now();
+            sent.retain(|p, at| {
+                std::fs::symlink_metadata(p).is_ok() && now.duration_since(*at) < RESEND
+            });
+            for path in entries(&spool) {
+                if sent.contains_key(&path) {
+                    continue;
+                }
+                if !self.spool_entry(&spool, &path) {
+                    return;
+                }
+                sent.insert(path, now);
+            }
+            for path in entries(&cancels) {
+                if sent.contains_key(&path) {
+                    continue;
+                }
+                let id = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if id.starts_with('.') {
+                    continue;
+                }
+                let msg = Control::Cancel {
+                    id,
+                    request: path.clone(),
+                };
+                if self.events.send(Event::Control(msg)).is_err() {
+                    return;
+                }
+                sent.insert(path, now);
+            }
+            std::thread::sleep(self.poll);
+        }
+    }
+
+    /// False when the scheduler is gone.
+    fn spool_entry(&self, spool: &Path, path: &Path) -> bool {
+        let tasks = self.state_dir.join("tasks");
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // A task from this very entry means the entry outlived a crash after
+        // the task was recorded: the scheduler will just remove it.
+        let exists = |id: &str| {
+            let state = tasks.join(id).join("state.json");
+            match std::fs::read(&state) {
+                Ok(b) => serde_json::from_slice::<crate::task::TaskState>(&b)
+                    .map(|t| t.source.as_deref() != Some(name.as_str()))
+                    .unwrap_or(true),
+                Err(_) => false,
+            }
+        };
+        match spool::examine(
+            &self.state_dir,
+            path,
+            self.max_prompt.load(Ordering::Relaxed),
+            &exists,
+        ) {
+            Entry::Skip => true,
+            Entry::Reject(reason) => {
+                match spool::reject(spool, path, &reason) {
+                    Ok(dest) => log::warn!(
+                        "spool entry {name} rejected: {reason} (moved to {})",
+                        dest.display()
+                    ),
+                    Err(e) => log::error!(
+                        "spool entry {name} rejected ({reason}) but cannot be moved aside: {e}"
+                    ),
+                }
+                true
+            }
+            Entry::Task(state) => {
+                let msg = Control::Submit {
+                    state,
+                    entry: path.to_path_buf(),
+                };
+                self.events.send(Event::Control(msg)).is_ok()
+            }
+        }
+    }
+}
+
+/// Directory entries in arrival order (modification time, then name).
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .flatten()
+        .filter(|e| e.file_name() != "rejected")
+        .map(|e| {
+            let t = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            (t, e.path())
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, p)| p).collect()
+}

@@ -1,0 +1,250 @@
+//! The spool: task submissions as files in `<state_dir>/spool/`. Turning an
+//! entry into a task record (or a rejection with its reason), and writing an
+//! entry atomically for `submit`.
+
+use crate::task::{TaskState, valid_id};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// A task spec (`*.toml` in the spool).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub prompt_file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_iterations: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_runtime: Option<f64>,
+}
+
+const MAX_SPEC: u64 = 64 * 1024;
+
+pub fn spool_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("spool")
+}
+
+pub fn workspace_dir(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("workspaces").join(id)
+}
+
+/// What to do with one directory entry.
+#[derive(Debug)]
+pub enum Entry {
+    /// Still being written, or ours (dot files, the rejected folder).
+    Skip,
+    Task(Box<TaskState>),
+    Reject(String),
+}
+
+/// Reads a spool entry without following symlinks. A prompt file becomes a
+/// task in a fresh workspace; a spec names its prompt and workdir.
+pub fn examine(
+    state_dir: &Path,
+    path: &Path,
+    max_prompt: u64,
+    task_exists: &dyn Fn(&str) -> bool,
+) -> Entry {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Entry::Reject("the file name is not valid UTF-8".into());
+    };
+    if name.starts_with('.') || name == "rejected" {
+        return Entry::Skip;
+    }
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(_) => return Entry::Skip,
+    };
+    if meta.file_type().is_symlink() {
+        return Entry::Reject("is a symbolic link; the spool takes regular files only".into());
+    }
+    if !meta.is_file() {
+        return Entry::Reject("is not a regular file".into());
+    }
+    let (stem, ext) = match name.rsplit_once('.') {
+        Some((s, e)) => (s, e),
+        None => (name, ""),
+    };
+    let limit = if ext == "toml" { MAX_SPEC } else { max_prompt };
+    if meta.len() > limit {
+        return Entry::Reject(format!(
+            "is {} bytes, over the limit of {limit} bytes",
+            meta.len()
+        ));
+    }
+    let bytes = match read_nofollow(path, limit) {
+        Ok(b) => b,
+        Err(e) => return Entry::Reject(format!("cannot be read: {e}")),
+    };
+    match ext {
+        "md" => {
+            if !valid_id(stem) {
+                return Entry::Reject(format!(
+                    "{stem:?} is not a valid task id (letters, digits, - _ . only)"
+                ));
+            }
+            if task_exists(stem) {
+                return Entry::Reject(format!("a task with id {stem:?} already exists"));
+            }
+            let ws = workspace_dir(state_dir, stem);
+            let prompt = ws.join("PROMPT.md");
+            if let Err(e) =
+                std::fs::create_dir_all(&ws).and_then(|_| std::fs::write(&prompt, &bytes))
+            {
+                return Entry::Reject(format!("cannot create workspace {}: {e}", ws.display()));
+            }
+            let mut t = TaskState::new(
+                stem,
+                &prompt.display().to_string(),
+                &ws.display().to_string(),
+            );
+            t.source = Some(name.to_string());
+            Entry::Task(Box::new(t))
+        }
+        "toml" => {
+            let text = match String::from_utf8(bytes) {
+                Ok(t) => t,
+                Err(_) => return Entry::Reject("is not valid UTF-8".into()),
+            };
+            let spec: Spec = match toml::from_str(&text) {
+                Ok(s) => s,
+                Err(e) => {
+                    let line = e
+                        .span()
+                        .map(|s| crate::config::line_of(&text, s.start))
+                        .unwrap_or(1);
+                    return Entry::Reject(format!("line {line}: {}", e.message().trim()));
+                }
+            };
+            from_spec(spec, stem, name, max_prompt, task_exists)
+        }
+        _ => Entry::Reject(
+            "unknown kind of entry: expected a prompt (*.md) or a task spec (*.toml)".into(),
+        ),
+    }
+}
+
+fn from_spec(
+    spec: Spec,
+    stem: &str,
+    name: &str,
+    max_prompt: u64,
+    task_exists: &dyn Fn(&str) -> bool,
+) -> Entry {
+    let id = spec.id.clone().unwrap_or_else(|| stem.to_string());
+    if !valid_id(&id) {
+        return Entry::Reject(format!(
+            "{id:?} is not a valid task id (letters, digits, - _ . only)"
+        ));
+    }
+    if task_exists(&id) {
+        return Entry::Reject(format!("a task with id {id:?} already exists"));
+    }
+    let prompt = PathBuf::from(&spec.prompt_file);
+    let workdir = match &spec.workdir {
+        Some(w) => PathBuf::from(w),
+        None => prompt.parent().map(Path::to_path_buf).unwrap_or_default(),
+    };
+    if !workdir.is_absolute() {
+        return Entry::Reject(format!(
+            "workdir {} must be an absolute path",
+            workdir.display()
+        ));
+    }
+    if !workdir.is_dir() {
+        return Entry::Reject(format!("workdir {} does not exist", workdir.display()));
+    }
+    let prompt = workdir.join(prompt);
+    match std::fs::metadata(&prompt) {
+        Ok(m) if m.is_file() && m.len() <= max_prompt => {}
+        Ok(m) if m.is_file() => {
+            return Entry::Reject(format!(
+                "prompt file {} is {} bytes, over limits.max_prompt_size ({max_prompt})",
+                prompt.display(),
+                m.len()
+            ));
+        }
+        Ok(_) => {
+            return Entry::Reject(format!(
+                "prompt file {} is not a regular file",
+                prompt.display()
+            ));
+        }
+        Err(e) => return Entry::Reject(format!("prompt file {}: {e}", prompt.display())),
+    }
+    if spec.max_iterations == Some(0) {
+        return Entry::Reject("max_iterations must be at least 1".into());
+    }
+    if spec
+        .max_runtime
+        .is_some_and(|r| !(r.is_finite() && r > 0.0))
+    {
+        return Entry::Reject("max_runtime must be a number of seconds greater than 0".into());
+    }
+    let mut t = TaskState::new(
+        &id,
+        &prompt.display().to_string(),
+        &workdir.display().to_string(),
+    );
+    t.max_iterations = spec.max_iterations;
+    t.max_runtime = spec.max_runtime;
+    t.source = Some(name.to_string());
+    Entry::Task(Box::new(t))
+}
+
+fn read_nofollow(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let mut v = Vec::new();
+    f.take(limit + 1).read_to_end(&mut v)?;
+    Ok(v)
+}
+
+/// Moves a bad entry to `spool/rejected/` and writes the reason beside it.
+pub fn reject(spool: &Path, path: &Path, reason: &str) -> std::io::Result<PathBuf> {
+    let dir = spool.join("rejected");
+    std::fs::create_dir_all(&dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut dest = dir.join(&name);
+    let mut n = 1;
+    while std::fs::symlink_metadata(&dest).is_ok() {
+        dest = dir.join(format!("{name}.{n}"));
+        n += 1;
+    }
+    std::fs::rename(path, &dest)?;
+    let mut reason_path = dest.clone().into_os_string();
+    reason_path.push(".reason");
+    std::fs::write(reason_path, format!("{reason}\n"))?;
+    Ok(dest)
+}
+
+/// Writes a file into `dir` so that it appears whole or not at all.
+pub fn publish(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let dest = dir.join(name);
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    if std::fs::symlink_metadata(&dest).is_ok() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} already exists", dest.display()),
+        ));
+    }
+    std::fs::rename(&tmp, &dest)?;
+    File::open(dir)?.sync_all()?;
+    Ok(dest)
+}
