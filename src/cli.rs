@@ -26,6 +26,9 @@ pub struct StatusArgs {
 #[derive(Debug)]
 pub enum Command {
     Run(RunArgs),
+    Daemon(RunArgs, bool),
+    Submit(crate::clients::SubmitArgs),
+    Cancel(crate::clients::CancelArgs),
     CheckConfig(RunArgs),
     Status(StatusArgs),
     Help(&'static str),
@@ -66,8 +69,11 @@ on a task until the task marks itself complete or a limit is reached.
 
 Usage:
   ralph-qchat [run] [OPTIONS]          run one task in the foreground
-  ralph-qchat check-config [OPTIONS]   validate and print the effective configuration
+  ralph-qchat daemon [OPTIONS]         the service: many tasks from the spool, until SIGTERM
+  ralph-qchat submit PROMPT_FILE       queue a task for the daemon (prints its id)
+  ralph-qchat cancel ID                stop a task of the daemon
   ralph-qchat status [ID] [--json]     list the tasks in a state directory
+  ralph-qchat check-config [OPTIONS]   validate and print the effective configuration
   ralph-qchat --help | --version
 
 `ralph-qchat` with only options means `run`. `ralph-qchat COMMAND --help` shows
@@ -113,6 +119,46 @@ Exit status: 0 completed, 1 failed, 2 limit reached, 64 usage, 65 prompt refused
 75 state directory in use, 78 configuration error, 130/143 interrupted.
 ";
 
+pub const DAEMON_HELP: &str = "\
+Usage: ralph-qchat daemon [--config FILE] [--state-dir DIR] [--standby] [OPTIONS]
+
+Runs many Ralph loops at once, taking tasks from <state_dir>/spool/ (see
+`submit`), until SIGTERM. The configuration defaults to
+/etc/ralph-qchat/qchat.toml when it exists; the state directory to
+$STATE_DIRECTORY (set by systemd), else [paths] state_dir, else
+/var/lib/ralph-qchat for root and ~/.local/state/ralph-qchat otherwise.
+
+  --config FILE        TOML configuration file
+  --state-dir DIR      state directory
+  --standby            wait for the state directory's lock instead of exiting 75,
+                       and take over when the running instance stops
+  The run options that set configuration keys (--timeout, --max-retries,
+  --log-level, --log-file, --log-format, --verbose, --debug, ...) apply too.
+
+Signals: SIGTERM/SIGINT stop (running requests get orchestrator.shutdown_grace),
+SIGHUP reloads the configuration and reopens the log file, SIGUSR1 writes a
+diagnostics dump to <state_dir>/diagnostics/.
+Exit status: 0 stopped, 64 usage, 73 state directory not writable,
+75 state directory in use, 78 configuration error.
+";
+
+pub const SUBMIT_HELP: &str = "\
+Usage: ralph-qchat submit PROMPT_FILE [--workdir DIR] [--id ID] [--max-iterations N]
+                          [--max-runtime SECS] [--state-dir DIR] [--config FILE]
+
+Queues a task for the daemon and prints its id. Without --workdir the prompt is
+copied into a fresh workspace <state_dir>/workspaces/<id>/PROMPT.md; with it,
+the task runs in DIR on PROMPT_FILE itself. Works while the daemon is down: it
+takes the task when it starts.
+";
+
+pub const CANCEL_HELP: &str = "\
+Usage: ralph-qchat cancel ID [--state-dir DIR] [--config FILE]
+
+Asks the daemon to stop task ID: its agent's process group is terminated and
+the task is marked cancelled.
+";
+
 pub const CHECK_HELP: &str = "\
 Usage: ralph-qchat check-config [--config FILE] [RUN OPTIONS]
 
@@ -145,7 +191,9 @@ fn text(v: OsString, flag: &str) -> Result<String, Failure> {
 pub fn parse(args: Vec<OsString>) -> Result<Command, Failure> {
     let first = args.first().and_then(|a| a.to_str()).unwrap_or("");
     let (cmd, rest): (&str, Vec<OsString>) = match first {
-        "run" | "check-config" | "status" => (first, args[1..].to_vec()),
+        "run" | "check-config" | "status" | "daemon" | "submit" | "cancel" => {
+            (first, args[1..].to_vec())
+        }
         "help" => return Ok(Command::Help(MAIN_HELP)),
         "" if args.is_empty() => ("run", args),
         s if s.starts_with('-') => {
@@ -161,6 +209,22 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, Failure> {
     };
     match cmd {
         "status" => parse_status(rest),
+        "submit" => parse_submit(rest),
+        "cancel" => parse_cancel(rest),
+        "daemon" => {
+            let standby = rest.iter().any(|a| a == "--standby");
+            let rest: Vec<OsString> = rest.into_iter().filter(|a| a != "--standby").collect();
+            if let Some(bad) = rest.iter().find(|a| *a == "--workdir" || *a == "--dry-run") {
+                return Err(usage(format!(
+                    "{} is an option of run, not of daemon",
+                    bad.to_string_lossy()
+                )));
+            }
+            parse_run(rest, DAEMON_HELP).map(|c| match c {
+                Command::Run(a) => Command::Daemon(a, standby),
+                other => other,
+            })
+        }
         "check-config" => parse_run(rest, CHECK_HELP).map(|c| match c {
             Command::Run(a) => Command::CheckConfig(a),
             other => other,
@@ -212,6 +276,58 @@ fn parse_run(args: Vec<OsString>, help: &'static str) -> Result<Command, Failure
     // An explicit --log-level wins over --debug, whatever their order.
     a.overrides.extend(level_flag);
     Ok(Command::Run(a))
+}
+
+fn number<T: std::str::FromStr>(p: &mut lexopt::Parser, flag: &str) -> Result<T, Failure> {
+    let v = text(p.value().map_err(usage)?, flag)?;
+    v.parse()
+        .map_err(|_| usage(format!("--{flag} takes a number, not {v:?}")))
+}
+
+fn parse_submit(args: Vec<OsString>) -> Result<Command, Failure> {
+    let mut p = lexopt::Parser::from_args(args);
+    let mut a = crate::clients::SubmitArgs::default();
+    let mut prompt = None;
+    while let Some(arg) = p.next().map_err(usage)? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help(SUBMIT_HELP)),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            Long("workdir") => a.workdir = Some(p.value().map_err(usage)?.into()),
+            Long("id") => a.id = Some(text(p.value().map_err(usage)?, "id")?),
+            Long("max-iterations") => a.max_iterations = Some(number(&mut p, "max-iterations")?),
+            Long("max-runtime") => a.max_runtime = Some(number(&mut p, "max-runtime")?),
+            Long("state-dir") => a.state_dir = Some(p.value().map_err(usage)?.into()),
+            Long("config") => a.config = Some(p.value().map_err(usage)?.into()),
+            Value(v) if prompt.is_none() => prompt = Some(PathBuf::from(v)),
+            other => return Err(usage(other.unexpected())),
+        }
+    }
+    a.prompt = prompt.ok_or_else(|| usage("submit needs the prompt file to queue"))?;
+    if a.max_iterations == Some(0) {
+        return Err(usage("--max-iterations must be at least 1"));
+    }
+    if a.max_runtime.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        return Err(usage("--max-runtime must be a number of seconds greater than 0"));
+    }
+    Ok(Command::Submit(a))
+}
+
+fn parse_cancel(args: Vec<OsString>) -> Result<Command, Failure> {
+    let mut p = lexopt::Parser::from_args(args);
+    let mut a = crate::clients::CancelArgs::default();
+    let mut id = None;
+    while let Some(arg) = p.next().map_err(usage)? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help(CANCEL_HELP)),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            Long("state-dir") => a.state_dir = Some(p.value().map_err(usage)?.into()),
+            Long("config") => a.config = Some(p.value().map_err(usage)?.into()),
+            Value(v) if id.is_none() => id = Some(text(v, "ID")?),
+            other => return Err(usage(other.unexpected())),
+        }
+    }
+    a.id = id.ok_or_else(|| usage("cancel needs the id of the task to stop"))?;
+    Ok(Command::Cancel(a))
 }
 
 fn parse_status(args: Vec<OsString>) -> Result<Command, Failure> {

@@ -30,6 +30,9 @@ fn dispatch(cmd: Command) -> Result<i32, Failure> {
             Ok(exit::OK)
         }
         Command::Run(a) => ralph_qchat::run::run(a),
+        Command::Daemon(a, standby) => ralph_qchat::service::daemon(a, standby),
+        Command::Submit(a) => ralph_qchat::clients::submit(a),
+        Command::Cancel(a) => ralph_qchat::clients::cancel(a),
         Command::Status(a) => ralph_qchat::status::status(a),
         Command::CheckConfig(a) => {
             let loaded = config::load(&Layers {

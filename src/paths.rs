@@ -18,6 +18,11 @@ pub fn config_file(flag: Option<&Path>) -> (Option<PathBuf>, bool) {
 /// (systemd), else `[paths] state_dir`, else /var/lib/ralph-qchat for root and
 /// the XDG state directory for anyone else.
 pub fn daemon_state_dir(loaded: &Loaded, env: &[(String, String)]) -> PathBuf {
+    let d = pick_daemon_state_dir(loaded, env);
+    std::path::absolute(&d).unwrap_or(d)
+}
+
+fn pick_daemon_state_dir(loaded: &Loaded, env: &[(String, String)]) -> PathBuf {
     let configured = &loaded.config.paths.state_dir;
     if matches!(loaded.source_of("paths.state_dir"), Source::Flag(_)) {
         return PathBuf::from(configured);

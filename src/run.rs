@@ -154,7 +154,9 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
     let mut scheduler = Scheduler::new(cfg, store, Mode::Run, Notifier::disabled())
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start worker: {e}")))?;
     scheduler.adopt(state);
-    let finished = signals::serve(scheduler, Duration::ZERO, None)
+    let caught = signals::catch()
+        .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot handle signals: {e}")))?;
+    let finished = signals::serve(scheduler, Duration::ZERO, None, caught)
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot run: {e}")))?;
     if let Some(sig) = finished.signal {
         log::info!("interrupted by signal {sig}; run the same command again to resume");

@@ -6,23 +6,20 @@ use crate::config::{self, Layers};
 use crate::exit::{self, Failure};
 use crate::store::{StateLock, TaskStore};
 use std::fmt::Write;
-use std::path::PathBuf;
 
 pub fn status(args: StatusArgs) -> Result<i32, Failure> {
     let state_dir = match &args.state_dir {
         Some(d) => d.clone(),
         None => {
+            let (file, required) = crate::paths::config_file(args.config.as_deref());
+            let env = crate::run::env_pairs();
             let loaded = config::load(&Layers {
-                file: args.config.clone(),
-                file_required: args.config.is_some(),
-                env: crate::run::env_pairs(),
+                file,
+                file_required: required,
+                env: env.clone(),
                 flags: vec![],
             })?;
-            if loaded.config.paths.state_dir.is_empty() {
-                PathBuf::from(".ralph-qchat")
-            } else {
-                PathBuf::from(&loaded.config.paths.state_dir)
-            }
+            crate::paths::client_state_dir(&loaded, &env, true)
         }
     };
     if !state_dir.is_dir() {

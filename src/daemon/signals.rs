@@ -11,6 +11,12 @@ use std::time::Duration;
 /// Reads and validates the configuration again (SIGHUP); None keeps the old.
 pub type Reload = Box<dyn FnMut() -> Option<Config>>;
 
+/// Catches the signals we handle; made early so that none arriving during
+/// start-up is lost or kills the process.
+pub fn catch() -> std::io::Result<Signals> {
+    Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])
+}
+
 /// Runs the scheduler to its end while forwarding signals to it. SIGTERM and
 /// SIGINT give running requests `grace`; SIGHUP reopens the log file and,
 /// with `reload`, applies a new configuration.
@@ -18,8 +24,8 @@ pub fn serve(
     scheduler: Scheduler,
     grace: Duration,
     mut reload: Option<Reload>,
+    mut signals: Signals,
 ) -> std::io::Result<Finished> {
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])?;
     let handle = signals.handle();
     let events = scheduler.sender();
     let engine = std::thread::Builder::new()

@@ -1,0 +1,155 @@
+//! `ralph-qchat daemon`: the service. Lock the state directory (or wait for
+//! it in standby), recover every task, start the workers and the spool
+//! intake, tell systemd we are ready, and serve until SIGTERM.
+
+use crate::cli::RunArgs;
+use crate::config::{self, Config, Layers};
+use crate::daemon::intake::Intake;
+use crate::daemon::notify::Notifier;
+use crate::daemon::scheduler::Mode;
+use crate::daemon::{Scheduler, signals};
+use crate::exit::{self, Failure};
+use crate::paths;
+use crate::store::{LockError, StateLock, TaskStore};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
+    let (file, file_required) = paths::config_file(args.config.as_deref());
+    let layers = Layers {
+        file,
+        file_required,
+        env: crate::run::env_pairs(),
+        flags: args.overrides.clone(),
+    };
+    let loaded = config::load(&layers)?;
+    let mut cfg = loaded.config.clone();
+    crate::logging::init(&cfg.logging).map_err(|e| Failure::new(exit::CANT_CREATE, e))?;
+    for w in &loaded.warnings {
+        log::warn!("{w}");
+    }
+    let state_dir = paths::daemon_state_dir(&loaded, &layers.env);
+    cfg.paths.state_dir = state_dir.display().to_string();
+    std::fs::create_dir_all(&state_dir).map_err(|e| {
+        Failure::new(
+            exit::CANT_CREATE,
+            format!("cannot create state directory {}: {e}", state_dir.display()),
+        )
+    })?;
+    let mut caught = signals::catch()
+        .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot handle signals: {e}")))?;
+    let poll = Duration::from_secs_f64(cfg.performance.poll_interval);
+    let Some(_lock) = lock(&state_dir, standby, poll, &mut caught)? else {
+        log::info!("stopped while in standby");
+        return Ok(exit::OK);
+    };
+
+    let store = TaskStore::new(&state_dir);
+    let mut scheduler = Scheduler::new(cfg.clone(), store.clone(), Mode::Daemon, Notifier::from_env())
+        .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start workers: {e}")))?;
+    let (tasks, problems) = store.load_all();
+    for p in &problems {
+        log::error!("{p}; that task is left as it is on disk and not run");
+    }
+    for t in tasks {
+        scheduler.adopt(t);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let intake = Intake {
+        state_dir: state_dir.clone(),
+        max_prompt: scheduler.max_prompt.clone(),
+        poll,
+        events: scheduler.sender(),
+        stop: stop.clone(),
+    }
+    .spawn()
+    .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start the spool intake: {e}")))?;
+    let status = scheduler.status_line();
+    log::info!(
+        "ralph-qchat {} serving {} with {} workers, agent {}; {status}",
+        env!("CARGO_PKG_VERSION"),
+        state_dir.display(),
+        scheduler.workers(),
+        cfg.adapter.effective_command()
+    );
+    Notifier::from_env().ready(&status);
+
+    let grace = Duration::from_secs_f64(cfg.orchestrator.shutdown_grace);
+    let reload: signals::Reload = Box::new(move || reload_config(&layers));
+    let finished = signals::serve(scheduler, grace, Some(reload), caught)
+        .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot run the scheduler: {e}")))?;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = intake.join();
+    log::info!(
+        "stopped ({} tasks on disk, every interrupted iteration runs again on the next start)",
+        finished.tasks.len()
+    );
+    Ok(exit::OK)
+}
+
+/// Takes the state-directory lock; in standby, waits for it. None when a
+/// signal stopped the wait.
+fn lock(
+    state_dir: &Path,
+    standby: bool,
+    poll: Duration,
+    caught: &mut signal_hook::iterator::Signals,
+) -> Result<Option<StateLock>, Failure> {
+    let mut said = false;
+    loop {
+        match StateLock::acquire(state_dir, false) {
+            Ok(l) => {
+                if said {
+                    log::info!("standby over: took over {}", state_dir.display());
+                }
+                return Ok(Some(l));
+            }
+            Err(LockError::Held { pid, .. }) if standby => {
+                if !said {
+                    log::info!(
+                        "standby: {} is in use by pid {}; taking over when it lets go",
+                        state_dir.display(),
+                        pid.map_or("?".into(), |p| p.to_string())
+                    );
+                    said = true;
+                }
+                if caught.pending().any(|s| s == SIGTERM || s == SIGINT) {
+                    return Ok(None);
+                }
+                std::thread::sleep(poll);
+            }
+            Err(e @ LockError::Held { .. }) => {
+                return Err(Failure::new(
+                    exit::TEMPFAIL,
+                    format!("{e}; stop it first, or start this one with --standby to take over when it stops"),
+                ));
+            }
+            Err(e) => return Err(Failure::new(exit::CANT_CREATE, e.to_string())),
+        }
+    }
+}
+
+fn reload_config(layers: &Layers) -> Option<Config> {
+    let env = crate::run::env_pairs();
+    let layers = Layers {
+        env,
+        ..layers.clone()
+    };
+    match config::load(&layers) {
+        Ok(loaded) => {
+            if let Err(e) = crate::logging::init(&loaded.config.logging) {
+                log::error!("reload refused: {e}; keeping the running configuration");
+                return None;
+            }
+            log::info!("SIGHUP: configuration read again");
+            Some(loaded.config)
+        }
+        Err(e) => {
+            log::error!("reload refused: {e}; keeping the running configuration");
+            None
+        }
+    }
+}
