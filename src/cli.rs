@@ -307,7 +307,9 @@ fn parse_submit(args: Vec<OsString>) -> Result<Command, Failure> {
         return Err(usage("--max-iterations must be at least 1"));
     }
     if a.max_runtime.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-        return Err(usage("--max-runtime must be a number of seconds greater than 0"));
+        return Err(usage(
+            "--max-runtime must be a number of seconds greater than 0",
+        ));
     }
     Ok(Command::Submit(a))
 }

@@ -28,7 +28,10 @@ pub struct CancelArgs {
     pub config: Option<PathBuf>,
 }
 
-fn load(config: &Option<PathBuf>, state_dir: &Option<PathBuf>) -> Result<(Loaded, PathBuf), Failure> {
+fn load(
+    config: &Option<PathBuf>,
+    state_dir: &Option<PathBuf>,
+) -> Result<(Loaded, PathBuf), Failure> {
     let (file, file_required) = crate::paths::config_file(config.as_deref());
     let env = crate::run::env_pairs();
     let flags = state_dir
@@ -50,7 +53,10 @@ fn load(config: &Option<PathBuf>, state_dir: &Option<PathBuf>) -> Result<(Loaded
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Failure {
-    Failure::new(exit::CANT_CREATE, format!("cannot {what} {}: {e}", path.display()))
+    Failure::new(
+        exit::CANT_CREATE,
+        format!("cannot {what} {}: {e}", path.display()),
+    )
 }
 
 /// Files written as root into a service's state directory must stay usable
@@ -70,7 +76,10 @@ fn match_owner(state_dir: &Path, paths: &[&Path]) {
 
 fn new_id(prompt: &Path) -> String {
     let stem = crate::task::id_from_file_name(
-        &prompt.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        &prompt
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
     );
     let stamp: String = crate::timefmt::now_rfc3339()
         .chars()
@@ -87,8 +96,12 @@ fn new_id(prompt: &Path) -> String {
 
 fn task_known(state_dir: &Path, id: &str) -> bool {
     state_dir.join("tasks").join(id).exists()
-        || spool::spool_dir(state_dir).join(format!("{id}.toml")).exists()
-        || spool::spool_dir(state_dir).join(format!("{id}.md")).exists()
+        || spool::spool_dir(state_dir)
+            .join(format!("{id}.toml"))
+            .exists()
+        || spool::spool_dir(state_dir)
+            .join(format!("{id}.md"))
+            .exists()
 }
 
 pub fn submit(a: SubmitArgs) -> Result<i32, Failure> {
@@ -97,7 +110,10 @@ pub fn submit(a: SubmitArgs) -> Result<i32, Failure> {
     let prompt = std::path::absolute(&a.prompt)
         .map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", a.prompt.display())))?;
     let meta = std::fs::metadata(&prompt).map_err(|e| {
-        Failure::new(crate::run::NO_INPUT, format!("prompt file {}: {e}", prompt.display()))
+        Failure::new(
+            crate::run::NO_INPUT,
+            format!("prompt file {}: {e}", prompt.display()),
+        )
     })?;
     if !meta.is_file() {
         return Err(Failure::new(
@@ -120,14 +136,22 @@ pub fn submit(a: SubmitArgs) -> Result<i32, Failure> {
         Some(id) => {
             return Err(Failure::new(
                 exit::USAGE,
-                format!("{id:?} is not a valid task id (letters, digits, - _ . only; not starting with .)"),
+                format!(
+                    "{id:?} is not a valid task id (letters, digits, - _ . only; not starting with .)"
+                ),
             ));
         }
         None => new_id(&prompt),
     };
     std::fs::create_dir_all(&state_dir).map_err(|e| io("create state directory", &state_dir, e))?;
     if task_known(&state_dir, &id) {
-        return Err(Failure::new(exit::USAGE, format!("a task with id {id:?} already exists in {}", state_dir.display())));
+        return Err(Failure::new(
+            exit::USAGE,
+            format!(
+                "a task with id {id:?} already exists in {}",
+                state_dir.display()
+            ),
+        ));
     }
     let mut spec = Spec {
         id: Some(id.clone()),
@@ -142,7 +166,10 @@ pub fn submit(a: SubmitArgs) -> Result<i32, Failure> {
                 .canonicalize()
                 .map_err(|e| Failure::new(exit::USAGE, format!("workdir {}: {e}", w.display())))?;
             if !w.is_dir() {
-                return Err(Failure::new(exit::USAGE, format!("workdir {} is not a directory", w.display())));
+                return Err(Failure::new(
+                    exit::USAGE,
+                    format!("workdir {} is not a directory", w.display()),
+                ));
             }
             spec.workdir = Some(w.display().to_string());
             spec.prompt_file = prompt.display().to_string();
@@ -160,7 +187,8 @@ pub fn submit(a: SubmitArgs) -> Result<i32, Failure> {
             owned.push(dest);
         }
     }
-    let text = toml::to_string(&spec).map_err(|e| Failure::new(exit::TASK_FAILED, e.to_string()))?;
+    let text =
+        toml::to_string(&spec).map_err(|e| Failure::new(exit::TASK_FAILED, e.to_string()))?;
     let spool_dir = spool::spool_dir(&state_dir);
     let entry = spool::publish(&spool_dir, &format!("{id}.toml"), text.as_bytes())
         .map_err(|e| io("write to the spool", &spool_dir, e))?;
@@ -174,7 +202,10 @@ pub fn submit(a: SubmitArgs) -> Result<i32, Failure> {
 
 pub fn cancel(a: CancelArgs) -> Result<i32, Failure> {
     if !valid_id(&a.id) {
-        return Err(Failure::new(exit::USAGE, format!("{:?} is not a valid task id", a.id)));
+        return Err(Failure::new(
+            exit::USAGE,
+            format!("{:?} is not a valid task id", a.id),
+        ));
     }
     let (_, state_dir) = load(&a.config, &a.state_dir)?;
     if !task_known(&state_dir, &a.id) {
@@ -189,6 +220,9 @@ pub fn cancel(a: CancelArgs) -> Result<i32, Failure> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(io("write a cancel request to", &dir, e)),
     }
-    println!("cancel requested for task {}; the daemon stops it within poll_interval + kill_grace", a.id);
+    println!(
+        "cancel requested for task {}; the daemon stops it within poll_interval + kill_grace",
+        a.id
+    );
     Ok(exit::OK)
 }

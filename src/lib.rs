@@ -2,12 +2,12 @@
 
 pub mod agent;
 pub mod cli;
+pub mod clients;
 pub mod config;
 pub mod daemon;
 pub mod exit;
 pub mod logging;
 pub mod paths;
-pub mod clients;
 pub mod run;
 pub mod service;
 pub mod status;

@@ -68,6 +68,8 @@ pub fn setup(args: &RunArgs) -> Result<Setup, Failure> {
 }
 
 pub fn run(args: RunArgs) -> Result<i32, Failure> {
+    let caught = signals::catch()
+        .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot handle signals: {e}")))?;
     let s = setup(&args)?;
     let cfg = s.loaded.config.clone();
     crate::logging::init(&cfg.logging).map_err(|e| Failure::new(exit::CANT_CREATE, e))?;
@@ -154,8 +156,6 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
     let mut scheduler = Scheduler::new(cfg, store, Mode::Run, Notifier::disabled())
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start worker: {e}")))?;
     scheduler.adopt(state);
-    let caught = signals::catch()
-        .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot handle signals: {e}")))?;
     let finished = signals::serve(scheduler, Duration::ZERO, None, caught)
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot run: {e}")))?;
     if let Some(sig) = finished.signal {

@@ -18,6 +18,9 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
+    // First, so that a SIGTERM during start-up stops us cleanly.
+    let mut caught = signals::catch()
+        .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot handle signals: {e}")))?;
     let (file, file_required) = paths::config_file(args.config.as_deref());
     let layers = Layers {
         file,
@@ -39,8 +42,6 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
             format!("cannot create state directory {}: {e}", state_dir.display()),
         )
     })?;
-    let mut caught = signals::catch()
-        .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot handle signals: {e}")))?;
     let poll = Duration::from_secs_f64(cfg.performance.poll_interval);
     let Some(_lock) = lock(&state_dir, standby, poll, &mut caught)? else {
         log::info!("stopped while in standby");
@@ -48,8 +49,13 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     };
 
     let store = TaskStore::new(&state_dir);
-    let mut scheduler = Scheduler::new(cfg.clone(), store.clone(), Mode::Daemon, Notifier::from_env())
-        .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start workers: {e}")))?;
+    let mut scheduler = Scheduler::new(
+        cfg.clone(),
+        store.clone(),
+        Mode::Daemon,
+        Notifier::from_env(),
+    )
+    .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start workers: {e}")))?;
     let (tasks, problems) = store.load_all();
     for p in &problems {
         log::error!("{p}; that task is left as it is on disk and not run");
@@ -66,7 +72,12 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
         stop: stop.clone(),
     }
     .spawn()
-    .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start the spool intake: {e}")))?;
+    .map_err(|e| {
+        Failure::new(
+            exit::CANT_CREATE,
+            format!("cannot start the spool intake: {e}"),
+        )
+    })?;
     let status = scheduler.status_line();
     log::info!(
         "ralph-qchat {} serving {} with {} workers, agent {}; {status}",
@@ -124,7 +135,9 @@ fn lock(
             Err(e @ LockError::Held { .. }) => {
                 return Err(Failure::new(
                     exit::TEMPFAIL,
-                    format!("{e}; stop it first, or start this one with --standby to take over when it stops"),
+                    format!(
+                        "{e}; stop it first, or start this one with --standby to take over when it stops"
+                    ),
                 ));
             }
             Err(e) => return Err(Failure::new(exit::CANT_CREATE, e.to_string())),

@@ -285,3 +285,77 @@ impl Running {
 pub fn run(cmd: Command) -> Finished {
     start(cmd).finish(Duration::from_secs(30))
 }
+
+impl Sandbox {
+    pub fn state_dir(&self) -> PathBuf {
+        self.path("state")
+    }
+
+    /// `daemon` on the sandbox's state directory with fast timings.
+    pub fn daemon_cmd(&self, agent: &str, extra: &[&str]) -> Command {
+        let a = Sandbox::agent(agent);
+        let sd = self.state_dir().display().to_string();
+        let mut args = vec![
+            "daemon",
+            "--state-dir",
+            sd.as_str(),
+            "--agent-command",
+            a.as_str(),
+            "--iteration-delay",
+            "0",
+            "--retry-delay",
+            "0.05",
+            "--metrics-interval",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        let mut c = self.cmd(&args);
+        c.env("QCHAT_POLL_INTERVAL", "0.05");
+        c
+    }
+
+    pub fn submit(&self, prompt_text: &str, id: &str, extra: &[&str]) {
+        let p = self.write(&format!("{id}.prompt.md"), prompt_text);
+        let sd = self.state_dir().display().to_string();
+        let ps = p.display().to_string();
+        let mut args = vec![
+            "submit",
+            ps.as_str(),
+            "--state-dir",
+            sd.as_str(),
+            "--id",
+            id,
+        ];
+        args.extend_from_slice(extra);
+        let r = run(self.cmd(&args));
+        assert_eq!(r.code(), 0, "submit {id}: {}", r.stderr);
+        assert_eq!(r.stdout.trim(), id);
+    }
+
+    pub fn task(&self, id: &str) -> serde_json::Value {
+        let p = self.state_dir().join("tasks").join(id).join("state.json");
+        std::fs::read(&p)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn task_ids(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.state_dir().join("tasks"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    pub fn all_finished(&self, ids: &[String]) -> bool {
+        ids.iter().all(|id| {
+            let s = self.task(id)["status"].as_str().unwrap_or("").to_string();
+            !s.is_empty() && s != "running" && s != "queued"
+        })
+    }
+}

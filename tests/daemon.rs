@@ -1,0 +1,810 @@
+//! The service as an operator runs it: many tasks from the spool, a bounded
+//! worker pool, cancel, reload, diagnostics, systemd notifications, a second
+//! instance, standby takeover.
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+fn log_of(sb: &Sandbox) -> String {
+    sb.read("daemon.log")
+}
+
+fn ids(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("t{i:02}")).collect()
+}
+
+/// (task, start, end) from the shared log.
+fn intervals(text: &str) -> Vec<(String, f64, f64)> {
+    let mut starts = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for l in text.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() != 3 {
+            continue;
+        }
+        let t: f64 = f[2].parse().unwrap();
+        match f[0] {
+            "start" => {
+                starts.insert(f[1].to_string(), t);
+            }
+            "end" => {
+                let s = starts.remove(f[1]).unwrap();
+                out.push((f[1].to_string(), s, t));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn fifty_tasks_never_more_than_max_concurrent_and_none_starves() {
+    let sb = Sandbox::new("pool");
+    let all = ids(50);
+    for id in &all {
+        sb.submit("# task\n", id, &[]);
+    }
+    let shared = sb.path("shared.log").display().to_string();
+    let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
+    c.env("QCHAT_MAX_CONCURRENT", "5")
+        .env("FAKE_N", "1")
+        .env("FAKE_DELAY", "0.1")
+        .env("FAKE_SHARED_LOG", &shared);
+    let d = start(c);
+    assert!(
+        wait_until(Duration::from_secs(60), || sb.all_finished(&all)),
+        "{}",
+        log_of(&sb)
+    );
+    d.signal(libc::SIGTERM);
+    let r = d.finish(Duration::from_secs(10));
+    assert_eq!(r.code(), 0, "{}", log_of(&sb));
+    for id in &all {
+        assert_eq!(sb.task(id)["status"], "completed", "{id}");
+    }
+    let iv = intervals(&sb.read("shared.log"));
+    assert_eq!(iv.len(), 50);
+    let mut max = 0;
+    for (_, s, _) in &iv {
+        let running = iv.iter().filter(|(_, s2, e2)| s2 <= s && s < e2).count();
+        max = max.max(running);
+    }
+    assert!(max <= 5, "{max} agents at once");
+    assert!(max >= 2, "never ran in parallel ({max})");
+    // Served in arrival order.
+    let mut by_start = iv.clone();
+    by_start.sort_by(|a, b| a.1.partial_cmp(&b.1).unwrap());
+    let order: Vec<&str> = by_start.iter().map(|(id, _, _)| id.as_str()).collect();
+    let mut firsts = order.clone();
+    firsts.truncate(5);
+    firsts.sort();
+    assert_eq!(firsts, ["t00", "t01", "t02", "t03", "t04"], "{order:?}");
+    assert!(
+        order.iter().position(|i| *i == "t49").unwrap() >= 45,
+        "{order:?}"
+    );
+}
+
+#[test]
+fn sigterm_gives_running_agents_the_grace_then_stops_them_and_restart_resumes() {
+    let sb = Sandbox::new("drain");
+    sb.write(
+        "cfg.toml",
+        "[orchestrator]\nshutdown_grace = 1.0\n[adapter]\nkill_grace = 0.5\n",
+    );
+    let all = ids(3);
+    for id in &all {
+        sb.submit("# task\n", id, &[]);
+    }
+    let mut c = sb.daemon_cmd(
+        "sleep.sh",
+        &["--config", "cfg.toml", "--log-file", "daemon.log"],
+    );
+    c.env("FAKE_SLEEP", "300");
+    let d = start(c);
+    let running = || all.iter().all(|id| sb.task(id)["in_progress"] == 1);
+    assert!(
+        wait_until(Duration::from_secs(10), running),
+        "{}",
+        log_of(&sb)
+    );
+    assert!(wait_until(Duration::from_secs(5), || {
+        all.iter().all(|id| {
+            sb.state_dir()
+                .join("workspaces")
+                .join(id)
+                .join("agent.pid")
+                .is_file()
+        })
+    }));
+    let t0 = Instant::now();
+    d.signal(libc::SIGTERM);
+    let r = d.finish(Duration::from_secs(10));
+    assert_eq!(r.code(), 0, "{}", log_of(&sb));
+    // grace 1 + kill_grace 0.5 + 1 s.
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t0.elapsed()
+    );
+    sb.assert_nothing_left();
+    let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
+    c.env("FAKE_N", "1").env("FAKE_LOG", "rerun.log");
+    let d = start(c);
+    assert!(
+        wait_until(Duration::from_secs(20), || sb.all_finished(&all)),
+        "{}",
+        log_of(&sb)
+    );
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    for id in &all {
+        let t = sb.task(id);
+        assert_eq!(t["status"], "completed", "{t}");
+        assert_eq!(t["interrupted_iterations"], 1, "{t}");
+        assert_eq!(t["iteration"], 1, "{t}");
+    }
+}
+
+#[test]
+fn sigterm_lets_a_request_that_fits_in_the_grace_finish() {
+    let sb = Sandbox::new("grace");
+    sb.write(
+        "cfg.toml",
+        "[orchestrator]\nshutdown_grace = 20.0\nmax_iterations = 1\n",
+    );
+    sb.submit("# task\n", "t00", &[]);
+    let mut c = sb.daemon_cmd(
+        "sleep.sh",
+        &["--config", "cfg.toml", "--log-file", "daemon.log"],
+    );
+    c.env("FAKE_SLEEP", "1");
+    let d = start(c);
+    assert!(wait_until(Duration::from_secs(10), || sb
+        .state_dir()
+        .join("workspaces/t00/agent.pid")
+        .is_file()));
+    d.signal(libc::SIGTERM);
+    let r = d.finish(Duration::from_secs(15));
+    assert_eq!(r.code(), 0);
+    let t = sb.task("t00");
+    assert_eq!(t["successful_iterations"], 1, "{t}");
+    assert_eq!(t["in_progress"], serde_json::Value::Null, "{t}");
+    assert_eq!(t["interrupted_iterations"], 0, "{t}");
+}
+
+#[test]
+fn second_daemon_on_the_same_state_exits_75_naming_the_first() {
+    let sb = Sandbox::new("twodaemons");
+    let d = start(sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]));
+    assert!(wait_until(Duration::from_secs(10), || log_of(&sb).contains("serving")));
+    let r = run(sb.daemon_cmd("complete-after.sh", &[]));
+    assert_eq!(r.code(), 75, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("pid {}", d.pid())),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("--standby"), "{}", r.stderr);
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+}
+
+#[test]
+fn standby_takes_over_when_the_running_instance_stops() {
+    let sb = Sandbox::new("standby");
+    sb.write(
+        "cfg.toml",
+        "[orchestrator]\nshutdown_grace = 0.0\n[adapter]\nkill_grace = 0.5\n",
+    );
+    sb.submit("# task\n", "t00", &[]);
+    let mut c = sb.daemon_cmd(
+        "sleep.sh",
+        &["--config", "cfg.toml", "--log-file", "old.log"],
+    );
+    c.env("FAKE_SLEEP", "300");
+    let old = start(c);
+    assert!(wait_until(
+        Duration::from_secs(10),
+        || sb.task("t00")["in_progress"] == 1
+    ));
+    let mut c = sb.daemon_cmd("complete-after.sh", &["--standby", "--log-file", "new.log"]);
+    c.env("FAKE_N", "1").env("FAKE_LOG", "new-runs.log");
+    let new = start(c);
+    assert!(wait_until(Duration::from_secs(10), || sb
+        .read("new.log")
+        .contains("standby:")));
+    old.signal(libc::SIGTERM);
+    assert_eq!(old.finish(Duration::from_secs(10)).code(), 0);
+    assert!(
+        wait_until(Duration::from_secs(10), || sb.task("t00")["status"]
+            == "completed"),
+        "{}",
+        sb.read("new.log")
+    );
+    assert!(sb.read("new.log").contains("took over"));
+    assert_eq!(sb.task("t00")["interrupted_iterations"], 1);
+    new.signal(libc::SIGTERM);
+    assert_eq!(new.finish(Duration::from_secs(10)).code(), 0);
+}
+
+#[test]
+fn cancel_stops_a_running_task_and_a_queued_one() {
+    let sb = Sandbox::new("cancel");
+    sb.write(
+        "cfg.toml",
+        "[adapter]\nkill_grace = 0.5\n[performance]\nmax_concurrent = 1\n",
+    );
+    sb.submit("# a\n", "running", &[]);
+    sb.submit("# b\n", "queued", &[]);
+    let mut c = sb.daemon_cmd(
+        "ignore-term.sh",
+        &["--config", "cfg.toml", "--log-file", "daemon.log"],
+    );
+    c.env("FAKE_SLEEP", "300");
+    let d = start(c);
+    let pidfile = sb.state_dir().join("workspaces/running/agent.pid");
+    assert!(wait_until(Duration::from_secs(10), || pidfile.is_file()));
+    let sd = sb.state_dir().display().to_string();
+    let t0 = Instant::now();
+    for id in ["queued", "running"] {
+        let r = run(sb.cmd(&["cancel", id, "--state-dir", &sd]));
+        assert_eq!(r.code(), 0, "{}", r.stderr);
+    }
+    // poll_interval 0.05 + kill_grace 0.5, and some slack for a busy machine.
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            sb.task("running")["status"] == "cancelled"
+                && sb.task("queued")["status"] == "cancelled"
+        }),
+        "{}",
+        log_of(&sb)
+    );
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(sb.task("queued")["iteration"], 0);
+    let r = run(sb.cmd(&["cancel", "nosuch", "--state-dir", &sd]));
+    assert_ne!(r.code(), 0);
+    assert!(r.stderr.contains("nosuch"));
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+}
+
+#[test]
+fn bad_spool_entries_are_rejected_with_their_reason() {
+    let sb = Sandbox::new("spool");
+    sb.write("cfg.toml", "[limits]\nmax_prompt_size = 100\n");
+    let spool = sb.state_dir().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let outside = sb.write("outside.md", "secret");
+    std::os::unix::fs::symlink(&outside, spool.join("link.md")).unwrap();
+    std::fs::create_dir(spool.join("adir.md")).unwrap();
+    std::fs::write(spool.join("big.md"), "x".repeat(200)).unwrap();
+    std::fs::write(spool.join("broken.toml"), "prompt_file = \n").unwrap();
+    let p = sb.path("PROMPT.md").display().to_string();
+    std::fs::write(
+        spool.join("unknown.toml"),
+        format!("prompt_file = {p:?}\ncolour = 1\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        spool.join("dots.toml"),
+        format!("id = \"../x\"\nprompt_file = {p:?}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        spool.join("nowd.toml"),
+        format!("prompt_file = {p:?}\nworkdir = \"/no/such/dir\"\n"),
+    )
+    .unwrap();
+    std::fs::write(spool.join("note.txt"), "hello").unwrap();
+    std::fs::write(spool.join("good.md"), "# fine\n").unwrap();
+    let mut c = sb.daemon_cmd(
+        "complete-after.sh",
+        &["--config", "cfg.toml", "--log-file", "daemon.log"],
+    );
+    c.env("FAKE_N", "1");
+    let d = start(c);
+    assert!(
+        wait_until(Duration::from_secs(10), || sb.task("good")["status"]
+            == "completed"),
+        "{}",
+        log_of(&sb)
+    );
+    let reason = |name: &str| {
+        std::fs::read_to_string(spool.join("rejected").join(format!("{name}.reason")))
+            .unwrap_or_default()
+    };
+    assert!(wait_until(Duration::from_secs(5), || !reason("nowd.toml").is_empty()));
+    assert!(
+        reason("link.md").contains("symbolic link"),
+        "{}",
+        reason("link.md")
+    );
+    assert!(reason("adir.md").contains("not a regular file"));
+    assert!(
+        reason("big.md").contains("over the limit"),
+        "{}",
+        reason("big.md")
+    );
+    assert!(
+        reason("broken.toml").contains("line 1"),
+        "{}",
+        reason("broken.toml")
+    );
+    assert!(
+        reason("unknown.toml").contains("colour"),
+        "{}",
+        reason("unknown.toml")
+    );
+    assert!(
+        reason("dots.toml").contains("not a valid task id"),
+        "{}",
+        reason("dots.toml")
+    );
+    assert!(
+        reason("nowd.toml").contains("does not exist"),
+        "{}",
+        reason("nowd.toml")
+    );
+    assert!(
+        reason("note.txt").contains("unknown kind"),
+        "{}",
+        reason("note.txt")
+    );
+    // The link was moved, never followed: its target is untouched.
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "secret");
+    assert!(
+        std::fs::symlink_metadata(spool.join("rejected/link.md"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(sb.task_ids(), ["good"]);
+    assert!(log_of(&sb).contains("spool entry big.md rejected"));
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+}
+
+#[test]
+fn submit_while_the_daemon_is_down_then_it_takes_the_task() {
+    let sb = Sandbox::new("submitdown");
+    let wd = sb.path("project");
+    std::fs::create_dir(&wd).unwrap();
+    std::fs::write(wd.join("TASK.md"), "# in place\n").unwrap();
+    let sd = sb.state_dir().display().to_string();
+    let prompt = wd.join("TASK.md").display().to_string();
+    let w = wd.display().to_string();
+    let r = run(sb.cmd(&[
+        "submit",
+        &prompt,
+        "--workdir",
+        &w,
+        "--state-dir",
+        &sd,
+        "--max-iterations",
+        "3",
+    ]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let id = r.stdout.trim().to_string();
+    assert!(id.starts_with("TASK-"), "{id}");
+    let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
+    c.env("FAKE_N", "100");
+    let d = start(c);
+    assert!(
+        wait_until(Duration::from_secs(10), || sb.task(&id)["status"]
+            == "limit_reached"),
+        "{}",
+        log_of(&sb)
+    );
+    let t = sb.task(&id);
+    assert_eq!(t["workdir"], w.as_str());
+    assert_eq!(t["prompt_file"], prompt.as_str());
+    assert_eq!(t["iteration"], 3);
+    // It worked in place.
+    assert!(wd.join("work.txt").is_file());
+    let r = run(sb.cmd(&["status", "--state-dir", &sd, "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v[0]["id"], id.as_str());
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+}
+
+#[test]
+fn sighup_reloads_log_level_and_workers_and_refuses_a_broken_file() {
+    let sb = Sandbox::new("reload");
+    sb.write(
+        "cfg.toml",
+        "[performance]\nmax_concurrent = 1\n[logging]\nlevel = \"info\"\nfile = \"daemon.log\"\n",
+    );
+    let shared = sb.path("shared.log").display().to_string();
+    let mut c = sb.daemon_cmd("complete-after.sh", &["--config", "cfg.toml"]);
+    c.env("FAKE_N", "1")
+        .env("FAKE_DELAY", "1")
+        .env("FAKE_SHARED_LOG", &shared);
+    let d = start(c);
+    assert!(wait_until(Duration::from_secs(10), || log_of(&sb).contains("serving")));
+    assert!(!log_of(&sb).contains("DEBUG"));
+    sb.write(
+        "cfg.toml",
+        "[performance]\nmax_concurrent = 3\n[logging]\nlevel = \"debug\"\nfile = \"daemon.log\"\n",
+    );
+    d.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), || log_of(&sb)
+            .contains("workers 1 -> 3")),
+        "{}",
+        log_of(&sb)
+    );
+    let all = ids(3);
+    for id in &all {
+        sb.submit("# t\n", id, &[]);
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || sb.all_finished(&all)),
+        "{}",
+        log_of(&sb)
+    );
+    assert!(log_of(&sb).contains("DEBUG"), "{}", log_of(&sb));
+    let iv = intervals(&sb.read("shared.log"));
+    let overlap = iv
+        .iter()
+        .filter(|(_, s, _)| iv.iter().all(|(_, s2, e2)| s2 < e2 && s < e2))
+        .count();
+    assert_eq!(overlap, 3, "three workers ran together: {iv:?}");
+    // A broken file is refused and the running configuration stays.
+    sb.write(
+        "cfg.toml",
+        "[performance]\nmax_concurrent = 3\nmax_concurent = 4\n",
+    );
+    d.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), || log_of(&sb)
+            .contains("reload refused")),
+        "{}",
+        log_of(&sb)
+    );
+    let log = log_of(&sb);
+    let line = log.lines().find(|l| l.contains("reload refused")).unwrap();
+    assert!(
+        line.contains("cfg.toml line 3") && line.contains("max_concurent"),
+        "{line}"
+    );
+    sb.submit("# t\n", "after", &[]);
+    assert!(wait_until(
+        Duration::from_secs(10),
+        || sb.task("after")["status"] == "completed"
+    ));
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+}
+
+#[test]
+fn circuit_opens_on_failures_pauses_dispatch_then_recovers() {
+    let sb = Sandbox::new("circuit");
+    sb.write(
+        "cfg.toml",
+        "[circuit_breaker]\nfailure_threshold = 3\ncooldown = 1.5\n[adapter]\nmax_retries = 0\n[orchestrator]\nmax_consecutive_failures = 100\n[performance]\nmax_concurrent = 1\n",
+    );
+    let flag = sb.write("outage", "");
+    let shared = sb.path("shared.log").display().to_string();
+    sb.submit("# a\n", "a", &[]);
+    sb.submit("# b\n", "b", &[]);
+    let mut c = sb.daemon_cmd(
+        "flaky.sh",
+        &["--config", "cfg.toml", "--log-file", "daemon.log"],
+    );
+    c.env("FAKE_FLAG", &flag).env("FAKE_SHARED_LOG", &shared);
+    let d = start(c);
+    assert!(
+        wait_until(Duration::from_secs(10), || log_of(&sb)
+            .contains("circuit breaker open")),
+        "{}",
+        log_of(&sb)
+    );
+    std::fs::remove_file(&flag).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || sb
+            .all_finished(&["a".into(), "b".into()])),
+        "{}",
+        log_of(&sb)
+    );
+    assert!(log_of(&sb).contains("circuit breaker closed"));
+    let times: Vec<f64> = sb
+        .read("shared.log")
+        .lines()
+        .map(|l| l.split(' ').nth(2).unwrap().parse().unwrap())
+        .collect();
+    // The third failure in a row opened it; then nothing ran for the cooldown.
+    assert!(times.len() >= 5, "{times:?}");
+    assert!(times[3] - times[2] >= 1.4, "{times:?}");
+    assert!(times[2] - times[0] < 1.0, "{times:?}");
+    for id in ["a", "b"] {
+        let t = sb.task(id);
+        assert_eq!(t["status"], "completed", "{t}");
+    }
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+}
+
+#[test]
+fn missing_agent_opens_the_circuit_fails_no_task_and_recovers_when_installed() {
+    let sb = Sandbox::new("circuitmissing");
+    sb.write("cfg.toml", "[circuit_breaker]\ncooldown = 1.0\n");
+    for id in ["a", "b", "c"] {
+        sb.submit("# t\n", id, &[]);
+    }
+    let agent = sb.path("bin/agent");
+    let sd = sb.state_dir().display().to_string();
+    let a = agent.display().to_string();
+    let mut c = sb.cmd(&[
+        "daemon",
+        "--state-dir",
+        &sd,
+        "--agent-command",
+        &a,
+        "--config",
+        "cfg.toml",
+        "--iteration-delay",
+        "0",
+        "--log-file",
+        "daemon.log",
+    ]);
+    c.env("QCHAT_POLL_INTERVAL", "0.05").env("FAKE_N", "1");
+    let d = start(c);
+    assert!(
+        wait_until(Duration::from_secs(10), || log_of(&sb)
+            .contains("not found")),
+        "{}",
+        log_of(&sb)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for id in ["a", "b", "c"] {
+        let t = sb.task(id);
+        assert_ne!(t["status"], "failed", "{t}");
+        assert_eq!(t["iteration"], 0, "{t}");
+    }
+    // Logged once for the outage, not once per task.
+    assert_eq!(
+        log_of(&sb).matches("not found").count(),
+        1,
+        "{}",
+        log_of(&sb)
+    );
+    std::fs::create_dir_all(sb.path("bin")).unwrap();
+    std::fs::copy(Sandbox::agent("complete-after.sh"), &agent).unwrap();
+    let all: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || sb.all_finished(&all)),
+        "{}",
+        log_of(&sb)
+    );
+    for id in &all {
+        assert_eq!(sb.task(id)["status"], "completed");
+    }
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+}
+
+#[test]
+fn rate_limit_holds_across_tasks() {
+    let sb = Sandbox::new("ratelimit");
+    sb.write(
+        "cfg.toml",
+        "[performance]\nmax_requests_per_minute = 120\nmax_concurrent = 5\n",
+    );
+    let all = ids(10);
+    for id in &all {
+        sb.submit("# t\n", id, &[]);
+    }
+    let shared = sb.path("shared.log").display().to_string();
+    let mut c = sb.daemon_cmd(
+        "complete-after.sh",
+        &["--config", "cfg.toml", "--log-file", "daemon.log"],
+    );
+    c.env("FAKE_N", "1").env("FAKE_SHARED_LOG", &shared);
+    let d = start(c);
+    assert!(
+        wait_until(Duration::from_secs(30), || sb.all_finished(&all)),
+        "{}",
+        log_of(&sb)
+    );
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    let mut starts: Vec<f64> = intervals(&sb.read("shared.log"))
+        .iter()
+        .map(|i| i.1)
+        .collect();
+    starts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(starts.len(), 10);
+    // 2 a second with bursts of 2: ten requests need at least 4 seconds.
+    let span = starts[9] - starts[0];
+    assert!(span >= 3.8, "ten requests in {span} s");
+    for (i, s) in starts.iter().enumerate() {
+        let in_window = starts[i..].iter().filter(|t| **t < s + 1.0).count();
+        assert!(
+            in_window <= 4,
+            "{in_window} requests within a second: {starts:?}"
+        );
+    }
+}
+
+#[test]
+fn systemd_notifications_ready_watchdog_reloading_stopping() {
+    let sb = Sandbox::new("notify");
+    let sock_path = sb.path("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
+    c.env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "200000");
+    let d = start(c);
+    let mut got = Vec::new();
+    let recv_until = |want: &str, got: &mut Vec<String>| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = sock.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let hit = m.lines().any(|l| l == want);
+                got.push(m);
+                if hit {
+                    return true;
+                }
+            }
+        }
+        false
+    };
+    assert!(recv_until("READY=1", &mut got), "{got:?}");
+    assert!(got.iter().any(|m| m.contains("STATUS=")), "{got:?}");
+    for _ in 0..3 {
+        assert!(recv_until("WATCHDOG=1", &mut got), "{got:?}");
+    }
+    d.signal(libc::SIGHUP);
+    assert!(recv_until("RELOADING=1", &mut got), "{got:?}");
+    assert!(recv_until("READY=1", &mut got), "{got:?}");
+    d.signal(libc::SIGTERM);
+    assert!(recv_until("STOPPING=1", &mut got), "{got:?}");
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+}
+
+#[test]
+fn sigusr1_storm_is_coalesced_and_does_not_disturb_work() {
+    let sb = Sandbox::new("storm");
+    let all = ids(4);
+    for id in &all {
+        sb.submit("# t\n", id, &[]);
+    }
+    let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
+    c.env("FAKE_N", "3").env("FAKE_DELAY", "0.2");
+    let d = start(c);
+    assert!(wait_until(Duration::from_secs(10), || {
+        sb.task("t00")["in_progress"].is_number()
+    }));
+    let t0 = Instant::now();
+    for _ in 0..50 {
+        d.signal(libc::SIGUSR1);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let storm = t0.elapsed().as_secs_f64();
+    assert!(
+        wait_until(Duration::from_secs(30), || sb.all_finished(&all)),
+        "{}",
+        log_of(&sb)
+    );
+    let dumps = std::fs::read_dir(sb.state_dir().join("diagnostics"))
+        .unwrap()
+        .count();
+    assert!(
+        dumps >= 1 && (dumps as f64) <= storm.ceil() + 1.0,
+        "{dumps} dumps for a {storm} s storm"
+    );
+    for id in &all {
+        let t = sb.task(id);
+        assert_eq!(t["status"], "completed", "{t}");
+        assert_eq!(t["successful_iterations"], 3, "{t}");
+        assert_eq!(t["failed_iterations"], 0, "{t}");
+    }
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+}
+
+/// Counters that must never go back, read from every task record.
+fn counters(sb: &Sandbox, ids: &[String]) -> Vec<[u64; 5]> {
+    ids.iter()
+        .map(|id| {
+            let t = sb.task(id);
+            let n = |k: &str| t[k].as_u64().unwrap_or(0);
+            [
+                n("successful_iterations"),
+                n("failed_iterations"),
+                n("retries"),
+                n("interrupted_iterations"),
+                n("iteration").max(n("successful_iterations")),
+            ]
+        })
+        .collect()
+}
+
+#[test]
+fn kill_9_at_random_moments_loses_nothing_and_leaves_nothing() {
+    let sb = Sandbox::new("crashloop");
+    let all = ids(8);
+    for id in &all {
+        sb.submit("# t\n", id, &[]);
+    }
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("crash loop seed {seed}");
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let daemon = || {
+        let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
+        c.env("FAKE_N", "6")
+            .env("FAKE_DELAY", "0.3")
+            .env("QCHAT_MAX_CONCURRENT", "4");
+        start(c)
+    };
+    let mut before = counters(&sb, &all);
+    for round in 0..10 {
+        let d = daemon();
+        std::thread::sleep(Duration::from_millis(150 + rand(500)));
+        d.signal(libc::SIGKILL);
+        let r = d.finish(Duration::from_secs(10));
+        assert_eq!(r.code(), 137, "round {round}");
+        // Every record parses and no counter went back.
+        let after = counters(&sb, &all);
+        for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+            if sb.task(&all[i]).is_null() {
+                continue;
+            }
+            for k in 0..5 {
+                assert!(
+                    a[k] >= b[k],
+                    "round {round}: {} counter {k} went from {} to {}",
+                    all[i],
+                    b[k],
+                    a[k]
+                );
+            }
+        }
+        before = after;
+    }
+    let d = daemon();
+    assert!(wait_until(Duration::from_secs(10), || log_of(&sb)
+        .matches("serving")
+        .count()
+        == 11));
+    assert!(
+        wait_until(Duration::from_secs(60), || sb.all_finished(&all)),
+        "{}",
+        log_of(&sb)
+    );
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    assert_eq!(sb.task_ids(), all, "tasks lost or duplicated");
+    let spool: Vec<_> = std::fs::read_dir(sb.state_dir().join("spool"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != "rejected")
+        .collect();
+    assert!(spool.is_empty(), "left in the spool: {spool:?}");
+    for id in &all {
+        let t = sb.task(id);
+        assert_eq!(t["status"], "completed", "{t}");
+        // Never run again after completion: exactly one marker was added.
+        let prompt =
+            std::fs::read_to_string(sb.state_dir().join("workspaces").join(id).join("PROMPT.md"))
+                .unwrap();
+        assert_eq!(prompt.matches("TASK_COMPLETE").count(), 1, "{id}: {prompt}");
+    }
+}
