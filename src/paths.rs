@@ -41,7 +41,11 @@ fn pick_daemon_state_dir(loaded: &Loaded, env: &[(String, String)]) -> PathBuf {
 
 fn user_default(env: &[(String, String)]) -> PathBuf {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    default_for(unsafe { libc::geteuid() }, env)
+}
+
+fn default_for(euid: u32, env: &[(String, String)]) -> PathBuf {
+    if euid == 0 {
         return PathBuf::from("/var/lib/ralph-qchat");
     }
     let get = |k: &str| {
@@ -69,4 +73,55 @@ pub fn client_state_dir(loaded: &Loaded, env: &[(String, String)], prefer_local:
         return PathBuf::from(".ralph-qchat");
     }
     user_default(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Layers;
+
+    fn loaded(flag: Option<&str>, file_value: &str) -> Loaded {
+        let mut l = crate::config::load(&Layers::default()).unwrap();
+        l.config.paths.state_dir = flag.unwrap_or(file_value).to_string();
+        if flag.is_some() {
+            l.sources
+                .insert("paths.state_dir".into(), Source::Flag("--state-dir".into()));
+        }
+        l
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn state_dir_precedence() {
+        let sd = env(&[("STATE_DIRECTORY", "/var/lib/from-systemd:/var/lib/other")]);
+        assert_eq!(
+            daemon_state_dir(&loaded(Some("/flag"), ""), &sd),
+            PathBuf::from("/flag")
+        );
+        assert_eq!(
+            daemon_state_dir(&loaded(None, "/conf"), &sd),
+            PathBuf::from("/var/lib/from-systemd")
+        );
+        assert_eq!(
+            daemon_state_dir(&loaded(None, "/conf"), &[]),
+            PathBuf::from("/conf")
+        );
+    }
+
+    #[test]
+    fn default_is_var_lib_for_root_and_xdg_for_a_normal_user() {
+        let e = env(&[("XDG_STATE_HOME", "/x/state"), ("HOME", "/h")]);
+        assert_eq!(default_for(0, &e), PathBuf::from("/var/lib/ralph-qchat"));
+        assert_eq!(default_for(1000, &e), PathBuf::from("/x/state/ralph-qchat"));
+        assert_eq!(
+            default_for(1000, &env(&[("HOME", "/h")])),
+            PathBuf::from("/h/.local/state/ralph-qchat")
+        );
+    }
 }

@@ -808,3 +808,99 @@ fn kill_9_at_random_moments_loses_nothing_and_leaves_nothing() {
         assert_eq!(prompt.matches("TASK_COMPLETE").count(), 1, "{id}: {prompt}");
     }
 }
+
+#[test]
+fn opt_in_cache_answers_an_identical_request_without_spawning() {
+    let sb = Sandbox::new("cache");
+    sb.write("cfg.toml", "[cache]\nenabled = true\n[performance]\nmax_concurrent = 1\n[orchestrator]\nmax_iterations = 1\n");
+    let wd = sb.path("project");
+    std::fs::create_dir(&wd).unwrap();
+    std::fs::write(wd.join("PROMPT.md"), "# same work\n").unwrap();
+    let sd = sb.state_dir().display().to_string();
+    let p = wd.join("PROMPT.md").display().to_string();
+    let w = wd.display().to_string();
+    for id in ["first", "second"] {
+        let r = run(sb.cmd(&[
+            "submit",
+            &p,
+            "--workdir",
+            &w,
+            "--state-dir",
+            &sd,
+            "--id",
+            id,
+        ]));
+        assert_eq!(r.code(), 0, "{}", r.stderr);
+    }
+    let shared = sb.path("shared.log").display().to_string();
+    let mut c = sb.daemon_cmd(
+        "complete-after.sh",
+        &["--config", "cfg.toml", "--log-file", "daemon.log"],
+    );
+    c.env("FAKE_N", "100").env("FAKE_SHARED_LOG", &shared);
+    let d = start(c);
+    let both = ["first".to_string(), "second".to_string()];
+    assert!(
+        wait_until(Duration::from_secs(10), || sb.all_finished(&both)),
+        "{}",
+        log_of(&sb)
+    );
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    // Two iterations, one agent run: the second was answered from the cache.
+    assert_eq!(
+        intervals(&sb.read("shared.log")).len(),
+        1,
+        "{}",
+        sb.read("shared.log")
+    );
+    assert!(log_of(&sb).contains("answered from the cache"));
+    assert_eq!(sb.task("second")["successful_iterations"], 1);
+}
+
+#[test]
+fn without_cache_identical_requests_each_run_the_agent() {
+    let sb = Sandbox::new("nocache");
+    sb.write(
+        "cfg.toml",
+        "[performance]\nmax_concurrent = 1\n[orchestrator]\nmax_iterations = 1\n",
+    );
+    let wd = sb.path("project");
+    std::fs::create_dir(&wd).unwrap();
+    std::fs::write(wd.join("PROMPT.md"), "# same work\n").unwrap();
+    let sd = sb.state_dir().display().to_string();
+    let p = wd.join("PROMPT.md").display().to_string();
+    let w = wd.display().to_string();
+    for id in ["first", "second"] {
+        assert_eq!(
+            run(sb.cmd(&[
+                "submit",
+                &p,
+                "--workdir",
+                &w,
+                "--state-dir",
+                &sd,
+                "--id",
+                id
+            ]))
+            .code(),
+            0
+        );
+    }
+    let shared = sb.path("shared.log").display().to_string();
+    let mut c = sb.daemon_cmd(
+        "complete-after.sh",
+        &["--config", "cfg.toml", "--log-file", "daemon.log"],
+    );
+    c.env("FAKE_N", "100").env("FAKE_SHARED_LOG", &shared);
+    let d = start(c);
+    let both = ["first".to_string(), "second".to_string()];
+    assert!(
+        wait_until(Duration::from_secs(10), || sb.all_finished(&both)),
+        "{}",
+        log_of(&sb)
+    );
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    assert_eq!(intervals(&sb.read("shared.log")).len(), 2);
+}

@@ -509,7 +509,10 @@ impl Scheduler {
             }
         };
         let new_iteration = slot.retries_now == 0 && !slot.rerun;
-        if new_iteration && prompt_complete(&raw, &cfg.orchestrator.completion_marker) {
+        // Before every attempt: an interrupted or failed attempt may already
+        // have finished the task, and a complete task never runs again.
+        if prompt_complete(&raw, &cfg.orchestrator.completion_marker) {
+            slot.state.in_progress = None;
             return self.finish(id, Status::Completed, "completion_marker", None);
         }
         let limits = Limits {
