@@ -29,6 +29,7 @@ pub enum Command {
     Daemon(RunArgs, bool),
     Submit(crate::clients::SubmitArgs),
     Cancel(crate::clients::CancelArgs),
+    Health(crate::health::HealthArgs),
     CheckConfig(RunArgs),
     Status(StatusArgs),
     Help(&'static str),
@@ -53,6 +54,7 @@ const VALUE_FLAGS: &[(&str, &str)] = &[
     ("log-format", "logging.format"),
     ("metrics-interval", "monitoring.metrics_interval"),
     ("state-dir", "paths.state_dir"),
+    ("health-port", "monitoring.health_check_port"),
 ];
 
 /// Switches that set a key to a fixed value.
@@ -74,6 +76,7 @@ Usage:
   ralph-qchat cancel ID                stop a task of the daemon
   ralph-qchat status [ID] [--json]     list the tasks in a state directory
   ralph-qchat check-config [OPTIONS]   validate and print the effective configuration
+  ralph-qchat health [--url URL]       probe the daemon's /health (exit 0 healthy, 1 not)
   ralph-qchat --help | --version
 
 `ralph-qchat` with only options means `run`. `ralph-qchat COMMAND --help` shows
@@ -109,6 +112,7 @@ Options (each overrides the configuration file and the environment):
   --log-level LEVEL          error, warn, info, debug or trace
   --log-format text|json     log line format
   --metrics-interval SECS    seconds between summary lines (0 = off)
+  --health-port N            serve /health, /metrics and /tasks on port N (0 = any free port)
   --verbose                  stream the agent's output to stderr
   --debug                    debug logging (includes the prompt text)
   --dry-run                  print the agent command line and limits, run nothing
@@ -131,7 +135,10 @@ $STATE_DIRECTORY (set by systemd), else [paths] state_dir, else
   --config FILE        TOML configuration file
   --state-dir DIR      state directory
   --standby            wait for the state directory's lock instead of exiting 75,
-                       and take over when the running instance stops
+                       answering /health with \"standby\", and take over when the
+                       running instance stops
+  --health-port N      health port instead of [monitoring] health_check_port
+                       (0 = any free port, written to <state_dir>/http.port)
   The run options that set configuration keys (--timeout, --max-retries,
   --log-level, --log-file, --log-format, --verbose, --debug, ...) apply too.
 
@@ -157,6 +164,15 @@ Usage: ralph-qchat cancel ID [--state-dir DIR] [--config FILE]
 
 Asks the daemon to stop task ID: its agent's process group is terminated and
 the task is marked cancelled.
+";
+
+pub const HEALTH_HELP: &str = "\
+Usage: ralph-qchat health [--url URL] [--config FILE] [--timeout SECS]
+
+Requests /health (by default on the configuration's health_check_bind and
+health_check_port), prints the answer, and exits 0 when the daemon is healthy,
+degraded or in standby, 1 otherwise (including no answer within --timeout,
+default 5 s). Made for Docker HEALTHCHECK and scripts: no curl needed.
 ";
 
 pub const CHECK_HELP: &str = "\
@@ -191,7 +207,7 @@ fn text(v: OsString, flag: &str) -> Result<String, Failure> {
 pub fn parse(args: Vec<OsString>) -> Result<Command, Failure> {
     let first = args.first().and_then(|a| a.to_str()).unwrap_or("");
     let (cmd, rest): (&str, Vec<OsString>) = match first {
-        "run" | "check-config" | "status" | "daemon" | "submit" | "cancel" => {
+        "run" | "check-config" | "status" | "daemon" | "submit" | "cancel" | "health" => {
             (first, args[1..].to_vec())
         }
         "help" => return Ok(Command::Help(MAIN_HELP)),
@@ -211,6 +227,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, Failure> {
         "status" => parse_status(rest),
         "submit" => parse_submit(rest),
         "cancel" => parse_cancel(rest),
+        "health" => parse_health(rest),
         "daemon" => {
             let standby = rest.iter().any(|a| a == "--standby");
             let rest: Vec<OsString> = rest.into_iter().filter(|a| a != "--standby").collect();
@@ -330,6 +347,22 @@ fn parse_cancel(args: Vec<OsString>) -> Result<Command, Failure> {
     }
     a.id = id.ok_or_else(|| usage("cancel needs the id of the task to stop"))?;
     Ok(Command::Cancel(a))
+}
+
+fn parse_health(args: Vec<OsString>) -> Result<Command, Failure> {
+    let mut p = lexopt::Parser::from_args(args);
+    let mut a = crate::health::HealthArgs::default();
+    while let Some(arg) = p.next().map_err(usage)? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help(HEALTH_HELP)),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            Long("url") => a.url = Some(text(p.value().map_err(usage)?, "url")?),
+            Long("config") => a.config = Some(p.value().map_err(usage)?.into()),
+            Long("timeout") => a.timeout = Some(number(&mut p, "timeout")?),
+            other => return Err(usage(other.unexpected())),
+        }
+    }
+    Ok(Command::Health(a))
 }
 
 fn parse_status(args: Vec<OsString>) -> Result<Command, Failure> {

@@ -33,6 +33,7 @@ fn dispatch(cmd: Command) -> Result<i32, Failure> {
         Command::Daemon(a, standby) => ralph_qchat::service::daemon(a, standby),
         Command::Submit(a) => ralph_qchat::clients::submit(a),
         Command::Cancel(a) => ralph_qchat::clients::cancel(a),
+        Command::Health(a) => ralph_qchat::health::probe(a),
         Command::Status(a) => ralph_qchat::status::status(a),
         Command::CheckConfig(a) => {
             let loaded = config::load(&Layers {

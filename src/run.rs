@@ -153,11 +153,32 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
     );
     let mut cfg = cfg;
     cfg.performance.max_concurrent = 1;
-    let mut scheduler = Scheduler::new(cfg, store, Mode::Run, Notifier::disabled())
+    let shared = crate::http::Shared::new(
+        cfg.adapter.name.as_str(),
+        &cfg.adapter.effective_command(),
+        s.state_dir.clone(),
+    );
+    // A foreground run serves HTTP only when asked to with --health-port.
+    let asked = matches!(
+        s.loaded.source_of("monitoring.health_check_port"),
+        crate::config::Source::Flag(_)
+    );
+    let http = if asked {
+        let mut c = cfg.clone();
+        c.monitoring.health_check_enabled = true;
+        crate::service::start_http(&c, &shared, &s.state_dir)?
+    } else {
+        None
+    };
+    let mut scheduler = Scheduler::new(cfg, store, Mode::Run, Notifier::disabled(), shared)
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start worker: {e}")))?;
     scheduler.adopt(state);
     let finished = signals::serve(scheduler, Duration::ZERO, None, caught)
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot run: {e}")))?;
+    if let Some(h) = http {
+        h.stop();
+        let _ = std::fs::remove_file(s.state_dir.join("http.port"));
+    }
     if let Some(sig) = finished.signal {
         log::info!("interrupted by signal {sig}; run the same command again to resume");
         return Ok(128 + sig);

@@ -9,12 +9,13 @@ use crate::daemon::notify::Notifier;
 use crate::daemon::scheduler::Mode;
 use crate::daemon::{Scheduler, signals};
 use crate::exit::{self, Failure};
+use crate::http::{self, HttpServer, Shared};
 use crate::paths;
 use crate::store::{LockError, StateLock, TaskStore};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
@@ -43,10 +44,28 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
         )
     })?;
     let poll = Duration::from_secs_f64(cfg.performance.poll_interval);
+    let shared = Shared::new(
+        cfg.adapter.name.as_str(),
+        &cfg.adapter.effective_command(),
+        state_dir.clone(),
+    );
+    shared.standby.store(standby, Ordering::SeqCst);
+    // A standby instance answers /health while it waits; a normal one opens
+    // the port only once it owns the state directory.
+    let mut http = None;
+    if standby {
+        http = start_http(&cfg, &shared, &state_dir)?;
+    }
     let Some(_lock) = lock(&state_dir, standby, poll, &mut caught)? else {
         log::info!("stopped while in standby");
+        if let Some(h) = http {
+            h.stop();
+        }
         return Ok(exit::OK);
     };
+    if !standby {
+        http = start_http(&cfg, &shared, &state_dir)?;
+    }
 
     let store = TaskStore::new(&state_dir);
     let mut scheduler = Scheduler::new(
@@ -54,6 +73,7 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
         store.clone(),
         Mode::Daemon,
         Notifier::from_env(),
+        shared.clone(),
     )
     .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start workers: {e}")))?;
     let (tasks, problems) = store.load_all();
@@ -78,6 +98,7 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
             format!("cannot start the spool intake: {e}"),
         )
     })?;
+    shared.standby.store(false, Ordering::SeqCst);
     let status = scheduler.status_line();
     log::info!(
         "ralph-qchat {} serving {} with {} workers, agent {}; {status}",
@@ -92,8 +113,12 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     let reload: signals::Reload = Box::new(move || reload_config(&layers));
     let finished = signals::serve(scheduler, grace, Some(reload), caught)
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot run the scheduler: {e}")))?;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
     let _ = intake.join();
+    if let Some(h) = http {
+        h.stop();
+        let _ = std::fs::remove_file(state_dir.join("http.port"));
+    }
     log::info!(
         "stopped ({} tasks on disk, every interrupted iteration runs again on the next start)",
         finished.tasks.len()
@@ -165,4 +190,36 @@ fn reload_config(layers: &Layers) -> Option<Config> {
             None
         }
     }
+}
+
+/// Starts the health/metrics server when enabled; a port in use is a clear
+/// start-up error (exit 73), never a daemon without health.
+pub fn start_http(
+    cfg: &Config,
+    shared: &Arc<Shared>,
+    state_dir: &Path,
+) -> Result<Option<HttpServer>, Failure> {
+    let m = &cfg.monitoring;
+    if !m.health_check_enabled {
+        log::info!("health port off (monitoring.health_check_enabled = false)");
+        return Ok(None);
+    }
+    let server = http::start(
+        &m.health_check_bind,
+        m.health_check_port,
+        &m.health_check_allow,
+        shared.clone(),
+    )
+    .map_err(|e| Failure::new(exit::CANT_CREATE, e.to_string()))?;
+    log::info!(
+        "serving /health, /health/detailed, /metrics and /tasks on http://{}",
+        server.addr
+    );
+    let port_file = state_dir.join("http.port");
+    if let Err(e) =
+        crate::store::write_atomic(&port_file, format!("{}\n", server.addr.port()).as_bytes())
+    {
+        log::warn!("cannot write {}: {e}", port_file.display());
+    }
+    Ok(Some(server))
 }

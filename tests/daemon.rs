@@ -543,6 +543,8 @@ fn missing_agent_opens_the_circuit_fails_no_task_and_recovers_when_installed() {
         &sd,
         "--agent-command",
         &a,
+        "--health-port",
+        "0",
         "--config",
         "cfg.toml",
         "--iteration-delay",
@@ -780,7 +782,7 @@ fn kill_9_at_random_moments_loses_nothing_and_leaves_nothing() {
     }
     let d = daemon();
     assert!(wait_until(Duration::from_secs(10), || log_of(&sb)
-        .matches("serving")
+        .matches(" workers, agent ")
         .count()
         == 11));
     assert!(

@@ -11,6 +11,8 @@ use super::stats::Stats;
 use super::worker::{Job, JobMsg, JobResult, WorkerState, spawn_worker};
 use crate::agent::{AgentOutcome, Cancel, CancelReason, Progress};
 use crate::config::Config;
+use crate::http::{Shared, Snapshot};
+use crate::metrics::METRICS;
 use crate::store::TaskStore;
 use crate::task::checkpoint::{CheckpointJob, Done};
 use crate::task::completion::prompt_complete;
@@ -101,6 +103,8 @@ struct Slot {
     cache_key: Option<u64>,
     /// Cancel requested while a checkpoint was running.
     cancel_pending: bool,
+    /// The record as last written, for readers on other threads.
+    published: Arc<TaskState>,
 }
 
 impl Slot {
@@ -139,6 +143,10 @@ pub struct Scheduler {
     dump_due: Option<Instant>,
     /// Shared with the spool intake, which checks sizes before we see a task.
     pub max_prompt: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+    /// Set when something readers see has changed since the last publish.
+    publish_due: bool,
+    metrics_saved: Option<(Instant, crate::metrics::Totals)>,
     in_flight: usize,
     seq: u64,
     stats: Stats,
@@ -157,6 +165,7 @@ impl Scheduler {
         store: TaskStore,
         mode: Mode,
         notifier: Notifier,
+        shared: Arc<Shared>,
     ) -> std::io::Result<Scheduler> {
         let (events_tx, events) = crossbeam_channel::unbounded();
         let (jobs, jobs_rx) = crossbeam_channel::unbounded();
@@ -173,6 +182,9 @@ impl Scheduler {
             last_dump: None,
             dump_due: None,
             max_prompt: Arc::new(AtomicU64::new(cfg.limits.max_prompt_size)),
+            shared,
+            publish_due: true,
+            metrics_saved: None,
             mode,
             jobs_rx,
             worker_states: Vec::new(),
@@ -197,6 +209,7 @@ impl Scheduler {
             rng: seed(),
         };
         s.resize_pool(s.cfg.performance.max_concurrent as usize)?;
+        s.restore_metrics();
         Ok(s)
     }
 
@@ -274,6 +287,7 @@ impl Scheduler {
                 dirty: true,
                 cache_key: None,
                 cancel_pending: false,
+                published: Arc::new(TaskState::new("", "", "")),
             },
         );
     }
@@ -304,6 +318,15 @@ impl Scheduler {
             self.flush();
             let now = Instant::now();
             self.notifier.tick(now);
+            self.shared.tick();
+            METRICS
+                .queue_depth
+                .store(self.ready.len() as u64, Ordering::Relaxed);
+            METRICS
+                .circuit_open
+                .store(self.circuit.is_open() as u64, Ordering::Relaxed);
+            self.publish();
+            self.save_metrics(false);
             if self.notifier.enabled() {
                 let line = self.status_line();
                 self.notifier.status(line);
@@ -319,9 +342,10 @@ impl Scheduler {
                 break;
             }
             let next = self.next_wake(now);
-            let timeout = next.map_or(Duration::from_secs(3600), |t| {
-                t.saturating_duration_since(now)
-            });
+            // Wake at least every tick so /health can tell a live scheduler.
+            let timeout = next
+                .map_or(self.shared.tick_every, |t| t.saturating_duration_since(now))
+                .min(self.shared.tick_every);
             match self.events.recv_timeout(timeout) {
                 Ok(ev) => self.handle(ev),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -330,6 +354,8 @@ impl Scheduler {
             self.timers();
         }
         self.flush();
+        self.publish();
+        self.save_metrics(true);
         for s in self.slots.values_mut() {
             s.active_since = None;
         }
@@ -407,6 +433,7 @@ impl Scheduler {
                     );
                     self.shutdown = Some((Instant::now() + grace, signal));
                     self.notifier.stopping();
+                    self.shared.stopping.store(true, Ordering::SeqCst);
                     self.ready.clear();
                     if grace.is_zero() {
                         self.cancel_all(CancelReason::Shutdown);
@@ -440,7 +467,11 @@ impl Scheduler {
                 }
                 self.in_flight -= 1;
                 match result {
-                    JobResult::Agent(o) => self.agent_done(&task, o),
+                    JobResult::Agent(o) => {
+                        METRICS.active.fetch_sub(1, Ordering::Relaxed);
+                        self.record_metrics(&o);
+                        self.agent_done(&task, o)
+                    }
                     JobResult::Checkpoint(d) => self.checkpoint_done(&task, d),
                 }
             }
@@ -615,6 +646,7 @@ impl Scheduler {
         if self.mode == Mode::Daemon {
             self.circuit.dispatched();
         }
+        METRICS.active.fetch_add(1, Ordering::Relaxed);
         self.send(id, seq, Job::Agent(Box::new(req)));
     }
 
@@ -695,12 +727,14 @@ impl Scheduler {
                 slot.retries_now = 0;
                 self.stats.iterations += 1;
                 self.stats.successes += 1;
+                METRICS.iterations_success.fetch_add(1, Ordering::Relaxed);
                 if o.marker_seen {
                     return self.finish(id, Status::Completed, "output_marker", None);
                 }
                 self.after_iteration(id);
             }
             Verdict::Retry => {
+                METRICS.retries.fetch_add(1, Ordering::Relaxed);
                 slot.retries_now += 1;
                 slot.state.retries += 1;
                 slot.state.last_error = Some(detail.clone());
@@ -718,6 +752,7 @@ impl Scheduler {
                 slot.retries_now = 0;
                 self.stats.iterations += 1;
                 self.stats.failures += 1;
+                METRICS.iterations_failure.fetch_add(1, Ordering::Relaxed);
                 let n = st.consecutive_failures;
                 log::error!(task = id, iteration = it; "iteration failed after {} retries: {detail} ({n} in a row, limit {})", limits.max_retries, limits.max_consecutive_failures);
                 if n >= limits.max_consecutive_failures {
@@ -897,7 +932,11 @@ impl Scheduler {
             }
             s.state.updated_at = now_rfc3339();
             match self.store.save(&s.state) {
-                Ok(()) => s.dirty = false,
+                Ok(()) => {
+                    s.dirty = false;
+                    s.published = Arc::new(s.state.clone());
+                    self.publish_due = true;
+                }
                 Err(e) => error = Some(format!("cannot write state of task {}: {e}", s.state.id)),
             }
         }
@@ -908,7 +947,97 @@ impl Scheduler {
                 }
                 None => log::info!("task state is being written again"),
             }
+            self.shared.set_save_error(error.clone());
             self.save_error = error;
+        }
+    }
+
+    /// Gives readers (HTTP) a fresh view when anything they show changed.
+    fn publish(&mut self) {
+        let key = (
+            self.in_flight,
+            self.ready.len(),
+            self.circuit.label(),
+            self.workers,
+        );
+        let snap = self.shared.snapshot();
+        let same = (
+            snap.workers_busy,
+            snap.queue_depth,
+            snap.circuit,
+            snap.workers_total,
+        ) == key;
+        if !self.publish_due && same {
+            return;
+        }
+        self.publish_due = false;
+        self.shared.publish(Snapshot {
+            tasks: self.slots.values().map(|s| s.published.clone()).collect(),
+            workers_total: self.workers,
+            workers_busy: self.in_flight,
+            queue_depth: self.ready.len(),
+            circuit: self.circuit.label(),
+            circuit_reason: self.circuit.reason.clone(),
+            rate_per_minute: self.bucket.per_minute(),
+            rate_tokens: self.bucket.tokens(),
+        });
+    }
+
+    fn record_metrics(&self, o: &AgentOutcome) {
+        use crate::agent::Ending;
+        METRICS.request_done(o.duration.as_secs_f64());
+        let kind = match &o.ending {
+            Ending::TimedOut => Some("timeout"),
+            Ending::IdleTimedOut => Some("idle_timeout"),
+            Ending::Exited(0) => None,
+            Ending::Exited(_) => Some("nonzero_exit"),
+            Ending::Signaled(_) => Some("signaled"),
+            Ending::SpawnFailed(_) | Ending::Unavailable(_) => Some("spawn_failed"),
+            Ending::Cancelled => Some("cancelled"),
+            Ending::RuntimeExceeded | Ending::ShutDown => None,
+        };
+        if let Some(k) = kind {
+            METRICS.error(k);
+        }
+        if o.truncated() {
+            METRICS.error("output_truncated");
+        }
+    }
+
+    fn metrics_path(&self) -> PathBuf {
+        self.store.state_dir().join("metrics.json")
+    }
+
+    /// Counters continue across restarts: add what the last process saved.
+    fn restore_metrics(&mut self) {
+        let Ok(bytes) = std::fs::read(self.metrics_path()) else {
+            return;
+        };
+        match serde_json::from_slice::<crate::metrics::Totals>(&bytes) {
+            Ok(t) => {
+                METRICS.restore(&t);
+                self.metrics_saved = Some((Instant::now(), METRICS.totals()));
+            }
+            Err(e) => log::warn!(
+                "{}: {e}; counters start from zero",
+                self.metrics_path().display()
+            ),
+        }
+    }
+
+    /// Saves the counters at most once a second (and at the end), and only
+    /// when they moved.
+    fn save_metrics(&mut self, now_regardless: bool) {
+        let totals = METRICS.totals();
+        if let Some((at, last)) = &self.metrics_saved {
+            if *last == totals || (!now_regardless && at.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+        }
+        if let Ok(json) = serde_json::to_vec(&totals) {
+            if crate::store::write_atomic(&self.metrics_path(), &json).is_ok() {
+                self.metrics_saved = Some((Instant::now(), totals));
+            }
         }
     }
 

@@ -308,6 +308,7 @@ impl Sandbox {
             "--metrics-interval",
             "0",
         ];
+        args.extend_from_slice(&["--health-port", "0"]);
         args.extend_from_slice(extra);
         let mut c = self.cmd(&args);
         c.env("QCHAT_POLL_INTERVAL", "0.05");

@@ -1,0 +1,258 @@
+//! Requests to responses: /health, /health/detailed, /metrics, /tasks.
+
+use super::allow::{Cidr, allowed};
+use super::system::{self, CpuMeter};
+use super::{Shared, Snapshot};
+use crate::metrics::{self, Gauges, METRICS};
+use crate::task::valid_id;
+use serde_json::{Value, json};
+use std::sync::atomic::Ordering;
+use tiny_http::{Header, Method, Request, Response};
+
+const STATUSES: [&str; 6] = [
+    "queued",
+    "running",
+    "completed",
+    "failed",
+    "limit_reached",
+    "cancelled",
+];
+
+struct Reply {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+    allow: bool,
+}
+
+fn json_reply(status: u16, v: &Value) -> Reply {
+    Reply {
+        status,
+        content_type: "application/json",
+        body: serde_json::to_vec(v).unwrap_or_default(),
+        allow: false,
+    }
+}
+
+fn error(status: u16, msg: &str) -> Reply {
+    json_reply(status, &json!({ "error": msg }))
+}
+
+pub fn handle(rq: Request, shared: &Shared, allow: &[Cidr], cpu: &CpuMeter) {
+    let reply = route(&rq, shared, allow, cpu);
+    let mut resp = Response::from_data(reply.body).with_status_code(reply.status);
+    if let Ok(h) = Header::from_bytes("Content-Type", reply.content_type) {
+        resp.add_header(h);
+    }
+    if reply.allow {
+        if let Ok(h) = Header::from_bytes("Allow", "GET, HEAD") {
+            resp.add_header(h);
+        }
+    }
+    // The body, if any, is never read: nothing here takes input.
+    let _ = rq.respond(resp);
+}
+
+fn route(rq: &Request, shared: &Shared, allow: &[Cidr], cpu: &CpuMeter) -> Reply {
+    if let Some(addr) = rq.remote_addr() {
+        if !allowed(allow, addr.ip()) {
+            return error(403, "forbidden: this address is not in health_check_allow");
+        }
+    }
+    if !matches!(rq.method(), Method::Get | Method::Head) {
+        let mut r = error(405, "method not allowed: GET and HEAD only");
+        r.allow = true;
+        return r;
+    }
+    let path = rq.url().split('?').next().unwrap_or("");
+    match path {
+        "/health" => {
+            let (code, v) = health(shared);
+            json_reply(code, &v)
+        }
+        "/health/detailed" => {
+            let (code, mut v) = health(shared);
+            detailed(shared, cpu, &mut v);
+            json_reply(code, &v)
+        }
+        "/metrics" => Reply {
+            status: 200,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: metrics_text(shared).into_bytes(),
+            allow: false,
+        },
+        "/tasks" | "/tasks/" => {
+            let snap = shared.snapshot();
+            let tasks: Vec<&crate::task::TaskState> =
+                snap.tasks.iter().map(|t| t.as_ref()).collect();
+            json_reply(200, &serde_json::to_value(tasks).unwrap_or_default())
+        }
+        p if p.starts_with("/tasks/") => {
+            let id = &p["/tasks/".len()..];
+            if !valid_id(id) {
+                return error(404, "no such task");
+            }
+            let snap = shared.snapshot();
+            match snap.tasks.iter().find(|t| t.id == id) {
+                Some(t) => json_reply(200, &serde_json::to_value(t.as_ref()).unwrap_or_default()),
+                None => error(404, "no such task"),
+            }
+        }
+        _ => error(
+            404,
+            "not found: try /health, /health/detailed, /metrics, /tasks",
+        ),
+    }
+}
+
+/// Is the agent command there and executable (a bare name: somewhere on PATH)?
+fn command_available(cmd: &str) -> bool {
+    let exec = |p: &std::path::Path| {
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
+        // SAFETY: access on a valid C string.
+        p.is_file() && unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0
+    };
+    if cmd.contains('/') {
+        return exec(std::path::Path::new(cmd));
+    }
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| exec(&d.join(cmd))))
+        .unwrap_or(false)
+}
+
+fn state_dir_writable(shared: &Shared) -> Result<(), String> {
+    if let Some(e) = shared.save_error.lock().ok().and_then(|g| g.clone()) {
+        return Err(e);
+    }
+    let Ok(c) = std::ffi::CString::new(shared.state_dir.as_os_str().as_encoded_bytes()) else {
+        return Err("state directory path is not valid".into());
+    };
+    // SAFETY: access on a valid C string.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+        return Err(format!(
+            "state directory {} is not writable: {}",
+            shared.state_dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn health(shared: &Shared) -> (u16, Value) {
+    let base = |status: &str| {
+        json!({
+            "status": status,
+            "adapter": shared.adapter,
+            "version": env!("CARGO_PKG_VERSION"),
+        })
+    };
+    if shared.standby.load(Ordering::SeqCst) {
+        return (200, base("standby"));
+    }
+    let mut bad = Vec::new();
+    if shared.stopping.load(Ordering::SeqCst) {
+        let mut v = base("stopping");
+        v["reasons"] = json!(["shutting down"]);
+        return (503, v);
+    }
+    let now_ms = shared.started.elapsed().as_millis() as u64;
+    let last = shared.tick_ms.load(Ordering::Relaxed);
+    let limit = 3 * shared.tick_every.as_millis() as u64;
+    if now_ms.saturating_sub(last) > limit {
+        bad.push(format!(
+            "scheduler has not run for {:.1} s",
+            now_ms.saturating_sub(last) as f64 / 1000.0
+        ));
+    }
+    if let Err(e) = state_dir_writable(shared) {
+        bad.push(e);
+    }
+    if !bad.is_empty() {
+        let mut v = base("unhealthy");
+        v["reasons"] = json!(bad);
+        return (503, v);
+    }
+    let snap = shared.snapshot();
+    let mut degraded = Vec::new();
+    if snap.circuit != "closed" && !snap.circuit.is_empty() {
+        degraded.push(format!(
+            "circuit breaker {}{}",
+            snap.circuit,
+            snap.circuit_reason
+                .as_ref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ));
+    }
+    if !command_available(&shared.command) {
+        degraded.push(format!(
+            "agent command `{}` not found or not executable",
+            shared.command
+        ));
+    }
+    if degraded.is_empty() {
+        (200, base("healthy"))
+    } else {
+        let mut v = base("degraded");
+        v["reasons"] = json!(degraded);
+        (200, v)
+    }
+}
+
+fn by_status(snap: &Snapshot) -> Vec<(&'static str, u64)> {
+    STATUSES
+        .iter()
+        .map(|s| {
+            (
+                *s,
+                snap.tasks
+                    .iter()
+                    .filter(|t| t.status.as_str() == *s)
+                    .count() as u64,
+            )
+        })
+        .collect()
+}
+
+fn detailed(shared: &Shared, cpu: &CpuMeter, v: &mut Value) {
+    let snap = shared.snapshot();
+    let tasks: serde_json::Map<String, Value> = by_status(&snap)
+        .into_iter()
+        .map(|(k, n)| (k.to_string(), json!(n)))
+        .collect();
+    v["system"] = json!({
+        "cpu_percent": cpu.percent(),
+        "memory_percent": system::memory_percent(),
+        "disk_usage": system::disk_percent(&shared.state_dir),
+    });
+    v["process"] = json!({
+        "pid": std::process::id(),
+        "uptime_seconds": shared.started.elapsed().as_secs_f64(),
+        "rss_bytes": system::rss_bytes(),
+        "open_fds": system::open_fds(),
+        "threads": system::threads(),
+    });
+    v["workers"] = json!({ "total": snap.workers_total, "busy": snap.workers_busy });
+    v["queue_depth"] = json!(snap.queue_depth);
+    v["tasks"] = Value::Object(tasks);
+    v["circuit"] = json!({ "state": snap.circuit, "reason": snap.circuit_reason });
+    v["rate_limit"] = json!({ "per_minute": snap.rate_per_minute, "tokens": snap.rate_tokens });
+    v["environment"] = json!(std::env::var("ENVIRONMENT").ok());
+}
+
+fn metrics_text(shared: &Shared) -> String {
+    let snap = shared.snapshot();
+    let by = by_status(&snap);
+    metrics::render(
+        &METRICS,
+        &Gauges {
+            tasks_by_status: &by,
+            rss_bytes: system::rss_bytes(),
+            cpu_seconds: system::cpu_seconds(),
+            open_fds: system::open_fds(),
+            start_time: system::start_time(),
+        },
+    )
+}

@@ -1,0 +1,121 @@
+//! Readings of the machine and of this process from /proc and statvfs.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 { p as u64 } else { 4096 }
+}
+
+/// Fields of /proc/self/stat after the command name (field 3 is index 0).
+fn self_stat() -> Option<Vec<String>> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+pub fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page_size())
+}
+
+pub fn cpu_seconds() -> Option<f64> {
+    let f = self_stat()?;
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / clk_tck())
+}
+
+pub fn threads() -> Option<u64> {
+    self_stat()?.get(17)?.parse().ok()
+}
+
+pub fn open_fds() -> Option<u64> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as u64)
+}
+
+/// Seconds since the epoch when this process started.
+pub fn start_time() -> Option<f64> {
+    let start_ticks: f64 = self_stat()?.get(19)?.parse().ok()?;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let btime: f64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(btime + start_ticks / clk_tck())
+}
+
+pub fn memory_percent() -> Option<f64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let get = |k: &str| -> Option<f64> {
+        m.lines()
+            .find_map(|l| l.strip_prefix(k))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let total = get("MemTotal:")?;
+    let avail = get("MemAvailable:")?;
+    (total > 0.0).then(|| 100.0 * (total - avail) / total)
+}
+
+pub fn disk_percent(path: &Path) -> Option<f64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a struct we own.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return None;
+    }
+    let total = s.f_blocks as f64 * s.f_frsize as f64;
+    let free = s.f_bfree as f64 * s.f_frsize as f64;
+    (total > 0.0).then(|| 100.0 * (total - free) / total)
+}
+
+/// CPU use of the machine since the previous call (since boot the first time).
+pub struct CpuMeter {
+    last: Mutex<Option<(u64, u64)>>,
+}
+
+impl CpuMeter {
+    pub fn new() -> CpuMeter {
+        CpuMeter {
+            last: Mutex::new(None),
+        }
+    }
+
+    pub fn percent(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let total: u64 = cpu.iter().sum();
+        let idle = cpu.get(3)? + cpu.get(4).copied().unwrap_or(0);
+        let mut last = self.last.lock().ok()?;
+        let (t0, i0) = last.unwrap_or((0, 0));
+        *last = Some((total, idle));
+        let dt = total.saturating_sub(t0);
+        (dt > 0).then(|| 100.0 * (dt - idle.saturating_sub(i0).min(dt)) as f64 / dt as f64)
+    }
+}
+
+impl Default for CpuMeter {
+    fn default() -> Self {
+        Self::new()
+    }
+}

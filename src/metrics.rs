@@ -1,0 +1,335 @@
+//! Counters any thread bumps with one atomic add, read by the /metrics
+//! serialiser; totals are saved in the state directory so a restart does not
+//! reset them.
+
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Upper bounds of the request-duration histogram, in seconds.
+pub const BUCKETS: [f64; 11] = [
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    f64::INFINITY,
+];
+pub const ERROR_TYPES: [&str; 7] = [
+    "timeout",
+    "idle_timeout",
+    "nonzero_exit",
+    "signaled",
+    "spawn_failed",
+    "output_truncated",
+    "cancelled",
+];
+
+pub struct Metrics {
+    pub requests: AtomicU64,
+    pub retries: AtomicU64,
+    pub iterations_success: AtomicU64,
+    pub iterations_failure: AtomicU64,
+    pub errors: [AtomicU64; 7],
+    /// Cumulative counts per bucket (Prometheus `le` semantics).
+    pub buckets: [AtomicU64; 11],
+    pub duration_micros: AtomicU64,
+    pub active: AtomicU64,
+    pub queue_depth: AtomicU64,
+    pub circuit_open: AtomicU64,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const ZERO: AtomicU64 = AtomicU64::new(0);
+
+pub static METRICS: Metrics = Metrics {
+    requests: ZERO,
+    retries: ZERO,
+    iterations_success: ZERO,
+    iterations_failure: ZERO,
+    errors: [ZERO; 7],
+    buckets: [ZERO; 11],
+    duration_micros: ZERO,
+    active: ZERO,
+    queue_depth: ZERO,
+    circuit_open: ZERO,
+};
+
+impl Metrics {
+    pub fn request_done(&self, seconds: f64) {
+        self.requests.fetch_add(1, Relaxed);
+        self.duration_micros
+            .fetch_add((seconds * 1e6) as u64, Relaxed);
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if seconds <= *le {
+                self.buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    pub fn error(&self, error_type: &str) {
+        if let Some(i) = ERROR_TYPES.iter().position(|t| *t == error_type) {
+            self.errors[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn totals(&self) -> Totals {
+        Totals {
+            requests: self.requests.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+            iterations_success: self.iterations_success.load(Relaxed),
+            iterations_failure: self.iterations_failure.load(Relaxed),
+            errors: self.errors.iter().map(|a| a.load(Relaxed)).collect(),
+            buckets: self.buckets.iter().map(|a| a.load(Relaxed)).collect(),
+            duration_micros: self.duration_micros.load(Relaxed),
+        }
+    }
+
+    /// Adds totals saved by an earlier process.
+    pub fn restore(&self, t: &Totals) {
+        self.requests.fetch_add(t.requests, Relaxed);
+        self.retries.fetch_add(t.retries, Relaxed);
+        self.iterations_success
+            .fetch_add(t.iterations_success, Relaxed);
+        self.iterations_failure
+            .fetch_add(t.iterations_failure, Relaxed);
+        for (a, v) in self.errors.iter().zip(&t.errors) {
+            a.fetch_add(*v, Relaxed);
+        }
+        for (a, v) in self.buckets.iter().zip(&t.buckets) {
+            a.fetch_add(*v, Relaxed);
+        }
+        self.duration_micros.fetch_add(t.duration_micros, Relaxed);
+    }
+}
+
+/// The persisted form of the counters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    pub requests: u64,
+    pub retries: u64,
+    pub iterations_success: u64,
+    pub iterations_failure: u64,
+    pub errors: Vec<u64>,
+    pub buckets: Vec<u64>,
+    pub duration_micros: u64,
+}
+
+/// What the exposition needs besides the counters.
+pub struct Gauges<'a> {
+    pub tasks_by_status: &'a [(&'static str, u64)],
+    pub rss_bytes: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+    pub open_fds: Option<u64>,
+    pub start_time: Option<f64>,
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+}
+
+/// Prometheus text exposition format 0.0.4.
+pub fn render(m: &Metrics, g: &Gauges) -> String {
+    let mut o = String::with_capacity(4096);
+    family(
+        &mut o,
+        "qchat_requests_total",
+        "counter",
+        "Agent requests completed.",
+    );
+    o.push_str(&format!(
+        "qchat_requests_total {}\n",
+        m.requests.load(Relaxed)
+    ));
+    family(
+        &mut o,
+        "qchat_request_duration_seconds",
+        "histogram",
+        "Duration of agent requests in seconds.",
+    );
+    for (i, le) in BUCKETS.iter().enumerate() {
+        let le = if le.is_infinite() {
+            "+Inf".to_string()
+        } else {
+            format!("{le}")
+        };
+        o.push_str(&format!(
+            "qchat_request_duration_seconds_bucket{{le=\"{le}\"}} {}\n",
+            m.buckets[i].load(Relaxed)
+        ));
+    }
+    o.push_str(&format!(
+        "qchat_request_duration_seconds_sum {}\n",
+        m.duration_micros.load(Relaxed) as f64 / 1e6
+    ));
+    o.push_str(&format!(
+        "qchat_request_duration_seconds_count {}\n",
+        m.requests.load(Relaxed)
+    ));
+    family(
+        &mut o,
+        "qchat_active_requests",
+        "gauge",
+        "Agent requests running now.",
+    );
+    o.push_str(&format!(
+        "qchat_active_requests {}\n",
+        m.active.load(Relaxed)
+    ));
+    family(
+        &mut o,
+        "qchat_errors_total",
+        "counter",
+        "Failed agent requests by kind of failure.",
+    );
+    for (i, t) in ERROR_TYPES.iter().enumerate() {
+        o.push_str(&format!(
+            "qchat_errors_total{{error_type=\"{t}\"}} {}\n",
+            m.errors[i].load(Relaxed)
+        ));
+    }
+    family(
+        &mut o,
+        "qchat_retries_total",
+        "counter",
+        "Retries of failed agent requests.",
+    );
+    o.push_str(&format!(
+        "qchat_retries_total {}\n",
+        m.retries.load(Relaxed)
+    ));
+    family(
+        &mut o,
+        "qchat_queue_depth",
+        "gauge",
+        "Tasks ready and waiting for a worker.",
+    );
+    o.push_str(&format!(
+        "qchat_queue_depth {}\n",
+        m.queue_depth.load(Relaxed)
+    ));
+    family(&mut o, "ralph_tasks", "gauge", "Tasks by status.");
+    for (s, n) in g.tasks_by_status {
+        o.push_str(&format!("ralph_tasks{{status=\"{s}\"}} {n}\n"));
+    }
+    family(
+        &mut o,
+        "ralph_iterations_total",
+        "counter",
+        "Loop iterations by result.",
+    );
+    o.push_str(&format!(
+        "ralph_iterations_total{{result=\"success\"}} {}\n",
+        m.iterations_success.load(Relaxed)
+    ));
+    o.push_str(&format!(
+        "ralph_iterations_total{{result=\"failure\"}} {}\n",
+        m.iterations_failure.load(Relaxed)
+    ));
+    family(
+        &mut o,
+        "qchat_circuit_open",
+        "gauge",
+        "1 while the circuit breaker stops dispatching.",
+    );
+    o.push_str(&format!(
+        "qchat_circuit_open {}\n",
+        m.circuit_open.load(Relaxed)
+    ));
+    family(
+        &mut o,
+        "ralph_qchat_build_info",
+        "gauge",
+        "Build information.",
+    );
+    o.push_str(&format!(
+        "ralph_qchat_build_info{{version=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION")
+    ));
+    if let Some(v) = g.rss_bytes {
+        family(
+            &mut o,
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+        );
+        o.push_str(&format!("process_resident_memory_bytes {v}\n"));
+    }
+    if let Some(v) = g.cpu_seconds {
+        family(
+            &mut o,
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+        );
+        o.push_str(&format!("process_cpu_seconds_total {v}\n"));
+    }
+    if let Some(v) = g.open_fds {
+        family(
+            &mut o,
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+        );
+        o.push_str(&format!("process_open_fds {v}\n"));
+    }
+    if let Some(v) = g.start_time {
+        family(
+            &mut o,
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+        );
+        o.push_str(&format!("process_start_time_seconds {v}\n"));
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative_and_totals_round_trip() {
+        let m = Metrics {
+            requests: ZERO,
+            retries: ZERO,
+            iterations_success: ZERO,
+            iterations_failure: ZERO,
+            errors: [ZERO; 7],
+            buckets: [ZERO; 11],
+            duration_micros: ZERO,
+            active: ZERO,
+            queue_depth: ZERO,
+            circuit_open: ZERO,
+        };
+        m.request_done(0.2);
+        m.request_done(3.0);
+        m.request_done(1000.0);
+        m.error("timeout");
+        let t = m.totals();
+        assert_eq!(t.buckets[0], 1); // <= 0.5
+        assert_eq!(t.buckets[3], 2); // <= 5
+        assert_eq!(t.buckets[10], 3); // +Inf
+        assert_eq!(t.errors[0], 1);
+        let text = render(
+            &m,
+            &Gauges {
+                tasks_by_status: &[("queued", 2)],
+                rss_bytes: None,
+                cpu_seconds: None,
+                open_fds: None,
+                start_time: None,
+            },
+        );
+        assert!(text.contains("qchat_request_duration_seconds_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("qchat_request_duration_seconds_count 3\n"));
+        assert!(text.contains("ralph_tasks{status=\"queued\"} 2\n"));
+        m.restore(&t);
+        assert_eq!(m.totals().requests, 6);
+    }
+}
