@@ -166,7 +166,7 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
     let http = if asked {
         let mut c = cfg.clone();
         c.monitoring.health_check_enabled = true;
-        crate::service::start_http(&c, &shared, &s.state_dir)?
+        crate::service::start_http(&c, &shared, Some(&s.state_dir))?
     } else {
         None
     };
@@ -176,8 +176,8 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
     let finished = signals::serve(scheduler, Duration::ZERO, None, caught)
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot run: {e}")))?;
     if let Some(h) = http {
+        crate::service::remove_port_file(&s.state_dir, &h);
         h.stop();
-        let _ = std::fs::remove_file(s.state_dir.join("http.port"));
     }
     if let Some(sig) = finished.signal {
         log::info!("interrupted by signal {sig}; run the same command again to resume");

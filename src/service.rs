@@ -54,7 +54,7 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     // the port only once it owns the state directory.
     let mut http = None;
     if standby {
-        http = start_http(&cfg, &shared, &state_dir)?;
+        http = start_http(&cfg, &shared, None)?;
     }
     let Some(_lock) = lock(&state_dir, standby, poll, &mut caught)? else {
         log::info!("stopped while in standby");
@@ -63,8 +63,10 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
         }
         return Ok(exit::OK);
     };
-    if !standby {
-        http = start_http(&cfg, &shared, &state_dir)?;
+    match &http {
+        None => http = start_http(&cfg, &shared, Some(&state_dir))?,
+        // The directory is ours now: say where our port is.
+        Some(h) => write_port_file(&state_dir, h),
     }
 
     let store = TaskStore::new(&state_dir);
@@ -116,8 +118,8 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     stop.store(true, Ordering::SeqCst);
     let _ = intake.join();
     if let Some(h) = http {
+        remove_port_file(&state_dir, &h);
         h.stop();
-        let _ = std::fs::remove_file(state_dir.join("http.port"));
     }
     log::info!(
         "stopped ({} tasks on disk, every interrupted iteration runs again on the next start)",
@@ -197,7 +199,7 @@ fn reload_config(layers: &Layers) -> Option<Config> {
 pub fn start_http(
     cfg: &Config,
     shared: &Arc<Shared>,
-    state_dir: &Path,
+    port_file_in: Option<&Path>,
 ) -> Result<Option<HttpServer>, Failure> {
     let m = &cfg.monitoring;
     if !m.health_check_enabled {
@@ -215,11 +217,30 @@ pub fn start_http(
         "serving /health, /health/detailed, /metrics and /tasks on http://{}",
         server.addr
     );
+    if let Some(dir) = port_file_in {
+        write_port_file(dir, &server);
+    }
+    Ok(Some(server))
+}
+
+/// `<state_dir>/http.port`: where to find this instance's port (useful with port 0).
+pub fn write_port_file(state_dir: &Path, server: &HttpServer) {
     let port_file = state_dir.join("http.port");
     if let Err(e) =
         crate::store::write_atomic(&port_file, format!("{}\n", server.addr.port()).as_bytes())
     {
         log::warn!("cannot write {}: {e}", port_file.display());
     }
-    Ok(Some(server))
+}
+
+/// Removes the port file if it still names our port (a standby successor may
+/// have written its own).
+pub fn remove_port_file(state_dir: &Path, server: &HttpServer) {
+    let port_file = state_dir.join("http.port");
+    let ours = std::fs::read_to_string(&port_file)
+        .map(|s| s.trim() == server.addr.port().to_string())
+        .unwrap_or(false);
+    if ours {
+        let _ = std::fs::remove_file(port_file);
+    }
 }

@@ -256,3 +256,43 @@ fn metrics_text(shared: &Shared) -> String {
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn shared() -> Shared {
+        let s = Shared::new("qchat", "/bin/sh", std::env::temp_dir());
+        std::sync::Arc::try_unwrap(s).ok().unwrap()
+    }
+
+    #[test]
+    fn a_scheduler_that_stopped_ticking_is_unhealthy() {
+        let mut s = shared();
+        s.tick();
+        assert_eq!(health(&s).0, 200);
+        s.started = Instant::now().checked_sub(Duration::from_secs(10)).unwrap();
+        let (code, v) = health(&s);
+        assert_eq!(code, 503);
+        assert_eq!(v["status"], "unhealthy");
+        assert!(
+            v["reasons"][0]
+                .as_str()
+                .unwrap()
+                .contains("scheduler has not run")
+        );
+    }
+
+    #[test]
+    fn standby_and_stopping() {
+        let s = shared();
+        s.tick();
+        s.standby.store(true, Ordering::SeqCst);
+        assert_eq!(health(&s).1["status"], "standby");
+        s.standby.store(false, Ordering::SeqCst);
+        s.stopping.store(true, Ordering::SeqCst);
+        let (code, v) = health(&s);
+        assert_eq!((code, v["status"].as_str()), (503, Some("stopping")));
+    }
+}
