@@ -37,7 +37,7 @@ pub enum Command {
 }
 
 /// Flags that set one configuration key from their value.
-const VALUE_FLAGS: &[(&str, &str)] = &[
+pub const VALUE_FLAGS: &[(&str, &str)] = &[
     ("agent", "adapter.name"),
     ("agent-command", "adapter.command"),
     ("timeout", "adapter.timeout"),
@@ -58,7 +58,7 @@ const VALUE_FLAGS: &[(&str, &str)] = &[
 ];
 
 /// Switches that set a key to a fixed value.
-const SWITCHES: &[(&str, &str, &str)] = &[
+pub const SWITCHES: &[(&str, &str, &str)] = &[
     ("no-git", "orchestrator.git_checkpoint", "false"),
     ("no-archive", "orchestrator.archive_prompts", "false"),
     ("verbose", "logging.verbose", "true"),

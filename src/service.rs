@@ -50,6 +50,9 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
         state_dir.clone(),
     );
     shared.standby.store(standby, Ordering::SeqCst);
+    shared.set_check_every(Duration::from_secs_f64(
+        cfg.monitoring.health_check_interval,
+    ));
     // A standby instance answers /health while it waits; a normal one opens
     // the port only once it owns the state directory.
     let mut http = None;

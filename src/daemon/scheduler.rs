@@ -1169,6 +1169,9 @@ impl Scheduler {
         }
         self.max_prompt
             .store(cfg.limits.max_prompt_size, Ordering::Relaxed);
+        self.shared.set_check_every(Duration::from_secs_f64(
+            cfg.monitoring.health_check_interval,
+        ));
         let interval = cfg.monitoring.metrics_interval;
         self.next_summary =
             (interval > 0.0).then(|| Instant::now() + Duration::from_secs_f64(interval));

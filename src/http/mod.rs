@@ -39,6 +39,10 @@ pub struct Shared {
     pub adapter: String,
     pub command: String,
     pub state_dir: PathBuf,
+    /// How long /health reuses its file-system checks (health_check_interval).
+    pub check_every: Mutex<Duration>,
+    /// (when, agent command usable, state directory writable).
+    pub checks: Mutex<Option<(Instant, bool, Result<(), String>)>>,
 }
 
 impl Shared {
@@ -54,7 +58,15 @@ impl Shared {
             adapter: adapter.to_string(),
             command: command.to_string(),
             state_dir,
+            check_every: Mutex::new(Duration::from_secs(30)),
+            checks: Mutex::new(None),
         })
+    }
+
+    pub fn set_check_every(&self, d: Duration) {
+        if let Ok(mut g) = self.check_every.lock() {
+            *g = d;
+        }
     }
 
     pub fn tick(&self) {

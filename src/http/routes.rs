@@ -122,10 +122,29 @@ fn command_available(cmd: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn state_dir_writable(shared: &Shared) -> Result<(), String> {
-    if let Some(e) = shared.save_error.lock().ok().and_then(|g| g.clone()) {
-        return Err(e);
+/// The file-system checks of /health, redone at most every health_check_interval.
+fn checks(shared: &Shared) -> (bool, Result<(), String>) {
+    let every = shared.check_every.lock().map(|g| *g).unwrap_or_default();
+    if let Ok(mut g) = shared.checks.lock() {
+        if let Some((at, cmd, w)) = g.as_ref() {
+            if at.elapsed() < every {
+                return (*cmd, w.clone());
+            }
+        }
+        let fresh = (
+            command_available(&shared.command),
+            state_dir_writable(shared),
+        );
+        *g = Some((std::time::Instant::now(), fresh.0, fresh.1.clone()));
+        return fresh;
     }
+    (
+        command_available(&shared.command),
+        state_dir_writable(shared),
+    )
+}
+
+fn state_dir_writable(shared: &Shared) -> Result<(), String> {
     let Ok(c) = std::ffi::CString::new(shared.state_dir.as_os_str().as_encoded_bytes()) else {
         return Err("state directory path is not valid".into());
     };
@@ -166,7 +185,10 @@ pub(super) fn health(shared: &Shared) -> (u16, Value) {
             now_ms.saturating_sub(last) as f64 / 1000.0
         ));
     }
-    if let Err(e) = state_dir_writable(shared) {
+    let (command_ok, writable) = checks(shared);
+    if let Some(e) = shared.save_error.lock().ok().and_then(|g| g.clone()) {
+        bad.push(e);
+    } else if let Err(e) = writable {
         bad.push(e);
     }
     if !bad.is_empty() {
@@ -186,7 +208,7 @@ pub(super) fn health(shared: &Shared) -> (u16, Value) {
                 .unwrap_or_default()
         ));
     }
-    if !command_available(&shared.command) {
+    if !command_ok {
         degraded.push(format!(
             "agent command `{}` not found or not executable",
             shared.command
