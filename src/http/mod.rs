@@ -25,6 +25,9 @@ pub struct Snapshot {
     pub rate_tokens: f64,
 }
 
+/// (when, agent command usable, state directory writable).
+pub type Checks = (Instant, bool, Result<(), String>);
+
 pub struct Shared {
     pub started: Instant,
     /// Milliseconds after `started` of the scheduler's last loop.
@@ -41,8 +44,7 @@ pub struct Shared {
     pub state_dir: PathBuf,
     /// How long /health reuses its file-system checks (health_check_interval).
     pub check_every: Mutex<Duration>,
-    /// (when, agent command usable, state directory writable).
-    pub checks: Mutex<Option<(Instant, bool, Result<(), String>)>>,
+    pub checks: Mutex<Option<Checks>>,
 }
 
 impl Shared {
