@@ -176,7 +176,7 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
     let mut scheduler = Scheduler::new(cfg, store, Mode::Run, Notifier::disabled(), shared)
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start worker: {e}")))?;
     scheduler.adopt(state);
-    let finished = signals::serve(scheduler, Duration::ZERO, None, caught)
+    let finished = signals::serve(scheduler, Some(Duration::ZERO), None, caught)
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot run: {e}")))?;
     if let Some(h) = http {
         crate::service::remove_port_file(&s.state_dir, &h);

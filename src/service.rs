@@ -114,9 +114,8 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     );
     Notifier::from_env().ready(&status);
 
-    let grace = Duration::from_secs_f64(cfg.orchestrator.shutdown_grace);
     let reload: signals::Reload = Box::new(move || reload_config(&layers));
-    let finished = signals::serve(scheduler, grace, Some(reload), caught)
+    let finished = signals::serve(scheduler, None, Some(reload), caught)
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot run the scheduler: {e}")))?;
     stop.store(true, Ordering::SeqCst);
     let _ = intake.join();
@@ -188,7 +187,11 @@ fn reload_config(layers: &Layers) -> Option<Config> {
                 return None;
             }
             log::info!("SIGHUP: configuration read again");
-            Some(loaded.config)
+            let mut cfg = loaded.config.clone();
+            cfg.paths.state_dir = paths::daemon_state_dir(&loaded, &layers.env)
+                .display()
+                .to_string();
+            Some(cfg)
         }
         Err(e) => {
             log::error!("reload refused: {e}; keeping the running configuration");

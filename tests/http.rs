@@ -656,3 +656,47 @@ fn run_serves_the_endpoints_with_health_port() {
     assert_eq!(r.finish(Duration::from_secs(20)).code(), 2);
     assert!(!port_file.exists());
 }
+
+#[test]
+fn secrets_stay_out_of_logs_dumps_and_detailed_health() {
+    let sb = Sandbox::new("secrets");
+    let secret = "s3cr3t-value-XYZZY";
+    sb.write(
+        "cfg.toml",
+        format!("[adapter]\nenv = {{ KIRO_API_KEY = \"{secret}\" }}\n"),
+    );
+    sb.submit("# t\n", "t1", &[]);
+    let (d, addr) = daemon_with_port(
+        &sb,
+        "complete-after.sh",
+        &[
+            "--config",
+            "cfg.toml",
+            "--log-file",
+            "daemon.log",
+            "--debug",
+        ],
+        &[("AWS_SECRET_ACCESS_KEY", secret), ("FAKE_N", "1")],
+    );
+    assert!(wait_until(
+        Duration::from_secs(10),
+        || sb.task("t1")["status"] == "completed"
+    ));
+    d.signal(libc::SIGUSR1);
+    assert!(wait_until(Duration::from_secs(5), || sb
+        .state_dir()
+        .join("diagnostics")
+        .is_dir()));
+    let detailed = get(&addr, "/health/detailed").body;
+    let check = run(sb.cmd(&["check-config", "--config", "cfg.toml"]));
+    stop(d);
+    let mut everything = detailed + &check.stdout + &sb.read("daemon.log");
+    for e in std::fs::read_dir(sb.state_dir().join("diagnostics"))
+        .unwrap()
+        .flatten()
+    {
+        everything += &std::fs::read_to_string(e.path()).unwrap();
+    }
+    assert!(everything.contains("KIRO_API_KEY"), "the name may show");
+    assert!(!everything.contains(secret), "a secret leaked");
+}

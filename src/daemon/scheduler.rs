@@ -42,8 +42,9 @@ const KEEP_DUMPS: usize = 20;
 #[derive(Debug)]
 pub enum Control {
     /// Stop dispatching; give running requests `grace`, then stop them.
+    /// `grace` None: the configured orchestrator.shutdown_grace (as reloaded).
     Shutdown {
-        grace: Duration,
+        grace: Option<Duration>,
         signal: i32,
     },
     Dump,
@@ -425,6 +426,9 @@ impl Scheduler {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Control(Control::Shutdown { grace, signal }) => {
+                let grace = grace.unwrap_or_else(|| {
+                    Duration::from_secs_f64(self.cfg.orchestrator.shutdown_grace)
+                });
                 if self.shutdown.is_none() {
                     log::info!(
                         "signal {signal}: stopping; {} running request(s) get {:.1} s to finish",
@@ -1169,6 +1173,7 @@ impl Scheduler {
         }
         self.max_prompt
             .store(cfg.limits.max_prompt_size, Ordering::Relaxed);
+        self.shared.set_command(&cfg.adapter.effective_command());
         self.shared.set_check_every(Duration::from_secs_f64(
             cfg.monitoring.health_check_interval,
         ));

@@ -18,11 +18,11 @@ pub fn catch() -> std::io::Result<Signals> {
 }
 
 /// Runs the scheduler to its end while forwarding signals to it. SIGTERM and
-/// SIGINT give running requests `grace`; SIGHUP reopens the log file and,
+/// SIGINT give running requests `grace` (None: the configured shutdown_grace); SIGHUP reopens the log file and,
 /// with `reload`, applies a new configuration.
 pub fn serve(
     scheduler: Scheduler,
-    grace: Duration,
+    grace: Option<Duration>,
     mut reload: Option<Reload>,
     mut signals: Signals,
 ) -> std::io::Result<Finished> {

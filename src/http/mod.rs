@@ -40,7 +40,7 @@ pub struct Shared {
     pub save_error: Mutex<Option<String>>,
     pub snapshot: Mutex<Arc<Snapshot>>,
     pub adapter: String,
-    pub command: String,
+    pub command: Mutex<String>,
     pub state_dir: PathBuf,
     /// How long /health reuses its file-system checks (health_check_interval).
     pub check_every: Mutex<Duration>,
@@ -58,11 +58,24 @@ impl Shared {
             save_error: Mutex::new(None),
             snapshot: Mutex::new(Arc::new(Snapshot::default())),
             adapter: adapter.to_string(),
-            command: command.to_string(),
+            command: Mutex::new(command.to_string()),
             state_dir,
             check_every: Mutex::new(Duration::from_secs(30)),
             checks: Mutex::new(None),
         })
+    }
+
+    pub fn set_command(&self, c: &str) {
+        if let Ok(mut g) = self.command.lock() {
+            *g = c.to_string();
+        }
+        if let Ok(mut g) = self.checks.lock() {
+            *g = None;
+        }
+    }
+
+    pub fn command(&self) -> String {
+        self.command.lock().map(|g| g.clone()).unwrap_or_default()
     }
 
     pub fn set_check_every(&self, d: Duration) {

@@ -132,14 +132,14 @@ fn checks(shared: &Shared) -> (bool, Result<(), String>) {
             }
         }
         let fresh = (
-            command_available(&shared.command),
+            command_available(&shared.command()),
             state_dir_writable(shared),
         );
         *g = Some((std::time::Instant::now(), fresh.0, fresh.1.clone()));
         return fresh;
     }
     (
-        command_available(&shared.command),
+        command_available(&shared.command()),
         state_dir_writable(shared),
     )
 }
@@ -211,7 +211,7 @@ pub(super) fn health(shared: &Shared) -> (u16, Value) {
     if !command_ok {
         degraded.push(format!(
             "agent command `{}` not found or not executable",
-            shared.command
+            shared.command()
         ));
     }
     if degraded.is_empty() {

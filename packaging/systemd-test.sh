@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# Installs the .deb in a systemd-nspawn container running a real systemd (the
+# build machines' own PID 1 is not systemd) and operates the service: start on
+# install, /health, a task with a fake agent, reload with a task running, stop
+# with nothing left, resume on the next start, priorities in the journal,
+# purge. Learned from ../shared/tools/systemd-harness.sh.
+#   usage: packaging/systemd-test.sh PKG.deb      (root; ROOTFS caches the base system)
+set -euo pipefail
+DEB=$(realpath "$1")
+ROOTFS=${ROOTFS:-/var/tmp/ralph-qchat-rootfs}
+NAME=rq-test-$$
+CG=ralph-qchat-test-$$
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/ralph-qchat-nspawn.XXXXXX")
+NSPAWN_PID= SD=
+t0=$(date +%s.%N)
+say() { printf '[%6.2fs] %s\n' "$(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN{print a-b}')" "$*"; }
+fail() { echo "FAIL: $*" >&2; in_ct journalctl -u ralph-qchat --no-pager -n 60 >&2 || true; exit 1; }
+in_ct() { nsenter -t "$SD" -a "$@"; }
+# Waits up to $1 seconds for the shell condition $2, run inside the container.
+wait_for() {
+  local n=$(( $1 * 10 ))
+  for _ in $(seq "$n"); do in_ct sh -c "$2" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  return 1
+}
+
+mirror() {
+  local m
+  m=$(sed -n 's/^URIs:[[:space:]]*\([^[:space:]]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -1)
+  [[ -n $m ]] || m=$(sed -n 's/^deb[[:space:]]\+\(\[[^]]*\][[:space:]]\+\)\?\([^[:space:]]*\).*/\2/p' /etc/apt/sources.list 2>/dev/null | grep -v security | head -1)
+  echo "${m:-http://deb.debian.org/debian}"
+}
+
+if [[ ! -x $ROOTFS/lib/systemd/systemd ]]; then
+  say "creating $ROOTFS with debootstrap (once)"
+  rm -rf "$ROOTFS.partial"
+  debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,adduser,procps bookworm \
+    "$ROOTFS.partial" "$(mirror)" >"$WORK/debootstrap.log" || { tail -20 "$WORK/debootstrap.log"; exit 1; }
+  rm -rf "$ROOTFS.partial"/var/cache/apt/archives/*.deb "$ROOTFS.partial"/var/lib/apt/lists/*
+  echo rq-test >"$ROOTFS.partial/etc/hostname"
+  for u in getty.target console-getty.service serial-getty@.service getty@.service e2scrub_reap.service; do
+    ln -sf /dev/null "$ROOTFS.partial/etc/systemd/system/$u"
+  done
+  mv "$ROOTFS.partial" "$ROOTFS"
+fi
+
+teardown() {
+  local rc=$?
+  set +e
+  if [[ -n $NSPAWN_PID ]] && kill -0 "$NSPAWN_PID" 2>/dev/null; then
+    kill -TERM "$NSPAWN_PID"
+    for _ in $(seq 300); do kill -0 "$NSPAWN_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$NSPAWN_PID" 2>/dev/null && { kill -KILL "$NSPAWN_PID"; sleep 1; }
+  fi
+  for h in unified systemd; do
+    [[ -d /sys/fs/cgroup/$h/$CG ]] && find "/sys/fs/cgroup/$h/$CG" -depth -type d -exec rmdir {} + 2>/dev/null
+  done
+  [[ -d /sys/fs/cgroup/$CG ]] && find "/sys/fs/cgroup/$CG" -depth -type d -exec rmdir {} + 2>/dev/null
+  rmdir "/run/systemd/nspawn/propagate/$NAME" 2>/dev/null
+  rm -rf "$WORK"
+  say "container torn down (rc=$rc)"
+}
+trap teardown EXIT
+
+mkdir -p "$WORK/stage"
+cp "$DEB" "$WORK/stage/ralph-qchat.deb"
+cat >"$WORK/stage/fake-agent" <<'AGENT'
+#!/bin/sh
+# A fake agent: works (sleeps) when the prompt says SLOW, then completes the task.
+echo "fake agent pid $$ on iteration $RALPH_QCHAT_ITERATION"
+echo "a warning from the agent" >&2
+if grep -q SLOW "$RALPH_QCHAT_PROMPT_FILE" && [ ! -e /etc/fake-agent-fast ]; then sleep 30; fi
+printf '\nTASK_COMPLETE\n' >> "$RALPH_QCHAT_PROMPT_FILE"
+AGENT
+cat >"$WORK/stage/qchat.toml" <<'CONF'
+[adapter]
+command = "/usr/local/bin/fake-agent"
+kill_grace = 1.0
+[orchestrator]
+iteration_delay = 0.0
+shutdown_grace = 1.0
+CONF
+
+for h in unified systemd; do [[ -d /sys/fs/cgroup/$h ]] && mkdir -p "/sys/fs/cgroup/$h/$CG"; done
+if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then mkdir -p "/sys/fs/cgroup/$CG"; fi
+say "booting container"
+setsid bash -c '
+  for d in /sys/fs/cgroup/unified/'"$CG"' /sys/fs/cgroup/systemd/'"$CG"' /sys/fs/cgroup/'"$CG"'; do
+    [[ -f $d/cgroup.procs ]] && echo $$ > $d/cgroup.procs 2>/dev/null && break
+  done
+  exec systemd-nspawn --quiet --boot --directory="$0" --machine="$1" \
+       --register=no --keep-unit --console=passive \
+       --volatile=overlay --private-network \
+       --bind-ro="$2":/mnt/stage' "$ROOTFS" "$NAME" "$WORK/stage" \
+  </dev/null >"$WORK/nspawn.log" 2>&1 &
+NSPAWN_PID=$!
+for _ in $(seq 200); do
+  SD=$(pgrep -P "$NSPAWN_PID" -x systemd || true); [[ -n $SD ]] && break; sleep 0.05
+done
+[[ -n $SD ]] || { cat "$WORK/nspawn.log"; fail "container did not start"; }
+for _ in $(seq 300); do in_ct test -S /run/systemd/private 2>/dev/null && break; sleep 0.05; done
+state=$(timeout 90 nsenter -t "$SD" -a systemctl is-system-running --wait || true)
+say "booted: $state"
+[[ $state == running || $state == degraded ]] || fail "systemd did not come up"
+
+status_of() {  # status of task $1
+  in_ct ralph-qchat status "$1" --json --state-dir /var/lib/ralph-qchat 2>/dev/null \
+    | sed -n 's/.*"status": "\([a-z_]*\)".*/\1/p' | head -1
+}
+field_of() {  # numeric field $2 of task $1
+  in_ct ralph-qchat status "$1" --json --state-dir /var/lib/ralph-qchat 2>/dev/null \
+    | sed -n "s/.*\"$2\": \\([0-9]*\\).*/\\1/p" | head -1
+}
+submit() {  # submit a task $1 with prompt text $2
+  in_ct sh -c "printf '%s\n' '$2' > /tmp/$1.md && ralph-qchat submit /tmp/$1.md --id $1 --state-dir /var/lib/ralph-qchat"
+}
+
+say "dpkg -i: the unit is enabled and started"
+in_ct dpkg -i /mnt/stage/ralph-qchat.deb >/dev/null
+[[ $(in_ct systemctl is-active ralph-qchat) == active ]] || fail "not active after install"
+[[ $(in_ct systemctl is-enabled ralph-qchat) == enabled ]] || fail "not enabled after install"
+in_ct id ralph-qchat
+[[ $(in_ct stat -c '%U:%G %a' /etc/default/ralph-qchat) == "root:ralph-qchat 640" ]] || fail "/etc/default/ralph-qchat permissions"
+wait_for 10 'ralph-qchat health' || fail "/health does not answer"
+in_ct ralph-qchat health
+in_ct sh -c 'ralph-qchat health | grep -q "\"adapter\":\"qchat\""' || fail "unexpected /health body"
+
+say "a task with a fake agent, after systemctl reload"
+in_ct install -m 0755 /mnt/stage/fake-agent /usr/local/bin/fake-agent
+in_ct install -m 0644 /mnt/stage/qchat.toml /etc/ralph-qchat/qchat.toml
+pid=$(in_ct systemctl show -p MainPID --value ralph-qchat)
+in_ct systemctl reload ralph-qchat
+wait_for 10 'journalctl -u ralph-qchat --no-pager | grep -q "configuration reloaded"' || fail "reload not applied"
+[[ $(in_ct systemctl show -p MainPID --value ralph-qchat) == "$pid" ]] || fail "reload restarted the daemon"
+submit quick "# a quick task"
+wait_for 15 '[ "$(ralph-qchat status quick --json --state-dir /var/lib/ralph-qchat | grep -c "\"status\": \"completed\"")" = 1 ]' \
+  || fail "task quick did not complete: $(status_of quick)"
+say "task quick: $(status_of quick)"
+
+say "reload keeps a running task alive"
+submit slow1 "# SLOW task"
+wait_for 10 'pgrep -u ralph-qchat -x sleep' || fail "slow agent did not start"
+agent=$(in_ct pgrep -u ralph-qchat -x sleep)
+in_ct systemctl reload ralph-qchat
+sleep 0.5
+in_ct kill -0 "$agent" || fail "reload killed the running agent"
+[[ $(in_ct systemctl is-active ralph-qchat) == active ]] || fail "not active after reload"
+[[ $(in_ct systemctl show -p MainPID --value ralph-qchat) == "$pid" ]] || fail "reload restarted the daemon"
+say "agent $agent still running after reload"
+
+say "systemctl stop with the agent running: Result=success, nothing left"
+in_ct systemctl stop ralph-qchat
+[[ $(in_ct systemctl show -p Result --value ralph-qchat) == success ]] || fail "Result=$(in_ct systemctl show -p Result --value ralph-qchat)"
+in_ct pgrep -u ralph-qchat >/dev/null && fail "processes of ralph-qchat left: $(in_ct pgrep -a -u ralph-qchat)"
+[[ $(status_of slow1) == running ]] || fail "slow1 should be unfinished, is $(status_of slow1)"
+
+say "systemctl start resumes the unfinished task"
+in_ct touch /etc/fake-agent-fast
+in_ct systemctl start ralph-qchat
+wait_for 15 '[ "$(ralph-qchat status slow1 --json --state-dir /var/lib/ralph-qchat | grep -c "\"status\": \"completed\"")" = 1 ]' \
+  || fail "slow1 did not complete after restart: $(status_of slow1)"
+[[ $(field_of slow1 interrupted_iterations) == 1 ]] || fail "interrupted_iterations=$(field_of slow1 interrupted_iterations)"
+say "slow1 completed after the restart, its interrupted iteration counted"
+
+say "journal priorities"
+in_ct journalctl -u ralph-qchat --no-pager -p warning..warning | grep -q "was interrupted" \
+  || fail "the interruption warning is not at priority warning"
+in_ct journalctl -u ralph-qchat --no-pager -p info..info | grep -q "workers, agent" \
+  || fail "the start-up line is not at priority info"
+in_ct journalctl -u ralph-qchat --no-pager -p err | grep -q "ralph-qchat" && fail "unexpected errors in the journal"
+say "journal keeps warning and info priorities"
+
+say "dpkg -P removes everything"
+in_ct dpkg -P ralph-qchat >/dev/null
+in_ct test -e /usr/lib/systemd/system/ralph-qchat.service && fail "unit file left"
+in_ct test -e /var/lib/ralph-qchat && fail "state left after purge"
+in_ct test -e /etc/ralph-qchat/qchat.toml && fail "config left after purge"
+in_ct pgrep -u ralph-qchat >/dev/null && fail "processes left after purge"
+[[ $(in_ct systemctl is-active ralph-qchat || true) != active ]] || fail "still active after purge"
+say "packaging test passed"

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Packaging test (run by .ci/run, as root): builds the .deb and the .rpm and
+# checks them (lintian, rpm listing and scripts, rpmlint, mandoc,
+# systemd-analyze verify and security), then installs the .deb under a real
+# systemd in a systemd-nspawn container and operates the service the way an
+# administrator would. Installs what it needs when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+say() { printf '\n== %s\n' "$*"; }
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+# ------------------------------------------------------------------ tools
+need=()
+for t in systemd-nspawn:systemd-container debootstrap:debootstrap lintian:lintian rpm:rpm \
+         rpmlint:rpmlint mandoc:mandoc systemd-analyze:systemd nsenter:util-linux; do
+  command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  say "installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+command -v cargo-deb >/dev/null || cargo install --locked cargo-deb
+command -v cargo-generate-rpm >/dev/null || cargo install --locked cargo-generate-rpm
+
+# ------------------------------------------------------------------ build
+say "building packages"
+mkdir -p target/man
+for m in man/*; do gzip -9n -c "$m" > "target/man/$(basename "$m").gz"; done
+cargo deb -q >/dev/null
+cargo generate-rpm
+deb=$(ls -t target/debian/ralph-qchat_*.deb | head -1)
+rpmf=$(ls -t target/generate-rpm/ralph-qchat-*.rpm | head -1)
+echo "$deb"; echo "$rpmf"
+
+say "lintian"
+out=$(lintian --suppress-tags running-with-root-privileges "$deb" 2>&1 | grep -v '^running with root' || true)
+echo "${out:-clean}"
+echo "$out" | grep -qE '^[EW]: ' && fail "lintian reports errors or warnings"
+
+say "rpm contents and scripts"
+files=$(rpm -qpl "$rpmf"); echo "$files"
+for f in /usr/bin/ralph-qchat /usr/lib/systemd/system/ralph-qchat.service /etc/ralph-qchat/qchat.toml \
+         /usr/share/man/man8/ralph-qchat.8.gz /usr/share/man/man5/ralph-qchat.toml.5.gz; do
+  grep -qx "$f" <<<"$files" || fail "rpm lacks $f"
+done
+rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpmf" | grep -q '^cn /etc/ralph-qchat/qchat.toml$' \
+  || fail "qchat.toml is not %config(noreplace)"
+scripts=$(rpm -qp --scripts "$rpmf")
+for s in useradd "systemctl preset" "disable --now" "try-restart"; do
+  grep -q -- "$s" <<<"$scripts" || fail "rpm scriptlets lack $s"
+done
+echo "scriptlets: user creation, preset, disable on removal, restart on upgrade"
+
+say "rpmlint (errors the generator cannot fix are listed in the README)"
+lint=$(rpmlint "$rpmf" 2>&1 || true)
+grep -E '^ralph-qchat' <<<"$lint" || true
+unexpected=$(grep -E ': E: ' <<<"$lint" | grep -vE 'E: (no-signature|no-packager-tag|no-group-tag|no-changelogname-tag|no-buildhost-tag)$' || true)
+[ -z "$unexpected" ] || fail "rpmlint errors: $unexpected"
+
+say "mandoc -T lint"
+mandoc -T lint -W warning man/ralph-qchat.8 man/ralph-qchat.toml.5 && echo clean
+
+say "systemd-analyze verify and security"
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/man/man8" "$work/man/man5"
+cp man/ralph-qchat.8 "$work/man/man8/"; cp man/ralph-qchat.toml.5 "$work/man/man5/"
+sed "s|/usr/bin/ralph-qchat|$PWD/target/release/ralph-qchat|" systemd/ralph-qchat.service > "$work/ralph-qchat.service"
+MANPATH="$work/man" systemd-analyze verify "$work/ralph-qchat.service" 2>&1 | tee "$work/verify.log"
+[ -s "$work/verify.log" ] && fail "systemd-analyze verify is not clean"
+score=$(systemd-analyze security --offline=true systemd/ralph-qchat.service 2>/dev/null \
+        | sed -n 's/.*Overall exposure level for ralph-qchat.service: \([0-9.]*\).*/\1/p')
+echo "exposure $score"
+awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 2.0) }' || fail "exposure $score is above 2.0"
+
+# ------------------------------------------------------------------ systemd
+say "the .deb under a real systemd"
+exec bash packaging/systemd-test.sh "$deb"
