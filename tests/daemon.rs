@@ -906,3 +906,29 @@ fn without_cache_identical_requests_each_run_the_agent() {
     assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
     assert_eq!(intervals(&sb.read("shared.log")).len(), 2);
 }
+
+#[test]
+fn a_notify_socket_nobody_reads_never_stalls_the_daemon() {
+    let sb = Sandbox::new("notifystuck");
+    let sock_path = sb.path("notify.sock");
+    // Bound and never read: its queue fills up with WATCHDOG=1 in no time.
+    let _sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    let all = ids(5);
+    for id in &all {
+        sb.submit("# t\n", id, &[]);
+    }
+    let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
+    c.env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "2000")
+        .env("FAKE_N", "3");
+    let d = start(c);
+    assert!(
+        wait_until(Duration::from_secs(20), || sb.all_finished(&all)),
+        "{}",
+        log_of(&sb)
+    );
+    let t0 = Instant::now();
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+}

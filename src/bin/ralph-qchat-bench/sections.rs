@@ -1,0 +1,291 @@
+//! The benchmark sections: each returns a Markdown section with its table.
+
+use crate::harness::{self, Temp};
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const FAST_CFG: &str = "[orchestrator]\niteration_delay = 0.0\ncheckpoint_interval = 0\nshutdown_grace = 0.0\n[adapter]\nkill_grace = 0.5\n";
+
+/// Start times (ns) the fake agent appended to `log`.
+fn starts(log: &Path) -> Vec<f64> {
+    let mut v: Vec<f64> = std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse::<f64>().ok())
+        .collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v
+}
+
+/// The floor: `conc` threads spawning and reaping the agent `each` times,
+/// output piped and read like the daemon does.
+fn floor(agent: &Path, conc: usize, each: usize) {
+    let threads: Vec<_> = (0..conc)
+        .map(|_| {
+            let agent = agent.to_path_buf();
+            std::thread::spawn(move || {
+                for _ in 0..each {
+                    let _ = Command::new(&agent).stdin(Stdio::null()).output();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+struct Rate {
+    per_sec: f64,
+    gaps_ms: Vec<f64>,
+}
+
+fn rate(v: &[f64]) -> Rate {
+    if v.len() < 2 {
+        return Rate {
+            per_sec: 0.0,
+            gaps_ms: vec![],
+        };
+    }
+    let span = (v[v.len() - 1] - v[0]) / 1e9;
+    Rate {
+        per_sec: (v.len() - 1) as f64 / span.max(1e-9),
+        gaps_ms: v.windows(2).map(|w| (w[1] - w[0]) / 1e6).collect(),
+    }
+}
+
+pub fn throughput(bin: &Path, quick: bool) -> String {
+    let n = if quick { 100 } else { 300 };
+    let mut rows = String::new();
+    let mut latency = String::new();
+    for conc in [1usize, 20] {
+        let t = Temp::new(&format!("tp{conc}"));
+        let log = t.0.join("starts.log");
+        let agent = harness::agent(
+            &t.0,
+            "agent.sh",
+            &format!("date +%s%N >> {}", log.display()),
+        );
+        // The floor, same agent, same concurrency, same number of requests.
+        floor(&agent, conc, n / conc);
+        let mut base = rate(&starts(&log));
+        let _ = std::fs::remove_file(&log);
+        let ids = harness::tasks(&t.0.join("state"), conc, (n / conc) as u64);
+        let d = harness::daemon(bin, &t.0, FAST_CFG, &agent, conc);
+        harness::wait(Duration::from_secs(120), || d.all_finished(&ids));
+        d.stop();
+        let mut ours = rate(&starts(&log));
+        rows += &format!(
+            "| {conc} | {:.0} | {:.0} | {:.2} |\n",
+            base.per_sec,
+            ours.per_sec,
+            ours.per_sec / base.per_sec.max(1e-9)
+        );
+        if conc == 1 {
+            let (b50, b99) = (
+                harness::pct(&mut base.gaps_ms, 0.5),
+                harness::pct(&mut base.gaps_ms, 0.99),
+            );
+            let (o50, o99) = (
+                harness::pct(&mut ours.gaps_ms, 0.5),
+                harness::pct(&mut ours.gaps_ms, 0.99),
+            );
+            latency = format!(
+                "| floor | {b50:.3} | {b99:.3} |\n| daemon | {o50:.3} | {o99:.3} |\n| added | {:.3} | {:.3} |\n",
+                o50 - b50,
+                o99 - b99
+            );
+        }
+    }
+    format!(
+        "## Throughput\n\n\
+         {n} requests of a fake agent that exits at once, iteration_delay 0, state persisted every \
+         iteration; the floor spawns and reaps the same agent with the same concurrency. Target: ratio ≥ 0.9.\n\n\
+         | concurrency | floor requests/s | daemon requests/s | ratio |\n|---|---|---|---|\n{rows}\n\
+         Time between request starts at concurrency 1 (ms). Target: added p99 ≤ 2 ms.\n\n\
+         | | p50 | p99 |\n|---|---|---|\n{latency}"
+    )
+}
+
+pub fn idle_cpu(bin: &Path, quick: bool) -> String {
+    let window = Duration::from_secs(if quick { 10 } else { 60 });
+    let t = Temp::new("idle");
+    let agent = harness::agent(&t.0, "agent.sh", "exec sleep 600");
+    let ids = harness::tasks(&t.0.join("state"), 20, 1);
+    let d = harness::daemon(bin, &t.0, FAST_CFG, &agent, 20);
+    harness::wait(Duration::from_secs(10), || {
+        ids.iter().all(|id| d.task_status(id) == "running")
+    });
+    let c0 = harness::cpu_seconds(d.pid());
+    std::thread::sleep(window);
+    let used = harness::cpu_seconds(d.pid()) - c0;
+    d.stop();
+    format!(
+        "## CPU while agents work\n\n\
+         20 agents sleeping, {} s window. Target ≤ 0.1 % of one core. Clock-tick resolution: 10 ms.\n\n\
+         | CPU seconds | % of one core |\n|---|---|\n| {used:.3} | {:.3} |",
+        window.as_secs(),
+        100.0 * used / window.as_secs_f64()
+    )
+}
+
+pub fn memory(bin: &Path, _quick: bool) -> String {
+    let t = Temp::new("mem");
+    let agent = harness::agent(&t.0, "agent.sh", "exec sleep 600");
+    let ids = harness::tasks(&t.0.join("state"), 1000, 1);
+    let d = harness::daemon(bin, &t.0, FAST_CFG, &agent, 20);
+    let tasks_dir = d.state.join("tasks");
+    harness::wait(Duration::from_secs(60), || {
+        std::fs::read_dir(&tasks_dir)
+            .map(|r| r.count())
+            .unwrap_or(0)
+            >= ids.len()
+    });
+    harness::wait(Duration::from_secs(10), || {
+        d.task_status(&ids[19]) == "running"
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let hwm = harness::status_kib(d.pid(), "VmHWM:");
+    let rss = harness::status_kib(d.pid(), "VmRSS:");
+    d.stop();
+    // Floor: the same binary doing nothing but printing its version.
+    let floor = Command::new("/usr/bin/time")
+        .arg("-f")
+        .arg("%M")
+        .arg(bin)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stderr)
+                .trim()
+                .lines()
+                .last()
+                .and_then(|l| l.parse::<u64>().ok())
+        });
+    format!(
+        "## Memory\n\n\
+         20 workers running agents, 1,000 task records. Target: peak RSS ≤ 10 MB.\n\n\
+         | | KiB |\n|---|---|\n| peak RSS (VmHWM) | {hwm} |\n| RSS at the end | {rss} |\n| `ralph-qchat --version` (floor) | {} |",
+        floor.map_or("n/a (no /usr/bin/time)".into(), |f| f.to_string())
+    )
+}
+
+pub fn output(bin: &Path, _quick: bool) -> String {
+    let t = Temp::new("out");
+    let bytes = 50 * 1024 * 1024;
+    let agent = harness::agent(&t.0, "agent.sh", &format!("head -c {bytes} /dev/zero"));
+    let time_sh = |cmd: &str| {
+        let s = Instant::now();
+        let _ = Command::new("sh").arg("-c").arg(cmd).status();
+        s.elapsed().as_secs_f64()
+    };
+    let to_null = time_sh(&format!("{} | cat > /dev/null", agent.display()));
+    let to_file = time_sh(&format!(
+        "{} | cat > {}/copy",
+        agent.display(),
+        t.0.display()
+    ));
+    let ids = harness::tasks(&t.0.join("state"), 1, 1);
+    let cfg = format!("{FAST_CFG}[limits]\nmax_output_size = {}\n", bytes * 2);
+    let d = harness::daemon(bin, &t.0, &cfg, &agent, 1);
+    harness::wait(Duration::from_secs(60), || d.all_finished(&ids));
+    let transcript = std::fs::read_to_string(
+        d.state
+            .join("tasks")
+            .join(&ids[0])
+            .join("iterations/000001.log"),
+    )
+    .unwrap_or_default();
+    d.stop();
+    let ours = transcript
+        .rsplit("after ")
+        .next()
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    format!(
+        "## Capturing output\n\n\
+         50 MB from the agent, captured into the transcript (cap raised). Target: ratio ≥ 0.8.\n\n\
+         | | seconds | ratio (floor time / daemon time) |\n|---|---|---|\n\
+         | `agent \\| cat > /dev/null` | {to_null:.3} | {:.2} |\n\
+         | `agent \\| cat > file` | {to_file:.3} | {:.2} |\n\
+         | daemon (request duration) | {ours:.3} | |",
+        to_null / ours,
+        to_file / ours
+    )
+}
+
+pub fn start_stop(bin: &Path, _quick: bool) -> String {
+    let t = Temp::new("startstop");
+    let sock_path = t.0.join("notify.sock");
+    let sock = match UnixDatagram::bind(&sock_path) {
+        Ok(s) => s,
+        Err(e) => return format!("start and stop: cannot bind a notify socket: {e}"),
+    };
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(10)));
+    let agent = harness::agent(&t.0, "agent.sh", "exec sleep 600");
+    let ids = harness::tasks(&t.0.join("state"), 20, 1);
+    let cfg = t.0.join("bench.toml");
+    let _ = std::fs::write(&cfg, FAST_CFG);
+    let started = Instant::now();
+    let child = Command::new(bin)
+        .args(["daemon", "--health-port", "0"])
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(t.0.join("state"))
+        .arg("--agent-command")
+        .arg(&agent)
+        .env("QCHAT_MAX_CONCURRENT", "20")
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(child) = child else {
+        return "start and stop: cannot start the daemon".into();
+    };
+    let mut ready = None;
+    let mut buf = [0u8; 1024];
+    while started.elapsed() < Duration::from_secs(10) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "READY=1")
+            {
+                ready = Some(started.elapsed());
+                break;
+            }
+        }
+    }
+    let d = harness::Daemon {
+        child,
+        state: t.0.join("state"),
+        port: 0,
+    };
+    harness::wait(Duration::from_secs(10), || {
+        ids.iter().all(|id| d.task_status(id) == "running")
+    });
+    let stop = d.stop();
+    // Floor: starting and reaping the binary that only prints its version.
+    let s = Instant::now();
+    let _ = Command::new(bin)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status();
+    let floor = s.elapsed();
+    format!(
+        "## Start and stop\n\n\
+         Targets: start to READY ≤ 50 ms; SIGTERM to exit with 20 agents running and shutdown_grace 0 ≤ 1 s.\n\n\
+         | | ms |\n|---|---|\n| start to READY=1 (recovering 20 tasks) | {} |\n\
+         | SIGTERM to exit, 20 agents running | {:.1} |\n| `ralph-qchat --version` start to exit (floor) | {:.1} |",
+        ready.map_or("no READY".into(), |r| format!(
+            "{:.1}",
+            r.as_secs_f64() * 1000.0
+        )),
+        stop.as_secs_f64() * 1000.0,
+        floor.as_secs_f64() * 1000.0
+    )
+}
