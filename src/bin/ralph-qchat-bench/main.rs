@@ -32,13 +32,14 @@ fn main() {
             ""
         }
     );
-    let sections: Vec<(&str, Box<dyn Fn(&std::path::Path, bool) -> String>)> = vec![
-        ("throughput", Box::new(sections::throughput)),
-        ("idle CPU", Box::new(sections::idle_cpu)),
-        ("memory", Box::new(sections::memory)),
-        ("output capture", Box::new(sections::output)),
-        ("health", Box::new(|b, q| health::health(b, q))),
-        ("start and stop", Box::new(sections::start_stop)),
+    type Section = fn(&std::path::Path, bool) -> String;
+    let sections: [(&str, Section); 6] = [
+        ("throughput", sections::throughput),
+        ("idle CPU", sections::idle_cpu),
+        ("memory", sections::memory),
+        ("output capture", sections::output),
+        ("health", health::health),
+        ("start and stop", sections::start_stop),
     ];
     for (name, f) in sections {
         eprintln!("bench: {name}");
