@@ -15,7 +15,7 @@ use crate::store::{LockError, StateLock, TaskStore};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
@@ -88,7 +88,7 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     for t in tasks {
         scheduler.adopt(t);
     }
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = crate::daemon::intake::Stop::new();
     let intake = Intake {
         state_dir: state_dir.clone(),
         max_prompt: scheduler.max_prompt.clone(),
@@ -117,7 +117,7 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     let reload: signals::Reload = Box::new(move || reload_config(&layers));
     let finished = signals::serve(scheduler, None, Some(reload), caught)
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot run the scheduler: {e}")))?;
-    stop.store(true, Ordering::SeqCst);
+    stop.stop();
     let _ = intake.join();
     if let Some(h) = http {
         remove_port_file(&state_dir, &h);

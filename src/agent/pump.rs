@@ -214,6 +214,7 @@ impl Supervisor {
                 // Check timers and the other stream before reading on.
                 let _ = self.poll.poll(&mut self.events, Some(Duration::ZERO));
             } else {
+                transcript.flush();
                 let now = Instant::now();
                 let mut wake = vec![];
                 match &stopping {
@@ -419,9 +420,11 @@ fn find(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The iteration's transcript file, written as output arrives.
+/// The iteration's transcript file, written as output arrives: buffered
+/// while the agent floods, flushed whenever its pipes run dry, so `tail -f`
+/// sees everything the agent has paused after.
 struct Transcript {
-    file: Option<File>,
+    file: Option<std::io::BufWriter<File>>,
 }
 
 impl Transcript {
@@ -434,7 +437,9 @@ impl Transcript {
             .append(true)
             .open(path);
         let mut t = match file {
-            Ok(f) => Transcript { file: Some(f) },
+            Ok(f) => Transcript {
+                file: Some(std::io::BufWriter::with_capacity(64 * 1024, f)),
+            },
             Err(e) => {
                 log::warn!(task = req.task_id.as_str(); "cannot write transcript {}: {e}", path.display());
                 Transcript { file: None }
@@ -459,6 +464,14 @@ impl Transcript {
         }
     }
 
+    fn flush(&mut self) {
+        if let Some(f) = &mut self.file {
+            if f.flush().is_err() {
+                self.file = None;
+            }
+        }
+    }
+
     fn footer(&mut self, o: &AgentOutcome) {
         let line = format!(
             "\n=== end: {} after {:.3} s; {} bytes of output{}\n",
@@ -475,6 +488,7 @@ impl Transcript {
             }
         );
         self.write(line.as_bytes());
+        self.flush();
     }
 }
 

@@ -1,11 +1,15 @@
 //! The spool intake: a thread that watches `<state_dir>/spool/` and
 //! `<state_dir>/cancel/`, turns entries into messages for the scheduler, and
-//! rejects bad entries with their reason. It writes no task state.
+//! rejects bad entries with their reason. It writes no task state. It sleeps
+//! on inotify (so an idle daemon does not poll the disk), with a rescan every
+//! few seconds as a safety net, and every poll_interval where inotify is
+//! unavailable.
 
 use super::scheduler::{Control, Event};
 use crate::store::spool::{self, Entry};
 use crossbeam_channel::Sender;
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +24,90 @@ pub struct Intake {
     pub max_prompt: Arc<AtomicU64>,
     pub poll: Duration,
     pub events: Sender<Event>,
-    pub stop: Arc<AtomicBool>,
+    pub stop: Arc<Stop>,
+}
+
+/// Tells the intake to finish, waking it at once.
+pub struct Stop {
+    flag: AtomicBool,
+    wake: Option<OwnedFd>,
+}
+
+impl Stop {
+    pub fn new() -> Arc<Stop> {
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        let wake = (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) });
+        Arc::new(Stop {
+            flag: AtomicBool::new(false),
+            wake,
+        })
+    }
+
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        if let Some(fd) = &self.wake {
+            let one: u64 = 1;
+            // SAFETY: an 8-byte write to our eventfd.
+            unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+const RESCAN: Duration = Duration::from_secs(5);
+
+/// An inotify descriptor watching the spool and cancel directories.
+fn watch(dirs: &[&Path]) -> Option<OwnedFd> {
+    // SAFETY: inotify_init1 returns a new descriptor or -1.
+    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a fresh descriptor we own from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mask = libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO | libc::IN_CREATE | libc::IN_ATTRIB;
+    for d in dirs {
+        let c = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).ok()?;
+        // SAFETY: a valid descriptor and C string.
+        if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), mask) } < 0 {
+            return None;
+        }
+    }
+    Some(fd)
+}
+
+/// Sleeps until the watched directories change, the stop is signalled, or
+/// `limit` passes; then empties the inotify queue.
+fn wait(inotify: Option<&OwnedFd>, stop: &Stop, limit: Duration) {
+    let mut fds = Vec::new();
+    for fd in [inotify, stop.wake.as_ref()].into_iter().flatten() {
+        fds.push(libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+    }
+    if fds.is_empty() {
+        std::thread::sleep(limit);
+        return;
+    }
+    // SAFETY: a valid array of pollfd.
+    unsafe {
+        libc::poll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            limit.as_millis() as i32,
+        )
+    };
+    if let Some(fd) = inotify {
+        let mut buf = [0u8; 4096];
+        // SAFETY: reading into our buffer from our non-blocking descriptor.
+        while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    }
 }
 
 pub fn cancel_dir(state_dir: &Path) -> PathBuf {
@@ -45,8 +132,15 @@ impl Intake {
                 );
             }
         }
+        let inotify = watch(&[&spool, &cancels]);
+        if inotify.is_none() {
+            log::warn!(
+                "inotify is not available: looking at the spool every {:.2} s",
+                self.poll.as_secs_f64()
+            );
+        }
         let mut sent: HashMap<PathBuf, Instant> = HashMap::new();
-        while !self.stop.load(Ordering::SeqCst) {
+        while !self.stop.stopped() {
             let now = Instant::now();
             sent.retain(|p, at| {
                 std::fs::symlink_metadata(p).is_ok() && now.duration_since(*at) < RESEND
@@ -80,7 +174,8 @@ impl Intake {
                 }
                 sent.insert(path, now);
             }
-            std::thread::sleep(self.poll);
+            let limit = if inotify.is_some() { RESCAN } else { self.poll };
+            wait(inotify.as_ref(), &self.stop, limit);
         }
     }
 

@@ -64,6 +64,8 @@ pub enum Control {
 
 pub enum Event {
     Control(Control),
+    /// The writer finished a batch of task records.
+    Written(crate::store::writer::Written),
     Done {
         task: String,
         seq: u64,
@@ -145,6 +147,9 @@ pub struct Scheduler {
     /// Shared with the spool intake, which checks sizes before we see a task.
     pub max_prompt: Arc<AtomicU64>,
     shared: Arc<Shared>,
+    writer: crate::store::writer::Writer,
+    /// Records that could not be written, and when to try them again.
+    write_retry: Option<(Instant, Vec<String>)>,
     /// Set when something readers see has changed since the last publish.
     publish_due: bool,
     metrics_saved: Option<(Instant, crate::metrics::Totals)>,
@@ -172,7 +177,13 @@ impl Scheduler {
         let (jobs, jobs_rx) = crossbeam_channel::unbounded();
         let interval = cfg.monitoring.metrics_interval;
         let now = Instant::now();
+        let report = events_tx.clone();
+        let writer = crate::store::writer::Writer::start(store.clone(), move |w| {
+            let _ = report.send(Event::Written(w));
+        })?;
         let mut s = Scheduler {
+            writer,
+            write_retry: None,
             circuit: Circuit::new(
                 cfg.circuit_breaker.failure_threshold,
                 Duration::from_secs_f64(cfg.circuit_breaker.cooldown),
@@ -348,13 +359,31 @@ impl Scheduler {
                 .map_or(self.shared.tick_every, |t| t.saturating_duration_since(now))
                 .min(self.shared.tick_every);
             match self.events.recv_timeout(timeout) {
-                Ok(ev) => self.handle(ev),
+                Ok(ev) => {
+                    self.handle(ev);
+                    // Everything already queued is handled before the next
+                    // flush, so one batch carries all their state changes.
+                    while let Ok(ev) = self.events.try_recv() {
+                        self.handle(ev);
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             self.timers();
         }
         self.flush();
+        self.writer.finish();
+        while let Ok(ev) = self.events.try_recv() {
+            if let Event::Written(w) = ev {
+                if let Some(e) = w.error {
+                    log::error!(
+                        "{e}: the last state of these tasks is not on disk: {:?}",
+                        w.failed
+                    );
+                }
+            }
+        }
         self.publish();
         self.save_metrics(true);
         for s in self.slots.values_mut() {
@@ -390,6 +419,7 @@ impl Scheduler {
         next.extend(gates);
         next.extend(self.notifier.next_watchdog);
         next.extend(self.dump_due);
+        next.extend(self.write_retry.as_ref().map(|(t, _)| *t));
         next.into_iter().min()
     }
 
@@ -420,6 +450,15 @@ impl Scheduler {
         if self.dump_due.is_some_and(|t| t <= now) {
             self.dump_due = None;
             self.dump();
+        }
+        if self.write_retry.as_ref().is_some_and(|(t, _)| *t <= now) {
+            if let Some((_, ids)) = self.write_retry.take() {
+                for id in ids {
+                    if let Some(s) = self.slots.get_mut(&id) {
+                        s.dirty = true;
+                    }
+                }
+            }
         }
     }
 
@@ -459,6 +498,7 @@ impl Scheduler {
             Event::Control(Control::Submit { state, entry }) => self.submit(*state, entry),
             Event::Control(Control::Cancel { id, request }) => self.cancel(&id, request),
             Event::Control(Control::Reload(cfg)) => self.reload(*cfg),
+            Event::Written(w) => self.written(w),
             Event::Done { task, seq, result } => {
                 let current = self.slots.get(&task).map(|s| s.phase);
                 let matches = match current {
@@ -926,24 +966,44 @@ impl Scheduler {
     }
 
     /// Writes every changed record; on failure keeps them dirty and says so once.
+    /// Hands every changed record to the writer as one batch.
     fn flush(&mut self) {
         let now = Instant::now();
-        let mut error = None;
+        let mut batch = Vec::new();
         for s in self.slots.values_mut().filter(|s| s.dirty) {
             if let Some(t) = s.active_since {
                 s.state.runtime_secs += now.duration_since(t).as_secs_f64();
                 s.active_since = (s.phase != Phase::Finished).then_some(now);
             }
             s.state.updated_at = now_rfc3339();
-            match self.store.save(&s.state) {
-                Ok(()) => {
-                    s.dirty = false;
-                    s.published = Arc::new(s.state.clone());
-                    self.publish_due = true;
-                }
-                Err(e) => error = Some(format!("cannot write state of task {}: {e}", s.state.id)),
+            match serde_json::to_vec_pretty(&s.state) {
+                Ok(json) => batch.push((s.state.id.clone(), json)),
+                Err(e) => log::error!(task = s.state.id.as_str(); "cannot encode task state: {e}"),
             }
+            s.dirty = false;
+            s.published = Arc::new(s.state.clone());
+            self.publish_due = true;
         }
+        if !batch.is_empty() {
+            self.writer.send(batch);
+        }
+    }
+
+    /// A batch is on disk, or some of it could not be written: those are
+    /// written again a second later, and /health says so meanwhile.
+    fn written(&mut self, w: crate::store::writer::Written) {
+        if !w.failed.is_empty() {
+            let retry = self
+                .write_retry
+                .get_or_insert((Instant::now() + Duration::from_secs(1), Vec::new()));
+            retry.1.extend(w.failed);
+        }
+        // A good batch does not clear the alarm while a retry is pending.
+        let error = w.error.or_else(|| {
+            self.write_retry
+                .as_ref()
+                .and_then(|_| self.save_error.clone())
+        });
         if error != self.save_error {
             match &error {
                 Some(e) => {

@@ -5,6 +5,7 @@ pub mod atomic;
 pub mod lock;
 pub mod spool;
 pub mod tasks;
+pub mod writer;
 
 pub use atomic::write_atomic;
 pub use lock::{LockError, StateLock};
