@@ -50,10 +50,7 @@ pub fn setup(args: &RunArgs) -> Result<Setup, Failure> {
     })?;
     let cfg = &mut loaded.config;
     let prompt = workdir.join(&cfg.orchestrator.prompt_file);
-    // A relative command path means the operator's current directory, not the agent's.
-    if cfg.adapter.command.contains('/') && !cfg.adapter.command.starts_with('/') {
-        cfg.adapter.command = cwd.join(&cfg.adapter.command).display().to_string();
-    }
+    cfg.adapter.anchor_command(&cwd);
     let state_dir = if cfg.paths.state_dir.is_empty() {
         workdir.join(".ralph-qchat")
     } else {

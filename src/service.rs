@@ -31,6 +31,8 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     };
     let loaded = config::load(&layers)?;
     let mut cfg = loaded.config.clone();
+    let cwd = std::env::current_dir().unwrap_or_default();
+    cfg.adapter.anchor_command(&cwd);
     crate::logging::init(&cfg.logging).map_err(|e| Failure::new(exit::CANT_CREATE, e))?;
     for w in &loaded.warnings {
         log::warn!("{w}");
@@ -188,6 +190,8 @@ fn reload_config(layers: &Layers) -> Option<Config> {
             }
             log::info!("SIGHUP: configuration read again");
             let mut cfg = loaded.config.clone();
+            cfg.adapter
+                .anchor_command(&std::env::current_dir().unwrap_or_default());
             cfg.paths.state_dir = paths::daemon_state_dir(&loaded, &layers.env)
                 .display()
                 .to_string();

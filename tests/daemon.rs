@@ -932,3 +932,35 @@ fn a_notify_socket_nobody_reads_never_stalls_the_daemon() {
     assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
 }
+
+#[test]
+fn relative_agent_command_means_the_operators_directory() {
+    let sb = Sandbox::new("relcmd");
+    std::fs::create_dir(sb.path("bin")).unwrap();
+    std::fs::copy(Sandbox::agent("complete-after.sh"), sb.path("bin/agent")).unwrap();
+    sb.submit("# t\n", "t1", &[]);
+    let sd = sb.state_dir().display().to_string();
+    let mut c = sb.cmd(&[
+        "daemon",
+        "--state-dir",
+        &sd,
+        "--agent-command",
+        "./bin/agent",
+        "--health-port",
+        "0",
+        "--iteration-delay",
+        "0",
+        "--log-file",
+        "daemon.log",
+    ]);
+    c.env("FAKE_N", "1").env("QCHAT_POLL_INTERVAL", "0.05");
+    let d = start(c);
+    assert!(
+        wait_until(Duration::from_secs(10), || sb.task("t1")["status"]
+            == "completed"),
+        "{}",
+        log_of(&sb)
+    );
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+}

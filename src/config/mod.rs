@@ -99,6 +99,14 @@ impl Adapter {
         }
     }
 
+    /// A relative command path means the operator's current directory, not
+    /// the agent's working directory: make it absolute once, at load time.
+    pub fn anchor_command(&mut self, cwd: &std::path::Path) {
+        if self.command.contains('/') && !self.command.starts_with('/') {
+            self.command = cwd.join(&self.command).display().to_string();
+        }
+    }
+
     pub fn effective_args(&self) -> Vec<String> {
         self.args
             .clone()

@@ -2,7 +2,7 @@
 //! machines are shared and noisy: the ratios mean something, the absolute
 //! numbers only describe this run). Writes BENCHMARKS.md.
 //!
-//!   cargo build --release && ./target/release/ralph-qchat-bench [--quick]
+//!   cargo build --release && ./target/release/ralph-qchat-bench [--quick] [--only SECTION]
 //!
 //! Each section starts the real daemon (the release binary next to this one)
 //! on a temporary state directory with small fake agents.
@@ -14,7 +14,13 @@ mod sections;
 use std::fmt::Write;
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // --only NAME runs one section (its name's first word: throughput, idle, …).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
     let bin = harness::sibling("ralph-qchat");
     let mut out = String::new();
     let _ = writeln!(out, "# ralph-qchat benchmarks\n");
@@ -42,10 +48,16 @@ fn main() {
         ("start and stop", sections::start_stop),
     ];
     for (name, f) in sections {
+        if only.as_ref().is_some_and(|o| !name.starts_with(o.as_str())) {
+            continue;
+        }
         eprintln!("bench: {name}");
         let text = f(&bin, quick);
         println!("{text}\n");
         let _ = writeln!(out, "{text}\n");
+    }
+    if only.is_some() {
+        return;
     }
     match std::fs::write("BENCHMARKS.md", &out) {
         Ok(()) => eprintln!("bench: written to BENCHMARKS.md"),
