@@ -80,9 +80,16 @@ fn watch(dirs: &[&Path]) -> Option<OwnedFd> {
     Some(fd)
 }
 
+/// A file someone is still writing into the spool must not be read half
+/// done: an entry is taken once inotify saw it closed after writing or moved
+/// in, or once it has not changed for this long (entries found at start-up,
+/// or written while events were lost).
+const SETTLED: Duration = Duration::from_secs(2);
+
 /// Sleeps until the watched directories change, the stop is signalled, or
-/// `limit` passes; then empties the inotify queue.
-fn wait(inotify: Option<&OwnedFd>, stop: &Stop, limit: Duration) {
+/// `limit` passes; returns the names inotify reported closed or moved in.
+fn wait(inotify: Option<&OwnedFd>, stop: &Stop, limit: Duration) -> Vec<std::ffi::OsString> {
+    let mut ready = Vec::new();
     let mut fds = Vec::new();
     for fd in [inotify, stop.wake.as_ref()].into_iter().flatten() {
         fds.push(libc::pollfd {
@@ -93,7 +100,7 @@ fn wait(inotify: Option<&OwnedFd>, stop: &Stop, limit: Duration) {
     }
     if fds.is_empty() {
         std::thread::sleep(limit);
-        return;
+        return ready;
     }
     // SAFETY: a valid array of pollfd.
     unsafe {
@@ -104,10 +111,44 @@ fn wait(inotify: Option<&OwnedFd>, stop: &Stop, limit: Duration) {
         )
     };
     if let Some(fd) = inotify {
-        let mut buf = [0u8; 4096];
-        // SAFETY: reading into our buffer from our non-blocking descriptor.
-        while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+        let mut buf = [0u8; 8192];
+        loop {
+            // SAFETY: reading into our buffer from our non-blocking descriptor.
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            let mut off = 0usize;
+            let head = std::mem::size_of::<libc::inotify_event>();
+            while off + head <= n as usize {
+                // SAFETY: the kernel wrote whole events; read_unaligned copes with alignment.
+                let ev: libc::inotify_event =
+                    unsafe { std::ptr::read_unaligned(buf[off..].as_ptr().cast()) };
+                let name = &buf[off + head..(off + head + ev.len as usize).min(n as usize)];
+                let name = name.split(|&b| b == 0).next().unwrap_or(&[]);
+                if ev.mask & (libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO) != 0
+                    && !name.is_empty()
+                    && name[0] != b'.'
+                {
+                    use std::os::unix::ffi::OsStrExt;
+                    ready.push(std::ffi::OsStr::from_bytes(name).to_os_string());
+                }
+                off += head + ev.len as usize;
+            }
+        }
     }
+    ready
+}
+
+/// Written completely, as far as we can tell.
+fn settled(path: &Path, ready: &std::collections::HashSet<std::ffi::OsString>) -> bool {
+    if path.file_name().is_some_and(|n| ready.contains(n)) {
+        return true;
+    }
+    std::fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .map(|t| t.elapsed().unwrap_or_default() >= SETTLED)
+        .unwrap_or(true)
 }
 
 pub fn cancel_dir(state_dir: &Path) -> PathBuf {
@@ -140,7 +181,11 @@ impl Intake {
             );
         }
         let mut sent: HashMap<PathBuf, Instant> = HashMap::new();
+        // Names inotify saw closed or moved in, not yet taken.
+        let mut ready = std::collections::HashSet::new();
         while !self.stop.stopped() {
+            // An entry still being written: look again soon.
+            let mut pending_settle = false;
             let now = Instant::now();
             sent.retain(|p, at| {
                 std::fs::symlink_metadata(p).is_ok() && now.duration_since(*at) < RESEND
@@ -148,6 +193,13 @@ impl Intake {
             for path in entries(&spool) {
                 if sent.contains_key(&path) {
                     continue;
+                }
+                if !settled(&path, &ready) {
+                    pending_settle = true;
+                    continue;
+                }
+                if let Some(n) = path.file_name() {
+                    ready.remove(n);
                 }
                 if !self.spool_entry(&spool, &path) {
                     return;
@@ -174,8 +226,12 @@ impl Intake {
                 }
                 sent.insert(path, now);
             }
-            let limit = if inotify.is_some() { RESCAN } else { self.poll };
-            wait(inotify.as_ref(), &self.stop, limit);
+            let limit = match (inotify.is_some(), pending_settle) {
+                (true, false) => RESCAN,
+                (true, true) => Duration::from_millis(500),
+                (false, _) => self.poll,
+            };
+            ready.extend(wait(inotify.as_ref(), &self.stop, limit));
         }
     }
 

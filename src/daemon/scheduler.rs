@@ -106,6 +106,8 @@ struct Slot {
     cache_key: Option<u64>,
     /// Cancel requested while a checkpoint was running.
     cancel_pending: bool,
+    /// Failed reads of the prompt file in a row (out of descriptors, I/O).
+    read_failures: u32,
     /// The record as last written, for readers on other threads.
     published: Arc<TaskState>,
 }
@@ -299,6 +301,7 @@ impl Scheduler {
                 dirty: true,
                 cache_key: None,
                 cancel_pending: false,
+                read_failures: 0,
                 published: Arc::new(TaskState::new("", "", "")),
             },
         );
@@ -578,11 +581,36 @@ impl Scheduler {
         let prompt_path = slot.state.prompt_file.clone();
         let raw = match std::fs::read(&prompt_path) {
             Ok(b) => b,
-            Err(e) => {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let msg = format!("cannot read prompt file {prompt_path}: {e}");
                 return self.finish(id, Status::Failed, "prompt_unreadable", Some(msg));
             }
+            Err(e) => {
+                // Out of descriptors, I/O trouble: wait and try again, the
+                // task keeps its iteration and its place.
+                slot.read_failures += 1;
+                let delay = rules::retry_delay(
+                    cfg.adapter.retry_delay.max(0.1),
+                    slot.read_failures,
+                    cfg.adapter.max_retry_delay.max(0.1),
+                    0.0,
+                );
+                let msg = format!("cannot read prompt file {prompt_path}: {e}");
+                if slot.read_failures == 1 {
+                    log::warn!(task = id; "{msg}; trying again with growing delays");
+                } else {
+                    log::debug!(task = id; "{msg}; trying again in {:.1} s", delay.as_secs_f64());
+                }
+                slot.state.last_error = Some(msg);
+                slot.dirty = true;
+                slot.phase = Phase::Waiting(Instant::now() + delay);
+                return;
+            }
         };
+        if slot.read_failures > 0 {
+            log::info!(task = id; "prompt file readable again after {} failed reads", slot.read_failures);
+            slot.read_failures = 0;
+        }
         let new_iteration = slot.retries_now == 0 && !slot.rerun;
         // Before every attempt: an interrupted or failed attempt may already
         // have finished the task, and a complete task never runs again.

@@ -1,13 +1,16 @@
 //! The state-directory lock: one process owns a state directory at a time.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// Held for the life of the owning process; the kernel drops it when we die.
+/// The held descriptor is read-only, so the state directory's file system can
+/// still be remounted read-only (an operator's or the kernel's reaction to
+/// disk errors) while we run.
 pub struct StateLock {
-    file: File,
+    _file: File,
     pub path: PathBuf,
 }
 
@@ -45,28 +48,23 @@ impl std::fmt::Display for LockError {
 }
 
 impl StateLock {
-    /// Tries once; with `wait`, blocks until the holder lets go.
-    pub fn acquire(state_dir: &Path, wait: bool) -> Result<StateLock, LockError> {
+    /// Tries once (the caller retries for standby).
+    pub fn acquire(state_dir: &Path, _wait: bool) -> Result<StateLock, LockError> {
         let path = state_dir.join("lock");
         let io = |error| LockError::Io {
             path: path.clone(),
             error,
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
+        // Create it once; the lock itself is taken on a read-only descriptor.
+        OpenOptions::new()
+            .append(true)
             .create(true)
-            .truncate(false)
             .open(&path)
             .map_err(io)?;
-        let op = if wait {
-            libc::LOCK_EX
-        } else {
-            libc::LOCK_EX | libc::LOCK_NB
-        };
+        let mut file = File::open(&path).map_err(io)?;
         loop {
             // SAFETY: flock on an fd we own.
-            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
                 break;
             }
             let e = std::io::Error::last_os_error();
@@ -83,24 +81,26 @@ impl StateLock {
                 _ => return Err(io(e)),
             }
         }
-        let pid = format!("{}\n", std::process::id());
-        let _ = file.set_len(0);
-        let _ = file.seek(SeekFrom::Start(0));
-        file.write_all(pid.as_bytes()).map_err(io)?;
-        Ok(StateLock { file, path })
+        // Ours now: say who holds it, on a descriptor closed right after.
+        let mut w = OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io)?;
+        w.write_all(format!("{}\n", std::process::id()).as_bytes())
+            .map_err(io)?;
+        Ok(StateLock { _file: file, path })
     }
 
     /// The pid written by the holder, if the lock is held by someone; None if free.
     pub fn holder(state_dir: &Path) -> Option<u32> {
-        match StateLock::acquire(state_dir, false) {
-            Err(LockError::Held { pid, .. }) => pid.or(Some(0)),
-            _ => None,
+        let path = state_dir.join("lock");
+        let file = File::open(&path).ok()?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+            return None;
         }
-    }
-}
-
-impl Drop for StateLock {
-    fn drop(&mut self) {
-        let _ = self.file.set_len(0);
+        let pid = std::fs::read_to_string(&path).ok()?.trim().parse().ok();
+        Some(pid.unwrap_or(0))
     }
 }

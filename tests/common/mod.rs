@@ -236,7 +236,7 @@ impl Running {
     /// Waits for exit (killing it and failing after `limit`), with rusage.
     pub fn finish(mut self, limit: Duration) -> Finished {
         let pid = self.pid();
-        let deadline = self.started + limit;
+        let deadline = Instant::now() + limit;
         let mut status = 0;
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
         loop {

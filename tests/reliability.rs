@@ -1,0 +1,457 @@
+//! Reliability: a long soak, faults injected into the disk, the agent binary
+//! and the file-descriptor limit, and many tasks of mixed behaviour through
+//! repeated kill -9. Bounded to a few minutes in all.
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+fn log_of(sb: &Sandbox) -> String {
+    sb.read("daemon.log")
+}
+
+fn health(sb: &Sandbox) -> serde_json::Value {
+    let port = std::fs::read_to_string(sb.state_dir().join("http.port")).unwrap_or_default();
+    let url = format!("http://127.0.0.1:{}/health", port.trim());
+    ralph_qchat::health::get(&url, Duration::from_secs(2))
+        .ok()
+        .and_then(|(_, b)| serde_json::from_str(&b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn specs(sb: &Sandbox, n: usize, start: usize, max_iterations: u64) -> Vec<String> {
+    let spool = sb.state_dir().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    (start..start + n)
+        .map(|i| {
+            let id = format!("s{i:04}");
+            let ws = sb.path(&format!("ws/{id}"));
+            std::fs::create_dir_all(&ws).unwrap();
+            std::fs::write(ws.join("PROMPT.md"), "# soak\n").unwrap();
+            std::fs::write(
+                spool.join(format!("{id}.toml")),
+                format!(
+                    "prompt_file = {:?}\nworkdir = {:?}\nmax_iterations = {max_iterations}\n",
+                    ws.join("PROMPT.md").display().to_string(),
+                    ws.display().to_string()
+                ),
+            )
+            .unwrap();
+            id
+        })
+        .collect()
+}
+
+fn fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn soak_20000_requests_keeps_fds_and_memory_flat() {
+    let sb = Sandbox::new("soak");
+    sb.write(
+        "cfg.toml",
+        "[orchestrator]\ncheckpoint_interval = 0\nkeep_transcripts = 2\n[performance]\nmax_concurrent = 20\n",
+    );
+    // /bin/true: the cheapest agent there is, so the daemon's own costs show.
+    let mut c = sb.cmd(&[
+        "daemon",
+        "--state-dir",
+        sb.state_dir().to_str().unwrap(),
+        "--agent-command",
+        "/bin/true",
+        "--config",
+        "cfg.toml",
+        "--iteration-delay",
+        "0",
+        "--health-port",
+        "0",
+        "--metrics-interval",
+        "0",
+        "--log-file",
+        "daemon.log",
+        "--log-level",
+        "warn",
+    ]);
+    c.env("QCHAT_POLL_INTERVAL", "0.05");
+    let d = start(c);
+    let pid = d.pid();
+    // 1,000 requests, then the baseline.
+    let first = specs(&sb, 20, 0, 50);
+    assert!(
+        wait_until(Duration::from_secs(120), || sb.all_finished(&first)),
+        "{}",
+        log_of(&sb)
+    );
+    let (fd0, rss0) = (fds(pid), rss_kib(pid));
+    // 19,000 more.
+    let rest = specs(&sb, 20, 20, 950);
+    assert!(
+        wait_until(Duration::from_secs(300), || sb.all_finished(&rest)),
+        "{}",
+        log_of(&sb)
+    );
+    let (fd1, rss1) = (fds(pid), rss_kib(pid));
+    let done: u64 = first
+        .iter()
+        .chain(&rest)
+        .map(|id| sb.task(id)["successful_iterations"].as_u64().unwrap())
+        .sum();
+    assert_eq!(done, 20_000);
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    assert_eq!(fd0, fd1, "open descriptors went from {fd0} to {fd1}");
+    assert!(rss1 < rss0 + 1024, "RSS grew from {rss0} KiB to {rss1} KiB");
+}
+
+#[test]
+fn agent_replaced_by_a_non_executable_file_mid_run_pauses_then_recovers() {
+    let sb = Sandbox::new("noexecmid");
+    sb.write("cfg.toml", "[circuit_breaker]\ncooldown = 0.5\n");
+    std::fs::create_dir(sb.path("bin")).unwrap();
+    let agent = sb.path("bin/agent");
+    std::fs::copy(Sandbox::agent("complete-after.sh"), &agent).unwrap();
+    let all: Vec<String> = (0..3).map(|i| format!("t{i}")).collect();
+    for id in &all {
+        sb.submit("# t\n", id, &[]);
+    }
+    let sd = sb.state_dir().display().to_string();
+    let a = agent.display().to_string();
+    let mut c = sb.cmd(&[
+        "daemon",
+        "--state-dir",
+        &sd,
+        "--agent-command",
+        &a,
+        "--config",
+        "cfg.toml",
+        "--iteration-delay",
+        "0.2",
+        "--health-port",
+        "0",
+        "--log-file",
+        "daemon.log",
+    ]);
+    c.env("FAKE_N", "6").env("QCHAT_POLL_INTERVAL", "0.05");
+    let d = start(c);
+    assert!(wait_until(
+        Duration::from_secs(10),
+        || sb.task("t0")["successful_iterations"].as_u64() >= Some(1)
+    ));
+    // An upgrade gone wrong: the agent is now a text file without +x.
+    std::fs::remove_file(&agent).unwrap();
+    std::fs::write(&agent, "not a program\n").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || log_of(&sb)
+            .contains("cannot be executed")),
+        "{}",
+        log_of(&sb)
+    );
+    assert!(wait_until(Duration::from_secs(5), || health(&sb)["status"]
+        == "degraded"));
+    for id in &all {
+        assert_ne!(sb.task(id)["status"], "failed", "{}", sb.task(id));
+    }
+    std::fs::remove_file(&agent).unwrap();
+    std::fs::copy(Sandbox::agent("complete-after.sh"), &agent).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || sb.all_finished(&all)),
+        "{}",
+        log_of(&sb)
+    );
+    for id in &all {
+        assert_eq!(sb.task(id)["status"], "completed", "{}", sb.task(id));
+    }
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+}
+
+fn set_nofile(pid: i32, soft: u64) {
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: 4096,
+    };
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn emfile_when_spawning_is_a_clear_message_and_nothing_is_lost() {
+    let sb = Sandbox::new("emfile");
+    sb.write(
+        "cfg.toml",
+        "[performance]\nmax_concurrent = 2\n[orchestrator]\nmax_consecutive_failures = 1000\n[adapter]\nmax_retries = 100\nretry_delay = 0.05\nmax_retry_delay = 0.1\n[circuit_breaker]\nfailure_threshold = 1000\n",
+    );
+    sb.submit("# t\n", "t1", &[]);
+    let mut c = sb.daemon_cmd(
+        "complete-after.sh",
+        &[
+            "--config",
+            "cfg.toml",
+            "--log-file",
+            "daemon.log",
+            "--iteration-delay",
+            "0.3",
+        ],
+    );
+    c.env("FAKE_N", "4");
+    let d = start(c);
+    assert!(wait_until(
+        Duration::from_secs(10),
+        || sb.task("t1")["successful_iterations"].as_u64() >= Some(1)
+    ));
+    // Room to read the prompt and open the transcript, none for the agent's pipes.
+    set_nofile(d.pid(), fds(d.pid()) as u64 + 2);
+    // The agent cannot be started, and says why; so does the state writer.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            log_of(&sb).lines().any(|l| {
+                l.contains("cannot start agent command") && l.contains("Too many open files")
+            })
+        }),
+        "{}",
+        log_of(&sb)
+    );
+    set_nofile(d.pid(), 4096);
+    assert!(
+        wait_until(Duration::from_secs(20), || sb.task("t1")["status"]
+            == "completed"),
+        "{}",
+        log_of(&sb)
+    );
+    assert!(sb.task("t1")["retries"].as_u64().unwrap() >= 1);
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+}
+
+/// A tmpfs of its own for the state directory, unmounted at the end.
+struct Mount(std::path::PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &std::path::Path, size: &str) -> Mount {
+        std::fs::create_dir_all(at).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs (the suite runs as root)");
+        Mount(at.to_path_buf())
+    }
+
+    /// Remounts, retrying while a file is open for writing (EBUSY).
+    fn remount(&self, opt: &str) {
+        let ok = wait_until(Duration::from_secs(10), || {
+            std::process::Command::new("mount")
+                .args(["-o", &format!("remount,{opt}")])
+                .arg(&self.0)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        assert!(ok, "remount {opt}");
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn read_only_state_dir_mid_run_is_reported_and_recovered() {
+    let sb = Sandbox::new("readonly");
+    let m = Mount::tmpfs(&sb.state_dir(), "16m");
+    sb.submit("# t\n", "t1", &[]);
+    let mut c = sb.daemon_cmd(
+        "complete-after.sh",
+        &["--log-file", "daemon.log", "--iteration-delay", "0.2"],
+    );
+    c.env("FAKE_N", "8").env("HEALTH_CHECK_INTERVAL", "0.1");
+    let d = start(c);
+    assert!(wait_until(
+        Duration::from_secs(10),
+        || sb.task("t1")["successful_iterations"].as_u64() >= Some(1)
+    ));
+    m.remount("ro");
+    assert!(
+        wait_until(Duration::from_secs(10), || health(&sb)["status"]
+            == "unhealthy"),
+        "{}",
+        health(&sb)
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || log_of(&sb)
+            .contains("Read-only file system")),
+        "{}",
+        log_of(&sb)
+    );
+    let frozen = sb.task("t1");
+    m.remount("rw");
+    assert!(
+        wait_until(Duration::from_secs(20), || sb.task("t1")["status"]
+            == "completed"),
+        "{}",
+        log_of(&sb)
+    );
+    assert!(log_of(&sb).contains("task state is being written again"));
+    assert!(
+        sb.task("t1")["successful_iterations"].as_u64() >= frozen["successful_iterations"].as_u64()
+    );
+    assert_eq!(health(&sb)["status"], "healthy");
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+}
+
+#[test]
+fn full_disk_is_reported_and_recovered() {
+    let sb = Sandbox::new("diskfull");
+    let _m = Mount::tmpfs(&sb.state_dir(), "2m");
+    sb.submit("# t\n", "t1", &[]);
+    let mut c = sb.daemon_cmd(
+        "complete-after.sh",
+        &["--log-file", "daemon.log", "--iteration-delay", "0.2"],
+    );
+    c.env("FAKE_N", "8").env("HEALTH_CHECK_INTERVAL", "0.1");
+    let d = start(c);
+    assert!(wait_until(
+        Duration::from_secs(10),
+        || sb.task("t1")["successful_iterations"].as_u64() >= Some(1)
+    ));
+    // Fill what is left.
+    let filler = sb.state_dir().join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k", "count=64"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    assert!(
+        wait_until(Duration::from_secs(10), || log_of(&sb)
+            .contains("No space left on device")),
+        "{}",
+        log_of(&sb)
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || health(&sb)["status"]
+            == "unhealthy"),
+        "{}",
+        health(&sb)
+    );
+    std::fs::remove_file(&filler).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || sb.task("t1")["status"]
+            == "completed"),
+        "{}",
+        log_of(&sb)
+    );
+    let t = sb.task("t1");
+    // The task went on after the disk filled, and its record is whole.
+    assert!(t["successful_iterations"].as_u64().unwrap() >= 1, "{t}");
+    assert_eq!(t["in_progress"], serde_json::Value::Null, "{t}");
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+}
+
+#[test]
+fn twenty_kills_of_twenty_mixed_tasks_lose_nothing() {
+    let sb = Sandbox::new("crash20");
+    let kinds = ["", "SLOW", "FLAKY", "CHILD"];
+    let all: Vec<String> = (0..20).map(|i| format!("m{i:02}")).collect();
+    for (i, id) in all.iter().enumerate() {
+        sb.submit(&format!("# task {}\n", kinds[i % 4]), id, &[]);
+    }
+    sb.write(
+        "cfg.toml",
+        "[performance]\nmax_concurrent = 6\n[adapter]\nmax_retries = 1\nkill_grace = 0.3\n",
+    );
+    let daemon = || {
+        let mut c = sb.daemon_cmd(
+            "mixed.sh",
+            &["--config", "cfg.toml", "--log-file", "daemon.log"],
+        );
+        c.env("FAKE_N", "5");
+        start(c)
+    };
+    let mut seed =
+        (Instant::now().elapsed().as_nanos() as u64) ^ (std::process::id() as u64) << 20 | 1;
+    let mut before = std::collections::HashMap::new();
+    for round in 0..20 {
+        let d = daemon();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(100 + seed % 400));
+        d.signal(libc::SIGKILL);
+        assert_eq!(
+            d.finish(Duration::from_secs(10)).code(),
+            137,
+            "round {round}"
+        );
+        for id in &all {
+            let t = sb.task(id);
+            if t.is_null() {
+                continue;
+            }
+            let now: Vec<u64> = [
+                "iteration",
+                "successful_iterations",
+                "failed_iterations",
+                "retries",
+                "interrupted_iterations",
+            ]
+            .iter()
+            .map(|k| t[*k].as_u64().unwrap())
+            .collect();
+            if let Some(prev) = before.get(id) {
+                let prev: &Vec<u64> = prev;
+                for (k, (a, b)) in now.iter().zip(prev).enumerate() {
+                    assert!(
+                        a >= b || k == 0,
+                        "round {round}: {id} counter {k} went back from {b} to {a}"
+                    );
+                }
+            }
+            before.insert(id.clone(), now);
+        }
+    }
+    let d = daemon();
+    assert!(wait_until(Duration::from_secs(10), || log_of(&sb)
+        .matches(" workers, agent ")
+        .count()
+        == 21));
+    assert!(
+        wait_until(Duration::from_secs(90), || sb.all_finished(&all)),
+        "{}",
+        log_of(&sb)
+    );
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    assert_eq!(sb.task_ids(), all);
+    for id in &all {
+        let t = sb.task(id);
+        assert_eq!(t["status"], "completed", "{t}");
+        let prompt =
+            std::fs::read_to_string(sb.state_dir().join("workspaces").join(id).join("PROMPT.md"))
+                .unwrap();
+        assert_eq!(
+            prompt.matches("TASK_COMPLETE").count(),
+            1,
+            "{id} ran again after completing"
+        );
+    }
+}
