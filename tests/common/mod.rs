@@ -333,12 +333,15 @@ impl Sandbox {
         assert_eq!(r.stdout.trim(), id);
     }
 
+    /// The task's record; Null when there is none yet. A record that exists
+    /// must parse: records are replaced atomically, never seen half written.
     pub fn task(&self, id: &str) -> serde_json::Value {
         let p = self.state_dir().join("tasks").join(id).join("state.json");
-        std::fs::read(&p)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(serde_json::Value::Null)
+        match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b)
+                .unwrap_or_else(|e| panic!("{} does not parse: {e}", p.display())),
+            Err(_) => serde_json::Value::Null,
+        }
     }
 
     pub fn task_ids(&self) -> Vec<String> {
