@@ -132,19 +132,23 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
 }
 
+/// A family with one unlabelled sample.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    out.push_str(&format!("{name} {value}\n"));
+}
+
 /// Prometheus text exposition format 0.0.4.
 pub fn render(m: &Metrics, g: &Gauges) -> String {
     let mut o = String::with_capacity(4096);
-    family(
+    let requests = m.requests.load(Relaxed);
+    single(
         &mut o,
         "qchat_requests_total",
         "counter",
         "Agent requests completed.",
+        requests,
     );
-    o.push_str(&format!(
-        "qchat_requests_total {}\n",
-        m.requests.load(Relaxed)
-    ));
     family(
         &mut o,
         "qchat_request_duration_seconds",
@@ -170,16 +174,14 @@ pub fn render(m: &Metrics, g: &Gauges) -> String {
         "qchat_request_duration_seconds_count {}\n",
         m.requests.load(Relaxed)
     ));
-    family(
+    let active = m.active.load(Relaxed);
+    single(
         &mut o,
         "qchat_active_requests",
         "gauge",
         "Agent requests running now.",
+        active,
     );
-    o.push_str(&format!(
-        "qchat_active_requests {}\n",
-        m.active.load(Relaxed)
-    ));
     family(
         &mut o,
         "qchat_errors_total",
@@ -192,26 +194,22 @@ pub fn render(m: &Metrics, g: &Gauges) -> String {
             m.errors[i].load(Relaxed)
         ));
     }
-    family(
+    let retries = m.retries.load(Relaxed);
+    single(
         &mut o,
         "qchat_retries_total",
         "counter",
         "Retries of failed agent requests.",
+        retries,
     );
-    o.push_str(&format!(
-        "qchat_retries_total {}\n",
-        m.retries.load(Relaxed)
-    ));
-    family(
+    let queue = m.queue_depth.load(Relaxed);
+    single(
         &mut o,
         "qchat_queue_depth",
         "gauge",
         "Tasks ready and waiting for a worker.",
+        queue,
     );
-    o.push_str(&format!(
-        "qchat_queue_depth {}\n",
-        m.queue_depth.load(Relaxed)
-    ));
     family(&mut o, "ralph_tasks", "gauge", "Tasks by status.");
     for (s, n) in g.tasks_by_status {
         o.push_str(&format!("ralph_tasks{{status=\"{s}\"}} {n}\n"));
@@ -230,16 +228,14 @@ pub fn render(m: &Metrics, g: &Gauges) -> String {
         "ralph_iterations_total{{result=\"failure\"}} {}\n",
         m.iterations_failure.load(Relaxed)
     ));
-    family(
+    let open = m.circuit_open.load(Relaxed);
+    single(
         &mut o,
         "qchat_circuit_open",
         "gauge",
         "1 while the circuit breaker stops dispatching.",
+        open,
     );
-    o.push_str(&format!(
-        "qchat_circuit_open {}\n",
-        m.circuit_open.load(Relaxed)
-    ));
     family(
         &mut o,
         "ralph_qchat_build_info",
@@ -250,41 +246,36 @@ pub fn render(m: &Metrics, g: &Gauges) -> String {
         "ralph_qchat_build_info{{version=\"{}\"}} 1\n",
         env!("CARGO_PKG_VERSION")
     ));
-    if let Some(v) = g.rss_bytes {
-        family(
-            &mut o,
+    let process: [(&str, &str, &str, Option<String>); 4] = [
+        (
             "process_resident_memory_bytes",
             "gauge",
             "Resident memory size in bytes.",
-        );
-        o.push_str(&format!("process_resident_memory_bytes {v}\n"));
-    }
-    if let Some(v) = g.cpu_seconds {
-        family(
-            &mut o,
+            g.rss_bytes.map(|v| v.to_string()),
+        ),
+        (
             "process_cpu_seconds_total",
             "counter",
             "Total user and system CPU time spent in seconds.",
-        );
-        o.push_str(&format!("process_cpu_seconds_total {v}\n"));
-    }
-    if let Some(v) = g.open_fds {
-        family(
-            &mut o,
+            g.cpu_seconds.map(|v| v.to_string()),
+        ),
+        (
             "process_open_fds",
             "gauge",
             "Number of open file descriptors.",
-        );
-        o.push_str(&format!("process_open_fds {v}\n"));
-    }
-    if let Some(v) = g.start_time {
-        family(
-            &mut o,
+            g.open_fds.map(|v| v.to_string()),
+        ),
+        (
             "process_start_time_seconds",
             "gauge",
             "Start time of the process since unix epoch in seconds.",
-        );
-        o.push_str(&format!("process_start_time_seconds {v}\n"));
+            g.start_time.map(|v| v.to_string()),
+        ),
+    ];
+    for (name, kind, help, value) in process {
+        if let Some(v) = value {
+            single(&mut o, name, kind, help, v);
+        }
     }
     o
 }

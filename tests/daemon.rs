@@ -316,42 +316,18 @@ fn bad_spool_entries_are_rejected_with_their_reason() {
             .unwrap_or_default()
     };
     assert!(wait_until(Duration::from_secs(5), || !reason("nowd.toml").is_empty()));
-    assert!(
-        reason("link.md").contains("symbolic link"),
-        "{}",
-        reason("link.md")
-    );
-    assert!(reason("adir.md").contains("not a regular file"));
-    assert!(
-        reason("big.md").contains("over the limit"),
-        "{}",
-        reason("big.md")
-    );
-    assert!(
-        reason("broken.toml").contains("line 1"),
-        "{}",
-        reason("broken.toml")
-    );
-    assert!(
-        reason("unknown.toml").contains("colour"),
-        "{}",
-        reason("unknown.toml")
-    );
-    assert!(
-        reason("dots.toml").contains("not a valid task id"),
-        "{}",
-        reason("dots.toml")
-    );
-    assert!(
-        reason("nowd.toml").contains("does not exist"),
-        "{}",
-        reason("nowd.toml")
-    );
-    assert!(
-        reason("note.txt").contains("unknown kind"),
-        "{}",
-        reason("note.txt")
-    );
+    for (entry, why) in [
+        ("link.md", "symbolic link"),
+        ("adir.md", "not a regular file"),
+        ("big.md", "over the limit"),
+        ("broken.toml", "line 1"),
+        ("unknown.toml", "colour"),
+        ("dots.toml", "not a valid task id"),
+        ("nowd.toml", "does not exist"),
+        ("note.txt", "unknown kind"),
+    ] {
+        assert!(reason(entry).contains(why), "{entry}: {}", reason(entry));
+    }
     // The link was moved, never followed: its target is untouched.
     assert_eq!(std::fs::read_to_string(&outside).unwrap(), "secret");
     assert!(
