@@ -179,7 +179,8 @@ pub const CHECK_HELP: &str = "\
 Usage: ralph-qchat check-config [--config FILE] [RUN OPTIONS]
 
 Validates the configuration (built-in defaults < file < environment < options)
-and prints the effective configuration as TOML. Values that are not the
+and prints the effective configuration as TOML. Without --config it reads
+/etc/ralph-qchat/qchat.toml when that exists, as the daemon does. Values that are not the
 built-in default are followed by a comment naming the file and line, the
 environment variable or the option they came from.
 

@@ -36,9 +36,11 @@ fn dispatch(cmd: Command) -> Result<i32, Failure> {
         Command::Health(a) => ralph_qchat::health::probe(a),
         Command::Status(a) => ralph_qchat::status::status(a),
         Command::CheckConfig(a) => {
+            // Without --config: the file the daemon would read, when there is one.
+            let (file, file_required) = ralph_qchat::paths::config_file(a.config.as_deref());
             let loaded = config::load(&Layers {
-                file: a.config.clone(),
-                file_required: true,
+                file,
+                file_required,
                 env: ralph_qchat::run::env_pairs(),
                 flags: a.overrides.clone(),
             })?;
