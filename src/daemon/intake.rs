@@ -232,6 +232,8 @@ impl Intake {
                 (false, _) => self.poll,
             };
             ready.extend(wait(inotify.as_ref(), &self.stop, limit));
+            // Names of files gone meanwhile (cancel requests, removed entries).
+            ready.retain(|n| spool.join(n).exists() || cancels.join(n).exists());
         }
     }
 
