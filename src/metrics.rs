@@ -46,20 +46,25 @@ pub struct Metrics {
 #[allow(clippy::declare_interior_mutable_const)]
 const ZERO: AtomicU64 = AtomicU64::new(0);
 
-pub static METRICS: Metrics = Metrics {
-    requests: ZERO,
-    retries: ZERO,
-    iterations_success: ZERO,
-    iterations_failure: ZERO,
-    errors: [ZERO; 7],
-    buckets: [ZERO; 11],
-    duration_micros: ZERO,
-    active: ZERO,
-    queue_depth: ZERO,
-    circuit_open: ZERO,
-};
+pub static METRICS: Metrics = Metrics::new();
 
 impl Metrics {
+    /// All zero (the process-wide counters start here).
+    pub const fn new() -> Metrics {
+        Metrics {
+            requests: ZERO,
+            retries: ZERO,
+            iterations_success: ZERO,
+            iterations_failure: ZERO,
+            errors: [ZERO; 7],
+            buckets: [ZERO; 11],
+            duration_micros: ZERO,
+            active: ZERO,
+            queue_depth: ZERO,
+            circuit_open: ZERO,
+        }
+    }
+
     pub fn request_done(&self, seconds: f64) {
         self.requests.fetch_add(1, Relaxed);
         self.duration_micros
@@ -104,6 +109,12 @@ impl Metrics {
             a.fetch_add(*v, Relaxed);
         }
         self.duration_micros.fetch_add(t.duration_micros, Relaxed);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
     }
 }
 
@@ -286,18 +297,7 @@ mod tests {
 
     #[test]
     fn histogram_is_cumulative_and_totals_round_trip() {
-        let m = Metrics {
-            requests: ZERO,
-            retries: ZERO,
-            iterations_success: ZERO,
-            iterations_failure: ZERO,
-            errors: [ZERO; 7],
-            buckets: [ZERO; 11],
-            duration_micros: ZERO,
-            active: ZERO,
-            queue_depth: ZERO,
-            circuit_open: ZERO,
-        };
+        let m = Metrics::new();
         m.request_done(0.2);
         m.request_done(3.0);
         m.request_done(1000.0);
