@@ -36,7 +36,7 @@ echo "$deb"; echo "$rpmf"
 say "lintian"
 out=$(lintian --suppress-tags running-with-root-privileges "$deb" 2>&1 | grep -v '^running with root' || true)
 echo "${out:-clean}"
-echo "$out" | grep -qE '^[EW]: ' && fail "lintian reports errors or warnings"
+grep -E '^[EW]: ' <<<"$out" >/dev/null && fail "lintian reports errors or warnings"
 
 say "rpm contents and scripts"
 files=$(rpm -qpl "$rpmf"); echo "$files"
@@ -44,7 +44,7 @@ for f in /usr/bin/ralph-qchat /usr/lib/systemd/system/ralph-qchat.service /etc/r
          /usr/share/man/man8/ralph-qchat.8.gz /usr/share/man/man5/ralph-qchat.toml.5.gz; do
   grep -qx "$f" <<<"$files" || fail "rpm lacks $f"
 done
-rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpmf" | grep -q '^cn /etc/ralph-qchat/qchat.toml$' \
+rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpmf" | grep '^cn /etc/ralph-qchat/qchat.toml$' >/dev/null \
   || fail "qchat.toml is not %config(noreplace)"
 scripts=$(rpm -qp --scripts "$rpmf")
 for s in useradd "systemctl preset" "disable --now" "try-restart"; do
