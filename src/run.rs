@@ -9,7 +9,7 @@ use crate::daemon::{Scheduler, signals};
 use crate::exit::{self, Failure};
 use crate::store::{LockError, StateLock, TaskStore};
 use crate::task::{self, Status, TaskState};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub const NO_INPUT: i32 = 66;
@@ -100,7 +100,7 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
     if !ignore.exists() {
         let _ = std::fs::write(&ignore, "# ralph-qchat state: never commit\n*\n");
     }
-    let _lock = StateLock::acquire(&s.state_dir, false).map_err(|e| match e {
+    let _lock = StateLock::acquire(&s.state_dir).map_err(|e| match e {
         LockError::Held { .. } => Failure::new(exit::TEMPFAIL, e.to_string()),
         LockError::Io { .. } => Failure::new(exit::CANT_CREATE, e.to_string()),
     })?;
@@ -282,8 +282,4 @@ fn dry_run(cfg: &Config, s: &Setup) -> Result<String, Failure> {
         o.iteration_delay
     );
     Ok(out)
-}
-
-pub fn is_state_dir(p: &Path) -> bool {
-    p.join("tasks").is_dir() || p.join("lock").is_file()
 }

@@ -142,7 +142,7 @@ fn lock(
 ) -> Result<Option<StateLock>, Failure> {
     let mut said = false;
     loop {
-        match StateLock::acquire(state_dir, false) {
+        match StateLock::acquire(state_dir) {
             Ok(l) => {
                 if said {
                     log::info!("standby over: took over {}", state_dir.display());

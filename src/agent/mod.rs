@@ -7,7 +7,7 @@ mod pump;
 mod spawn;
 
 pub use group::{group_alive, kill_leftovers};
-pub use pump::{Supervisor, run_request};
+pub use pump::Supervisor;
 
 use std::ffi::OsString;
 use std::path::PathBuf;

@@ -331,11 +331,6 @@ enum ReadState {
     Closed,
 }
 
-/// Runs one request on a fresh supervisor (for callers without a worker).
-pub fn run_request(req: &AgentRequest) -> io::Result<AgentOutcome> {
-    Ok(Supervisor::new()?.run(req))
-}
-
 fn cancel_ending(r: CancelReason) -> Ending {
     match r {
         CancelReason::Cancel => Ending::Cancelled,

@@ -49,7 +49,7 @@ impl std::fmt::Display for LockError {
 
 impl StateLock {
     /// Tries once (the caller retries for standby).
-    pub fn acquire(state_dir: &Path, _wait: bool) -> Result<StateLock, LockError> {
+    pub fn acquire(state_dir: &Path) -> Result<StateLock, LockError> {
         let path = state_dir.join("lock");
         let io = |error| LockError::Io {
             path: path.clone(),

@@ -260,10 +260,6 @@ impl Scheduler {
         self.workers
     }
 
-    pub fn task_count(&self) -> usize {
-        self.slots.len()
-    }
-
     /// A sender for control messages (signals, clients).
     pub fn sender(&self) -> Sender<Event> {
         self.events_tx.clone()
