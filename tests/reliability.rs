@@ -309,7 +309,10 @@ fn read_only_state_dir_mid_run_is_reported_and_recovered() {
         "{}",
         log_of(&sb)
     );
-    assert!(log_of(&sb).contains("task state is being written again"));
+    // The record reaches the disk before the scheduler hears back from the
+    // writer and says so: wait for the line.
+    assert!(wait_until(Duration::from_secs(5), || log_of(&sb)
+        .contains("task state is being written again")));
     assert!(
         sb.task("t1")["successful_iterations"].as_u64() >= frozen["successful_iterations"].as_u64()
     );
