@@ -9,6 +9,7 @@ pub mod exit;
 pub mod health;
 pub mod http;
 pub mod logging;
+pub mod malloc;
 pub mod metrics;
 pub mod paths;
 pub mod run;

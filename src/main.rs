@@ -5,6 +5,7 @@ use ralph_qchat::config::{self, Layers};
 use ralph_qchat::exit::{self, Failure};
 
 fn main() {
+    ralph_qchat::malloc::restore_operator_environment();
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let code = match cli::parse(args).and_then(dispatch) {
         Ok(code) => code,
@@ -29,8 +30,14 @@ fn dispatch(cmd: Command) -> Result<i32, Failure> {
             println!("ralph-qchat {}", env!("CARGO_PKG_VERSION"));
             Ok(exit::OK)
         }
-        Command::Run(a) => ralph_qchat::run::run(a),
-        Command::Daemon(a, standby) => ralph_qchat::service::daemon(a, standby),
+        Command::Run(a) => {
+            ralph_qchat::malloc::reexec_without_thread_caches();
+            ralph_qchat::run::run(a)
+        }
+        Command::Daemon(a, standby) => {
+            ralph_qchat::malloc::reexec_without_thread_caches();
+            ralph_qchat::service::daemon(a, standby)
+        }
         Command::Submit(a) => ralph_qchat::clients::submit(a),
         Command::Cancel(a) => ralph_qchat::clients::cancel(a),
         Command::Health(a) => ralph_qchat::health::probe(a),

@@ -278,3 +278,79 @@ fn waiting_on_a_silent_agent_does_not_burn_cpu() {
     // A polling loop would use most of a core over those two seconds.
     assert!(used < 0.2, "{used} s of CPU while the agent was silent");
 }
+
+#[test]
+fn the_agent_starts_clean_found_in_path_in_its_own_group() {
+    let sb = Sandbox::new("clean");
+    std::fs::create_dir(sb.path("bin")).unwrap();
+    // Signal mask and ignored signals as the kernel reports them, its process
+    // group, its directory, and a variable set for the daemon itself.
+    sb.write(
+        "bin/probe-agent",
+        "#!/bin/bash\ngrep -E '^(SigBlk|SigIgn):' /proc/self/status\necho \"pgrp=$(cut -d' ' -f5 /proc/$$/stat) pid=$$\"\necho \"cwd=$PWD\"\necho \"inherited=$PROBE_INHERITED tunables=${GLIBC_TUNABLES-unset} carried=${RALPH_QCHAT_OPERATOR_TUNABLES-unset}\"\necho \"daemon $(tr '\\0' '\\n' < /proc/$PPID/environ | grep -E '^(GLIBC_TUNABLES=|glibc[.])' | paste -sd:)\"\nprintf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\"\n",
+    );
+    std::process::Command::new("chmod")
+        .args(["+x", "bin/probe-agent"])
+        .current_dir(&sb.dir)
+        .status()
+        .unwrap();
+    let path = format!("{}:/usr/bin:/bin", sb.path("bin").display());
+    let mut c = sb.cmd(&["run", "--agent-command", "probe-agent"]);
+    c.env("PATH", path).env("PROBE_INHERITED", "yes");
+    let r = run(c);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let t = sb.read(".ralph-qchat/tasks/PROMPT/iterations/000001.log");
+    // Nothing blocked, nothing ignored: not even SIGPIPE, which Rust ignores.
+    assert!(t.contains("SigBlk:\t0000000000000000"), "{t}");
+    assert!(t.contains("SigIgn:\t0000000000000000"), "{t}");
+    let line = t.lines().find(|l| l.starts_with("pgrp=")).unwrap();
+    let (pgrp, pid) = line.split_once(' ').unwrap();
+    assert_eq!(&pgrp[5..], &pid[4..], "{t}");
+    assert!(t.contains(&format!("cwd={}", sb.dir.display())), "{t}");
+    // The daemon re-executed itself (glibc cuts the variable at each ':' in
+    // place, hence the pasting of the agent script) with glibc's thread caches off (see
+    // src/malloc.rs); the agent sees the environment the operator gave.
+    assert!(
+        t.contains("inherited=yes tunables=unset carried=unset"),
+        "{t}"
+    );
+    assert!(
+        t.contains("daemon GLIBC_TUNABLES=glibc.malloc.tcache_count=0"),
+        "{t}"
+    );
+}
+
+#[test]
+fn the_operators_glibc_tunables_reach_the_agent_unchanged() {
+    let sb = Sandbox::new("tunables");
+    sb.write(
+        "probe.sh",
+        "#!/bin/bash\necho \"tunables=${GLIBC_TUNABLES-unset}\"\necho \"daemon $(tr '\\0' '\\n' < /proc/$PPID/environ | grep -E '^(GLIBC_TUNABLES=|glibc[.])' | paste -sd:)\"\nprintf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\"\n",
+    );
+    std::process::Command::new("chmod")
+        .args(["+x", "probe.sh"])
+        .current_dir(&sb.dir)
+        .status()
+        .unwrap();
+    for (given, daemon) in [
+        (
+            "glibc.malloc.arena_max=2",
+            "glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0",
+        ),
+        // The operator's own tcache size is kept: no re-execution.
+        ("glibc.malloc.tcache_count=3", "glibc.malloc.tcache_count=3"),
+    ] {
+        let _ = std::fs::remove_dir_all(sb.path(".ralph-qchat"));
+        sb.write("PROMPT.md", "# t\n");
+        let mut c = sb.cmd(&["run", "--agent-command", "./probe.sh"]);
+        c.env("GLIBC_TUNABLES", given);
+        let r = run(c);
+        assert_eq!(r.code(), 0, "{}", r.stderr);
+        let t = sb.read(".ralph-qchat/tasks/PROMPT/iterations/000001.log");
+        assert!(t.contains(&format!("tunables={given}\n")), "{t}");
+        assert!(
+            t.contains(&format!("daemon GLIBC_TUNABLES={daemon}\n")),
+            "{t}"
+        );
+    }
+}

@@ -2,14 +2,14 @@
 //! output cap, cancellation, and cleanup of the whole process group.
 
 use super::group::{group_alive, terminate_group};
-use super::spawn::{SpawnError, spawn};
+use super::spawn::{Launcher, SpawnError, Spawned};
 use super::{AgentOutcome, AgentRequest, CancelReason, Ending};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::process::{Child, ExitStatus};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -32,6 +32,7 @@ pub struct Supervisor {
     events: Events,
     waker: Arc<Waker>,
     buf: Vec<u8>,
+    launcher: Launcher,
 }
 
 impl Supervisor {
@@ -43,6 +44,7 @@ impl Supervisor {
             events: Events::with_capacity(8),
             waker,
             buf: Vec::new(),
+            launcher: Launcher::new()?,
         })
     }
 
@@ -72,7 +74,7 @@ impl Supervisor {
             let msg = format!("working directory {} does not exist", req.workdir.display());
             return finish(Ending::SpawnFailed(msg), &mut transcript, None);
         }
-        let mut child = match spawn(req) {
+        let mut child = match self.launcher.spawn(req) {
             Ok(c) => c,
             Err(SpawnError::Unavailable(m)) => {
                 return finish(Ending::Unavailable(m), &mut transcript, None);
@@ -81,7 +83,7 @@ impl Supervisor {
                 return finish(Ending::SpawnFailed(m), &mut transcript, None);
             }
         };
-        let pid = child.id() as i32;
+        let pid = child.id();
         req.progress.pid.store(pid as u32, Ordering::Relaxed);
         req.progress.bytes_read.store(0, Ordering::Relaxed);
         let mut run = Run::new(req);
@@ -93,13 +95,13 @@ impl Supervisor {
     fn supervise(
         &mut self,
         req: &AgentRequest,
-        child: &mut Child,
+        child: &mut Spawned,
         run: &mut Run,
         transcript: &mut Transcript,
     ) -> Ending {
-        let pid = child.id() as i32;
-        let out = child.stdout.take().map(into_owned);
-        let err = child.stderr.take().map(into_owned);
+        let pid = child.id();
+        let out = child.stdout.take();
+        let err = child.stderr.take();
         let mut pipes: [Option<OwnedFd>; 2] = [out, err];
         for (i, p) in pipes.iter().enumerate() {
             if let Some(fd) = p {
@@ -485,11 +487,6 @@ impl Transcript {
         self.write(line.as_bytes());
         self.flush();
     }
-}
-
-fn into_owned<T: std::os::fd::IntoRawFd>(p: T) -> OwnedFd {
-    // SAFETY: the fd comes from a pipe end we own and give up here.
-    unsafe { OwnedFd::from_raw_fd(p.into_raw_fd()) }
 }
 
 fn set_nonblocking(fd: RawFd) {

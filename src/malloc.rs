@@ -1,0 +1,92 @@
+//! glibc's per-thread malloc caches, switched off for the long-running
+//! commands.
+//!
+//! Every thread keeps up to seven freed chunks of each small size for
+//! itself (the tcache). The daemon runs some thirty threads that hand
+//! allocations to each other (the scheduler builds a request, a worker frees
+//! it; a worker builds an outcome, the scheduler frees it), so those caches
+//! fill with each other's memory: about 1.4 MB of a 10 MB daemon, creeping up
+//! for tens of thousands of requests as rarer sizes fill (found by the soak
+//! test). The daemon allocates too little for the caches to buy any speed.
+//!
+//! glibc reads its tunables once, at start, from GLIBC_TUNABLES; there is no
+//! call to change them later. So `daemon` and `run` re-execute themselves
+//! once with the cache size set to 0, and put the operator's GLIBC_TUNABLES
+//! back before anything else happens, so agents inherit the environment the
+//! daemon was given. An operator who sets `glibc.malloc.tcache_count`
+//! themselves is left alone (that is also the way to keep the caches, e.g.
+//! under valgrind, which does not follow the re-execution).
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+const TUNABLES: &str = "GLIBC_TUNABLES";
+/// Carries the operator's GLIBC_TUNABLES across the re-execution:
+/// "-" when it was unset, "=" and the value when set.
+const CARRIED: &str = "RALPH_QCHAT_OPERATOR_TUNABLES";
+const SETTING: &str = "glibc.malloc.tcache_count=0";
+
+/// Set when this process is the re-executed one.
+static REEXECUTED: AtomicBool = AtomicBool::new(false);
+
+/// Re-executes this process with the caches off, unless already done or
+/// the operator chose a tcache size. Returns only when it does not re-execute
+/// (or cannot: then the daemon runs as it is).
+pub fn reexec_without_thread_caches() {
+    if REEXECUTED.load(Ordering::Relaxed) {
+        return;
+    }
+    let current = std::env::var_os(TUNABLES);
+    if current
+        .as_ref()
+        .is_some_and(|v| contains(v.as_bytes(), b"tcache_count"))
+    {
+        return;
+    }
+    let (carried, tunables) = match &current {
+        None => (OsString::from("-"), OsString::from(SETTING)),
+        Some(v) => {
+            let mut carried = OsString::from("=");
+            carried.push(v);
+            let mut t = v.clone();
+            t.push(":");
+            t.push(SETTING);
+            (carried, t)
+        }
+    };
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let Some((argv0, rest)) = args.split_first() else {
+        return;
+    };
+    // exec only returns on failure (no /proc, say): carry on as we are.
+    let _ = std::process::Command::new("/proc/self/exe")
+        .arg0(argv0)
+        .args(rest)
+        .env(CARRIED, carried)
+        .env(TUNABLES, tunables)
+        .exec();
+}
+
+/// Puts the operator's GLIBC_TUNABLES back after a re-execution. Must run
+/// first in main, before any thread exists.
+pub fn restore_operator_environment() {
+    let Some(carried) = std::env::var_os(CARRIED) else {
+        return;
+    };
+    REEXECUTED.store(true, Ordering::Relaxed);
+    let bytes = carried.as_bytes();
+    // SAFETY: called at the top of main, while the process has one thread.
+    unsafe {
+        std::env::remove_var(CARRIED);
+        match bytes.split_first() {
+            Some((b'=', value)) => std::env::set_var(TUNABLES, std::ffi::OsStr::from_bytes(value)),
+            _ => std::env::remove_var(TUNABLES),
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
