@@ -354,3 +354,44 @@ fn the_operators_glibc_tunables_reach_the_agent_unchanged() {
         );
     }
 }
+
+#[test]
+fn an_iteration_ends_when_its_output_ends_not_after_the_drain_period() {
+    let sb = Sandbox::new("drainend");
+    // The agent exits first; a helper holding its pipes follows as soon as it
+    // sees it gone. The exit is seen before the last end of file, the case
+    // that used to wait out the whole drain period (200 ms) every time.
+    sb.write(
+        "brief-helper.sh",
+        "#!/bin/bash\nleader=$$\n( while kill -0 $leader 2>/dev/null; do sleep 0.01; done ) &\necho working\nexit 0\n",
+    );
+    std::process::Command::new("chmod")
+        .args(["+x", "brief-helper.sh"])
+        .current_dir(&sb.dir)
+        .status()
+        .unwrap();
+    let r = run(sb.cmd(&[
+        "run",
+        "--agent-command",
+        "./brief-helper.sh",
+        "--max-iterations",
+        "3",
+        "--iteration-delay",
+        "0",
+    ]));
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    let mut total = 0.0;
+    for i in 1..=3 {
+        let t = sb.read(&format!(".ralph-qchat/tasks/PROMPT/iterations/{i:06}.log"));
+        let secs: f64 = t
+            .split("after ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no duration in {t}"));
+        total += secs;
+    }
+    // With the old wait each iteration took at least 0.2 s.
+    assert!(total < 0.45, "three iterations took {total} s");
+    sb.assert_nothing_left();
+}

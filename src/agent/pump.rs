@@ -212,6 +212,11 @@ impl Supervisor {
                     }
                 }
             }
+            if exited.is_some() && pipes.iter().all(Option::is_none) {
+                // The last pipe closed after the exit was seen: done now, not
+                // at the end of the drain period.
+                continue;
+            }
             if more {
                 // Check timers and the other stream before reading on.
                 let _ = self.poll.poll(&mut self.events, Some(Duration::ZERO));
