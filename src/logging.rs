@@ -191,12 +191,14 @@ impl Log for Logger {
             return;
         };
         let line = format_line(sinks.format, record, &ctx);
-        let mut err = std::io::stderr().lock();
-        if sinks.journald {
-            let _ = writeln!(err, "<{}>{line}", priority(record.level()));
+        // One write per line: stderr is unbuffered, and a line written in
+        // pieces can be split by anything else writing there.
+        let out = if sinks.journald {
+            format!("<{}>{line}\n", priority(record.level()))
         } else {
-            let _ = writeln!(err, "{line}");
-        }
+            format!("{line}\n")
+        };
+        let _ = std::io::stderr().lock().write_all(out.as_bytes());
         if let Some(f) = sinks.file.as_mut() {
             f.write_line(&line);
         }

@@ -1,7 +1,9 @@
 //! The scheduler's writer: task records leave the scheduler as bytes and are
 //! made durable here in batches — all temporary files written and synced,
 //! then renamed, then each directory synced once — so a durable write costs
-//! per batch, not per event, and never holds up dispatching.
+//! per batch, not per event, and never holds up dispatching. The scheduler's
+//! other file chores (saving the counters, pruning old transcripts) are done
+//! here too, for the same reason: an fsync can take milliseconds.
 
 use super::TaskStore;
 use crossbeam_channel::{Receiver, Sender};
@@ -21,8 +23,17 @@ pub struct Written {
 /// Task ids and their encoded records.
 pub type Batch = Vec<(String, Vec<u8>)>;
 
+/// What the writer is asked to do.
+enum Msg {
+    Tasks(Batch),
+    /// Replace a file durably (the newest content wins); failures are logged.
+    File(PathBuf, Vec<u8>),
+    /// Keep only the newest `keep` transcripts of a task.
+    Prune(String, usize),
+}
+
 pub struct Writer {
-    tx: Option<Sender<Batch>>,
+    tx: Option<Sender<Msg>>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -43,8 +54,20 @@ impl Writer {
     }
 
     pub fn send(&self, batch: Batch) {
+        self.post(Msg::Tasks(batch));
+    }
+
+    pub fn save_file(&self, path: PathBuf, bytes: Vec<u8>) {
+        self.post(Msg::File(path, bytes));
+    }
+
+    pub fn prune_transcripts(&self, id: &str, keep: usize) {
+        self.post(Msg::Prune(id.to_string(), keep));
+    }
+
+    fn post(&self, msg: Msg) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(batch);
+            let _ = tx.send(msg);
         }
     }
 
@@ -63,14 +86,36 @@ impl Drop for Writer {
     }
 }
 
-fn run(store: TaskStore, rx: Receiver<Batch>, report: impl Fn(Written)) {
+fn run(store: TaskStore, rx: Receiver<Msg>, report: impl Fn(Written)) {
     while let Ok(first) = rx.recv() {
         // Everything queued meanwhile joins this batch; the newest record wins.
-        let mut batch: BTreeMap<String, Vec<u8>> = first.into_iter().collect();
+        let mut batch: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut files: BTreeMap<PathBuf, Vec<u8>> = BTreeMap::new();
+        let mut prunes: BTreeMap<String, usize> = BTreeMap::new();
+        let mut take = |msg: Msg| match msg {
+            Msg::Tasks(b) => batch.extend(b),
+            Msg::File(p, bytes) => {
+                files.insert(p, bytes);
+            }
+            Msg::Prune(id, keep) => {
+                prunes.insert(id, keep);
+            }
+        };
+        take(first);
         while let Ok(more) = rx.try_recv() {
-            batch.extend(more);
+            take(more);
         }
-        report(write_batch(&store, batch));
+        if !batch.is_empty() {
+            report(write_batch(&store, batch));
+        }
+        for (path, bytes) in files {
+            if let Err(e) = super::write_atomic(&path, &bytes) {
+                log::debug!("cannot save {}: {e}", path.display());
+            }
+        }
+        for (id, keep) in prunes {
+            store.prune_transcripts(&id, keep);
+        }
     }
 }
 

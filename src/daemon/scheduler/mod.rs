@@ -385,6 +385,7 @@ impl Scheduler {
             self.timers();
         }
         self.flush();
+        self.save_metrics(true);
         self.writer.finish();
         while let Ok(ev) = self.events.try_recv() {
             if let Event::Written(w) = ev {
@@ -397,7 +398,6 @@ impl Scheduler {
             }
         }
         self.publish();
-        self.save_metrics(true);
         for s in self.slots.values_mut() {
             s.active_since = None;
         }

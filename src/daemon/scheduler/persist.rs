@@ -137,9 +137,8 @@ impl Scheduler {
             }
         }
         if let Ok(json) = serde_json::to_vec(&totals) {
-            if crate::store::write_atomic(&self.metrics_path(), &json).is_ok() {
-                self.metrics_saved = Some((Instant::now(), totals));
-            }
+            self.writer.save_file(self.metrics_path(), json);
+            self.metrics_saved = Some((Instant::now(), totals));
         }
     }
 }

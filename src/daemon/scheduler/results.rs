@@ -144,7 +144,7 @@ impl Scheduler {
         };
         // One transcript per iteration: nothing to prune before there are more.
         if slot.state.iteration as usize > keep.max(1) {
-            self.store.prune_transcripts(id, keep.max(1));
+            self.writer.prune_transcripts(id, keep.max(1));
         }
         let complete = std::fs::read(&slot.state.prompt_file)
             .map(|t| prompt_complete(&t, &marker))
