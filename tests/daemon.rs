@@ -299,6 +299,10 @@ fn bad_spool_entries_are_rejected_with_their_reason() {
     .unwrap();
     std::fs::write(spool.join("note.txt"), "hello").unwrap();
     std::fs::write(spool.join("good.md"), "# fine\n").unwrap();
+    // Files still being written (editor and tool temporaries) are left alone.
+    for name in ["draft.toml.tmp", "late.md.part", "notes.md~", ".hidden.md"] {
+        std::fs::write(spool.join(name), "# later\n").unwrap();
+    }
     let mut c = sb.daemon_cmd(
         "complete-after.sh",
         &["--config", "cfg.toml", "--log-file", "daemon.log"],
@@ -328,6 +332,18 @@ fn bad_spool_entries_are_rejected_with_their_reason() {
     ] {
         assert!(reason(entry).contains(why), "{entry}: {}", reason(entry));
     }
+    for name in ["draft.toml.tmp", "late.md.part", "notes.md~", ".hidden.md"] {
+        assert!(spool.join(name).is_file(), "{name} was taken");
+        assert!(reason(name).is_empty(), "{name} was rejected");
+    }
+    // Renamed into place, the finished file is taken.
+    std::fs::rename(spool.join("late.md.part"), spool.join("late.md")).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || sb.task("late")["status"]
+            == "completed"),
+        "{}",
+        log_of(&sb)
+    );
     // The link was moved, never followed: its target is untouched.
     assert_eq!(std::fs::read_to_string(&outside).unwrap(), "secret");
     assert!(
@@ -336,7 +352,7 @@ fn bad_spool_entries_are_rejected_with_their_reason() {
             .file_type()
             .is_symlink()
     );
-    assert_eq!(sb.task_ids(), ["good"]);
+    assert_eq!(sb.task_ids(), ["good", "late"]);
     assert!(log_of(&sb).contains("spool entry big.md rejected"));
     d.signal(libc::SIGTERM);
     assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);

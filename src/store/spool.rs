@@ -43,6 +43,15 @@ pub enum Entry {
     Reject(String),
 }
 
+/// Names that tools and editors give a file while it is written, before
+/// renaming it into place: taking (and rejecting) such a file would make the
+/// writer's rename fail and lose the task.
+fn being_written(name: &str) -> bool {
+    [".tmp", ".part", ".swp", "~"]
+        .iter()
+        .any(|suffix| name.ends_with(suffix))
+}
+
 /// Reads a spool entry without following symlinks. A prompt file becomes a
 /// task in a fresh workspace; a spec names its prompt and workdir.
 pub fn examine(
@@ -54,7 +63,7 @@ pub fn examine(
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
         return Entry::Reject("the file name is not valid UTF-8".into());
     };
-    if name.starts_with('.') || name == "rejected" {
+    if name.starts_with('.') || name == "rejected" || being_written(name) {
         return Entry::Skip;
     }
     let meta = match std::fs::symlink_metadata(path) {
