@@ -32,8 +32,11 @@ pub struct Temp(pub PathBuf);
 
 impl Temp {
     pub fn new(tag: &str) -> Temp {
-        let p =
-            std::env::temp_dir().join(format!("ralph-qchat-bench-{tag}-{}", std::process::id()));
+        Temp::under(&std::env::temp_dir(), tag)
+    }
+
+    pub fn under(base: &Path, tag: &str) -> Temp {
+        let p = base.join(format!("ralph-qchat-bench-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         let _ = std::fs::create_dir_all(&p);
         Temp(p)
