@@ -475,3 +475,89 @@ fn twenty_kills_of_twenty_mixed_tasks_lose_nothing() {
         );
     }
 }
+
+/// Twenty agents running, then SIGTERM: with a grace long enough their
+/// requests finish; with grace 0 they are stopped at once. Either way the
+/// daemon exits 0 in time, nothing is left running, and the next start
+/// resumes every task.
+#[test]
+fn drain_of_twenty_running_agents_with_a_long_grace_and_with_none() {
+    for (grace, sleep) in [(20.0, "3"), (0.0, "300")] {
+        let sb = Sandbox::new(if grace > 0.0 {
+            "drainlong"
+        } else {
+            "drainnone"
+        });
+        sb.write(
+            "cfg.toml",
+            &format!(
+                "[orchestrator]\nshutdown_grace = {grace:.1}\n[adapter]\nkill_grace = 0.5\n[performance]\nmax_concurrent = 20\n"
+            ),
+        );
+        let all = specs(&sb, 20, 0, 2);
+        let mut c = sb.daemon_cmd(
+            "sleep.sh",
+            &["--config", "cfg.toml", "--log-file", "daemon.log"],
+        );
+        c.env("FAKE_SLEEP", sleep);
+        let d = start(c);
+        let started = || {
+            all.iter()
+                .all(|id| sb.path(&format!("ws/{id}/agent.pid")).is_file())
+        };
+        assert!(
+            wait_until(Duration::from_secs(20), started),
+            "{}",
+            log_of(&sb)
+        );
+        let t0 = Instant::now();
+        d.signal(libc::SIGTERM);
+        let r = d.finish(Duration::from_secs(30));
+        let took = t0.elapsed();
+        assert_eq!(r.code(), 0, "grace {grace}: {}", log_of(&sb));
+        // Long grace: the 3 s requests, not the 20 s grace. None: the kill
+        // grace (0.5 s) and the time to write the records.
+        let limit = if grace > 0.0 { 15 } else { 3 };
+        assert!(
+            took < Duration::from_secs(limit),
+            "grace {grace}: took {took:?}"
+        );
+        sb.assert_nothing_left();
+        for id in &all {
+            let t = sb.task(id);
+            if grace > 0.0 {
+                assert_eq!(t["in_progress"], serde_json::Value::Null, "{t}");
+            } else {
+                // Cut short: still marked, so the next start runs it again.
+                assert_eq!(t["in_progress"], 1, "{t}");
+            }
+        }
+        // The next start resumes them all: the agent now completes at once.
+        let mut c = sb.daemon_cmd(
+            "complete-after.sh",
+            &["--config", "cfg.toml", "--log-file", "daemon.log"],
+        );
+        c.env("FAKE_N", "1");
+        let d = start(c);
+        assert!(
+            wait_until(Duration::from_secs(30), || sb.all_finished(&all)),
+            "{}",
+            log_of(&sb)
+        );
+        d.signal(libc::SIGTERM);
+        assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+        for id in &all {
+            let t = sb.task(id);
+            assert!(
+                t["status"] == "completed" || t["status"] == "limit_reached",
+                "{t}"
+            );
+            // Long grace: iteration 1 finished under the old daemon, so the
+            // new one runs iteration 2. None: iteration 1 runs again.
+            let (done, cut) = if grace > 0.0 { (2, 0) } else { (1, 1) };
+            assert_eq!(t["successful_iterations"], done, "grace {grace}: {t}");
+            assert_eq!(t["interrupted_iterations"], cut, "grace {grace}: {t}");
+        }
+        sb.assert_nothing_left();
+    }
+}
