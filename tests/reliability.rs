@@ -490,7 +490,7 @@ fn drain_of_twenty_running_agents_with_a_long_grace_and_with_none() {
         });
         sb.write(
             "cfg.toml",
-            &format!(
+            format!(
                 "[orchestrator]\nshutdown_grace = {grace:.1}\n[adapter]\nkill_grace = 0.5\n[performance]\nmax_concurrent = 20\n"
             ),
         );
