@@ -436,15 +436,10 @@ fn metrics_parse_and_counters_move() {
     for (id, text) in [("ok", "# ok\n"), ("bad", "# FAIL\n"), ("slow", "# SLEEP\n")] {
         sb.submit(text, id, &[]);
     }
-    let agent = sb.write(
+    let agent = sb.write_exec(
         "agent.sh",
         "#!/bin/bash\nif grep -q FAIL \"$RALPH_QCHAT_PROMPT_FILE\"; then exit 3; fi\nif grep -q SLEEP \"$RALPH_QCHAT_PROMPT_FILE\"; then exec sleep 30; fi\necho done\n",
     );
-    std::process::Command::new("chmod")
-        .arg("+x")
-        .arg(&agent)
-        .status()
-        .unwrap();
     let a = agent.display().to_string();
     let (d, addr) = daemon_with_port(
         &sb,

@@ -215,15 +215,10 @@ fn nul_bytes_are_stripped_and_logged() {
 #[test]
 fn memory_limit_applies_to_the_agent() {
     let sb = Sandbox::new("rlimit");
-    sb.write(
+    sb.write_exec(
         "mem.sh",
         "#!/bin/bash\necho \"as=$(ulimit -v) core=$(ulimit -c)\"\nprintf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\"\n",
     );
-    std::process::Command::new("chmod")
-        .args(["+x", "mem.sh"])
-        .current_dir(&sb.dir)
-        .status()
-        .unwrap();
     config(&sb, "[limits]\nmax_memory_mb = 512\n");
     let r = run(sb.cmd(&["run", "--config", "cfg.toml", "--agent-command", "./mem.sh"]));
     assert_eq!(r.code(), 0, "{}", r.stderr);
@@ -285,15 +280,10 @@ fn the_agent_starts_clean_found_in_path_in_its_own_group() {
     std::fs::create_dir(sb.path("bin")).unwrap();
     // Signal mask and ignored signals as the kernel reports them, its process
     // group, its directory, and a variable set for the daemon itself.
-    sb.write(
+    sb.write_exec(
         "bin/probe-agent",
         "#!/bin/bash\ngrep -E '^(SigBlk|SigIgn):' /proc/self/status\necho \"pgrp=$(cut -d' ' -f5 /proc/$$/stat) pid=$$\"\necho \"cwd=$PWD\"\necho \"inherited=$PROBE_INHERITED tunables=${GLIBC_TUNABLES-unset} carried=${RALPH_QCHAT_OPERATOR_TUNABLES-unset}\"\necho \"daemon $(tr '\\0' '\\n' < /proc/$PPID/environ | grep -E '^(GLIBC_TUNABLES=|glibc[.])' | paste -sd:)\"\nprintf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\"\n",
     );
-    std::process::Command::new("chmod")
-        .args(["+x", "bin/probe-agent"])
-        .current_dir(&sb.dir)
-        .status()
-        .unwrap();
     let path = format!("{}:/usr/bin:/bin", sb.path("bin").display());
     let mut c = sb.cmd(&["run", "--agent-command", "probe-agent"]);
     c.env("PATH", path).env("PROBE_INHERITED", "yes");
@@ -323,15 +313,10 @@ fn the_agent_starts_clean_found_in_path_in_its_own_group() {
 #[test]
 fn the_operators_glibc_tunables_reach_the_agent_unchanged() {
     let sb = Sandbox::new("tunables");
-    sb.write(
+    sb.write_exec(
         "probe.sh",
         "#!/bin/bash\necho \"tunables=${GLIBC_TUNABLES-unset}\"\necho \"daemon $(tr '\\0' '\\n' < /proc/$PPID/environ | grep -E '^(GLIBC_TUNABLES=|glibc[.])' | paste -sd:)\"\nprintf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\"\n",
     );
-    std::process::Command::new("chmod")
-        .args(["+x", "probe.sh"])
-        .current_dir(&sb.dir)
-        .status()
-        .unwrap();
     for (given, daemon) in [
         (
             "glibc.malloc.arena_max=2",
@@ -361,15 +346,10 @@ fn an_iteration_ends_when_its_output_ends_not_after_the_drain_period() {
     // The agent exits first; a helper holding its pipes follows as soon as it
     // sees it gone. The exit is seen before the last end of file, the case
     // that used to wait out the whole drain period (200 ms) every time.
-    sb.write(
+    sb.write_exec(
         "brief-helper.sh",
         "#!/bin/bash\nleader=$$\n( while kill -0 $leader 2>/dev/null; do sleep 0.01; done ) &\necho working\nexit 0\n",
     );
-    std::process::Command::new("chmod")
-        .args(["+x", "brief-helper.sh"])
-        .current_dir(&sb.dir)
-        .status()
-        .unwrap();
     let r = run(sb.cmd(&[
         "run",
         "--agent-command",

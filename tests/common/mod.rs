@@ -60,6 +60,14 @@ impl Sandbox {
         p
     }
 
+    /// Writes a script (an agent of the test's own) and makes it executable.
+    pub fn write_exec(&self, rel: &str, content: impl AsRef<[u8]>) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.write(rel, content);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
     pub fn read(&self, rel: &str) -> String {
         std::fs::read_to_string(self.path(rel)).unwrap_or_default()
     }
