@@ -76,6 +76,7 @@ pub fn restore_operator_environment() {
         return;
     };
     REEXECUTED.store(true, Ordering::Relaxed);
+    name_process_after_argv0();
     let bytes = carried.as_bytes();
     // SAFETY: called at the top of main, while the process has one thread.
     unsafe {
@@ -84,6 +85,27 @@ pub fn restore_operator_environment() {
             Some((b'=', value)) => std::env::set_var(TUNABLES, std::ffi::OsStr::from_bytes(value)),
             _ => std::env::remove_var(TUNABLES),
         }
+    }
+}
+
+/// Executing /proc/self/exe names the process "exe" (what ps, top, pkill
+/// and the journal's _COMM show); give it back the name the first exec gave
+/// it, the last part of argv[0], as the kernel does (at most 15 bytes).
+fn name_process_after_argv0() {
+    let Some(argv0) = std::env::args_os().next() else {
+        return;
+    };
+    let base = argv0
+        .as_bytes()
+        .rsplit(|&b| b == b'/')
+        .next()
+        .unwrap_or_default();
+    let mut name = [0u8; 16];
+    let n = base.len().min(15);
+    name[..n].copy_from_slice(&base[..n]);
+    if n > 0 {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated name of at most 16 bytes.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
     }
 }
 

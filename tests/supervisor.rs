@@ -282,7 +282,7 @@ fn the_agent_starts_clean_found_in_path_in_its_own_group() {
     // group, its directory, and a variable set for the daemon itself.
     sb.write_exec(
         "bin/probe-agent",
-        "#!/bin/bash\ngrep -E '^(SigBlk|SigIgn):' /proc/self/status\necho \"pgrp=$(cut -d' ' -f5 /proc/$$/stat) pid=$$\"\necho \"cwd=$PWD\"\necho \"inherited=$PROBE_INHERITED tunables=${GLIBC_TUNABLES-unset} carried=${RALPH_QCHAT_OPERATOR_TUNABLES-unset}\"\necho \"daemon $(tr '\\0' '\\n' < /proc/$PPID/environ | grep -E '^(GLIBC_TUNABLES=|glibc[.])' | paste -sd:)\"\nprintf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\"\n",
+        "#!/bin/bash\ngrep -E '^(SigBlk|SigIgn):' /proc/self/status\necho \"pgrp=$(cut -d' ' -f5 /proc/$$/stat) pid=$$\"\necho \"cwd=$PWD\"\necho \"daemon comm=$(cat /proc/$PPID/comm)\"\necho \"inherited=$PROBE_INHERITED tunables=${GLIBC_TUNABLES-unset} carried=${RALPH_QCHAT_OPERATOR_TUNABLES-unset}\"\necho \"daemon $(tr '\\0' '\\n' < /proc/$PPID/environ | grep -E '^(GLIBC_TUNABLES=|glibc[.])' | paste -sd:)\"\nprintf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\"\n",
     );
     let path = format!("{}:/usr/bin:/bin", sb.path("bin").display());
     let mut c = sb.cmd(&["run", "--agent-command", "probe-agent"]);
@@ -297,6 +297,8 @@ fn the_agent_starts_clean_found_in_path_in_its_own_group() {
     let (pgrp, pid) = line.split_once(' ').unwrap();
     assert_eq!(&pgrp[5..], &pid[4..], "{t}");
     assert!(t.contains(&format!("cwd={}", sb.dir.display())), "{t}");
+    // ps, top and pkill see the daemon by its name, re-execution or not.
+    assert!(t.contains("daemon comm=ralph-qchat\n"), "{t}");
     // The daemon re-executed itself (glibc cuts the variable at each ':' in
     // place, hence the pasting of the agent script) with glibc's thread caches off (see
     // src/malloc.rs); the agent sees the environment the operator gave.
