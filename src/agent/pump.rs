@@ -54,7 +54,6 @@ impl Supervisor {
             self.buf = vec![0; req.buffer_size.max(1)];
         }
         let started = Instant::now();
-        let mut transcript = Transcript::open(req);
         let finish = |ending: Ending, transcript: &mut Transcript, run: Option<&Run>| {
             let outcome = AgentOutcome {
                 duration: started.elapsed(),
@@ -67,22 +66,23 @@ impl Supervisor {
             transcript.footer(&outcome);
             outcome
         };
+        let unstarted = |ending: Ending| finish(ending, &mut Transcript::open(req), None);
         if let Some(r) = req.cancel.reason() {
-            return finish(cancel_ending(r), &mut transcript, None);
+            return unstarted(cancel_ending(r));
         }
         if !req.workdir.is_dir() {
             let msg = format!("working directory {} does not exist", req.workdir.display());
-            return finish(Ending::SpawnFailed(msg), &mut transcript, None);
+            return unstarted(Ending::SpawnFailed(msg));
         }
         let mut child = match self.launcher.spawn(req) {
             Ok(c) => c,
-            Err(SpawnError::Unavailable(m)) => {
-                return finish(Ending::Unavailable(m), &mut transcript, None);
-            }
-            Err(SpawnError::Other(m)) => {
-                return finish(Ending::SpawnFailed(m), &mut transcript, None);
-            }
+            Err(SpawnError::Unavailable(m)) => return unstarted(Ending::Unavailable(m)),
+            Err(SpawnError::Other(m)) => return unstarted(Ending::SpawnFailed(m)),
         };
+        // Created while the agent loads: the file system's cost of a new
+        // transcript is off the path to the agent's start. Its output waits
+        // in the pipes meanwhile.
+        let mut transcript = Transcript::open(req);
         let pid = child.id();
         req.progress.pid.store(pid as u32, Ordering::Relaxed);
         req.progress.bytes_read.store(0, Ordering::Relaxed);
