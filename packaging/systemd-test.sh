@@ -161,6 +161,22 @@ wait_for 15 '[ "$(ralph-qchat status slow1 --json --state-dir /var/lib/ralph-qch
 [[ $(field_of slow1 interrupted_iterations) == 1 ]] || fail "interrupted_iterations=$(field_of slow1 interrupted_iterations)"
 say "slow1 completed after the restart, its interrupted iteration counted"
 
+say "kill -9 of the daemon: what its agent left is ended with the unit, the next start resumes"
+in_ct rm -f /etc/fake-agent-fast
+submit slow2 "# SLOW task"
+# The agent is sh running sleep: sh dies with the daemon (PDEATHSIG), sleep is
+# left to systemd, which ends the rest of the unit's cgroup.
+wait_for 10 'pgrep -u ralph-qchat -x sleep' || fail "slow agent did not start"
+pid=$(in_ct systemctl show -p MainPID --value ralph-qchat)
+in_ct kill -KILL "$pid"
+wait_for 10 '! pgrep -u ralph-qchat >/dev/null' || fail "left after kill -9: $(in_ct pgrep -a -u ralph-qchat)"
+in_ct touch /etc/fake-agent-fast
+in_ct systemctl restart ralph-qchat
+wait_for 15 '[ "$(ralph-qchat status slow2 --json --state-dir /var/lib/ralph-qchat | grep -c "\"status\": \"completed\"")" = 1 ]' \
+  || fail "slow2 did not complete after the kill: $(status_of slow2)"
+[[ $(field_of slow2 interrupted_iterations) == 1 ]] || fail "interrupted_iterations=$(field_of slow2 interrupted_iterations)"
+say "nothing outlived the killed daemon; slow2 completed after the restart"
+
 say "journal priorities"
 in_ct journalctl -u ralph-qchat --no-pager -p warning..warning | grep "was interrupted" >/dev/null \
   || fail "the interruption warning is not at priority warning"
