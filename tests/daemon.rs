@@ -747,9 +747,16 @@ fn kill_9_at_random_moments_loses_nothing_and_leaves_nothing() {
             .env("QCHAT_MAX_CONCURRENT", "4");
         start(c)
     };
+    let started = |n: usize| {
+        wait_until(Duration::from_secs(10), || {
+            log_of(&sb).matches(" workers, agent ").count() == n
+        })
+    };
     let mut before = counters(&sb, &all);
     for round in 0..10 {
         let d = daemon();
+        // Killed at a random moment of its work, not before it began.
+        assert!(started(round + 1), "round {round}: {}", log_of(&sb));
         std::thread::sleep(Duration::from_millis(150 + rand(500)));
         d.signal(libc::SIGKILL);
         let r = d.finish(Duration::from_secs(10));
@@ -773,10 +780,7 @@ fn kill_9_at_random_moments_loses_nothing_and_leaves_nothing() {
         before = after;
     }
     let d = daemon();
-    assert!(wait_until(Duration::from_secs(10), || log_of(&sb)
-        .matches(" workers, agent ")
-        .count()
-        == 11));
+    assert!(started(11), "{}", log_of(&sb));
     assert!(
         wait_until(Duration::from_secs(60), || sb.all_finished(&all)),
         "{}",

@@ -410,8 +410,16 @@ fn twenty_kills_of_twenty_mixed_tasks_lose_nothing() {
     let mut seed =
         (Instant::now().elapsed().as_nanos() as u64) ^ (std::process::id() as u64) << 20 | 1;
     let mut before = std::collections::HashMap::new();
+    let started = |n: usize| {
+        wait_until(Duration::from_secs(10), || {
+            log_of(&sb).matches(" workers, agent ").count() == n
+        })
+    };
     for round in 0..20 {
         let d = daemon();
+        // Killed at a random moment of its work, not before it began (a busy
+        // machine can take longer than the shortest delay to start it).
+        assert!(started(round + 1), "round {round}: {}", log_of(&sb));
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
@@ -450,10 +458,7 @@ fn twenty_kills_of_twenty_mixed_tasks_lose_nothing() {
         }
     }
     let d = daemon();
-    assert!(wait_until(Duration::from_secs(10), || log_of(&sb)
-        .matches(" workers, agent ")
-        .count()
-        == 21));
+    assert!(started(21), "{}", log_of(&sb));
     assert!(
         wait_until(Duration::from_secs(90), || sb.all_finished(&all)),
         "{}",
