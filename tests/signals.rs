@@ -5,8 +5,12 @@ mod common;
 use common::*;
 use std::time::Duration;
 
+/// The fake agent has written its pid (the file exists a moment before the
+/// pid is in it).
 fn agent_started(sb: &Sandbox) -> bool {
-    wait_until(Duration::from_secs(10), || sb.path("agent.pid").is_file())
+    wait_until(Duration::from_secs(10), || {
+        sb.read("agent.pid").trim().parse::<i32>().is_ok()
+    })
 }
 
 /// The newest diagnostics dump of the sandbox's state directory.
