@@ -41,7 +41,7 @@ pub fn reexec_without_thread_caches() {
     let current = std::env::var_os(TUNABLES);
     if current
         .as_ref()
-        .is_some_and(|v| contains(v.as_bytes(), b"tcache_count"))
+        .is_some_and(|v| v.to_string_lossy().contains("tcache_count"))
     {
         return;
     }
@@ -107,8 +107,4 @@ fn name_process_after_argv0() {
         // SAFETY: PR_SET_NAME reads a NUL-terminated name of at most 16 bytes.
         unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
     }
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }

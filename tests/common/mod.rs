@@ -188,6 +188,16 @@ impl Drop for Sandbox {
     }
 }
 
+/// The daemon's log, for tests that start it with `--log-file daemon.log`.
+pub fn log_of(sb: &Sandbox) -> String {
+    sb.read("daemon.log")
+}
+
+/// How many daemons have logged their start-up line in `daemon.log`.
+pub fn start_lines(sb: &Sandbox) -> usize {
+    log_of(sb).matches(" workers, agent ").count()
+}
+
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     loop {
