@@ -377,3 +377,27 @@ fn an_iteration_ends_when_its_output_ends_not_after_the_drain_period() {
     assert!(total < 0.45, "three iterations took {total} s");
     sb.assert_nothing_left();
 }
+
+#[test]
+fn the_daemons_own_variables_win_over_adapter_env_of_the_same_name() {
+    let sb = Sandbox::new("envwins");
+    sb.write_exec(
+        "probe.sh",
+        "#!/bin/bash\necho \"task=$RALPH_QCHAT_TASK_ID extra=$PROBE_EXTRA\"\n# As exec gave it (bash itself keeps the last of two copies).\ntr '\\0' '\\n' < /proc/$$/environ | grep '^RALPH_QCHAT_TASK_ID=' | paste -sd, | sed 's/^/raw=/'\nprintf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\"\n",
+    );
+    config(
+        &sb,
+        "[adapter.env]\nRALPH_QCHAT_TASK_ID = \"spoofed\"\nPROBE_EXTRA = \"given\"\n",
+    );
+    let r = run(sb.cmd(&[
+        "run",
+        "--config",
+        "cfg.toml",
+        "--agent-command",
+        "./probe.sh",
+    ]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let t = sb.read(".ralph-qchat/tasks/PROMPT/iterations/000001.log");
+    assert!(t.contains("task=PROMPT extra=given"), "{t}");
+    assert!(t.contains("raw=RALPH_QCHAT_TASK_ID=PROMPT\n"), "{t}");
+}

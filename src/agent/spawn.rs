@@ -267,10 +267,13 @@ impl Plan {
                 )
             })
         };
-        let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-            .filter(|(k, _)| !req.env.iter().any(|(o, _)| o == k))
-            .collect();
-        env.extend(req.env.iter().cloned());
+        // Our environment, then the request's variables, a later one
+        // replacing an earlier one of the same name (as Command::env does).
+        let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+        for (k, v) in &req.env {
+            env.retain(|(o, _)| o != k);
+            env.push((k.clone(), v.clone()));
+        }
         let path = env
             .iter()
             .find(|(k, _)| k == "PATH")
