@@ -804,6 +804,75 @@ fn kill_9_at_random_moments_loses_nothing_and_leaves_nothing() {
     }
 }
 
+/// The record of an attempt reaches state.json in the background, so a
+/// kill -9 just after an agent started can leave it unrecorded: the agent
+/// dies with the daemon, but what it started in the background works on in
+/// the task's directory. The next start must end it all the same (a
+/// crash-loop test found such orphans). Here the orphan is made by hand, for
+/// a task whose record says nothing was running.
+#[test]
+fn next_start_ends_an_agents_leftovers_even_when_its_start_was_not_recorded() {
+    let sb = Sandbox::new("unrecorded");
+    let agent = sb.write_exec(
+        "owner.sh",
+        "#!/bin/sh\nprintf %s \"$RALPH_QCHAT_OWNER\" > \"$RALPH_TEST_OWNER_FILE\"\n\
+         printf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\"\n",
+    );
+    sb.submit("# t\n", "t1", &[]);
+    let daemon = || {
+        let a = agent.display().to_string();
+        let mut c = sb.daemon_cmd(&a, &["--log-file", "daemon.log"]);
+        c.env("RALPH_TEST_OWNER_FILE", sb.path("owner"));
+        start(c)
+    };
+    let d = daemon();
+    assert!(
+        wait_until(Duration::from_secs(10), || sb.task("t1")["status"]
+            == "completed"),
+        "{}",
+        log_of(&sb)
+    );
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    let owner = sb.read("owner");
+    assert!(owner.ends_with("#t1"), "{owner:?}");
+    assert_eq!(sb.task("t1")["in_progress"], serde_json::Value::Null);
+
+    let mut orphan = std::process::Command::new("sleep")
+        .arg("300")
+        .env("RALPH_QCHAT_OWNER", &owner)
+        .env("RALPH_TEST_TAG", &sb.tag)
+        .spawn()
+        .unwrap();
+    let before = start_lines(&sb);
+    let d = daemon();
+    assert!(
+        wait_until(Duration::from_secs(10), || start_lines(&sb) == before + 1),
+        "{}",
+        log_of(&sb)
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || orphan
+            .try_wait()
+            .unwrap()
+            .is_some()),
+        "the leftover {} of an earlier instance is still running",
+        orphan.id()
+    );
+    let log = log_of(&sb);
+    assert!(
+        log.contains(&format!(
+            "ended 1 leftover agent processes of an earlier instance: [{}]",
+            orphan.id()
+        )),
+        "{log}"
+    );
+    // A finished task stays finished: the agent did not run again.
+    assert_eq!(sb.task("t1")["iteration"], 1);
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+}
+
 #[test]
 fn opt_in_cache_answers_an_identical_request_without_spawning() {
     let sb = Sandbox::new("cache");

@@ -52,30 +52,57 @@ pub fn terminate_group(pgid: i32, grace: Duration) {
 }
 
 /// Kills processes left by an earlier instance that died without cleaning up
-/// (kill -9): they carry our marker variable in their environment. Returns the
-/// pids signalled.
-pub fn kill_leftovers(marker: &str) -> Vec<i32> {
+/// (kill -9): they carry a marker starting with `prefix` in their environment.
+/// Returns (the rest of the marker, pid) of each process signalled.
+///
+/// Looks again until a pass finds nothing new: a leftover that was forking
+/// while the first pass read /proc may have started a child it did not see.
+pub fn kill_leftovers(prefix: &str) -> Vec<(String, i32)> {
+    let mut killed: Vec<(String, i32)> = Vec::new();
+    for _ in 0..10 {
+        let found = marked_processes(prefix);
+        let fresh: Vec<_> = found
+            .into_iter()
+            .filter(|(_, pid)| !killed.iter().any(|(_, k)| k == pid))
+            .collect();
+        if fresh.is_empty() {
+            break;
+        }
+        for (_, pid) in &fresh {
+            // SAFETY: SIGKILL to a process that carries our own marker.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+        killed.extend(fresh);
+    }
+    killed
+}
+
+/// Processes (not zombies, not this one) whose marker variable starts with
+/// `prefix`, with what follows the prefix.
+fn marked_processes(prefix: &str) -> Vec<(String, i32)> {
     let me = std::process::id() as i32;
-    let needle = format!("{}={marker}", crate::agent::spawn::MARKER_VAR);
-    let mut killed = Vec::new();
+    let needle = format!("{}={prefix}", crate::agent::spawn::MARKER_VAR);
+    let mut found = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return killed;
+        return found;
     };
     for e in dir.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        if pid == me {
+        if pid == me || matches!(stat_of(pid), Some(('Z', _)) | None) {
             continue;
         }
         let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
-        if env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) {
-            // SAFETY: SIGKILL to a process that carries our own marker.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            killed.push(pid);
+        if let Some(kv) = env
+            .split(|&b| b == 0)
+            .find(|kv| kv.starts_with(needle.as_bytes()))
+        {
+            let rest = String::from_utf8_lossy(&kv[needle.len()..]).into_owned();
+            found.push((rest, pid));
         }
     }
-    killed
+    found
 }

@@ -27,7 +27,12 @@ pub struct Inputs<'a> {
 
 /// The marker value that tags every process of this task's agent runs.
 pub fn owner_marker(state_dir: &Path, task_id: &str) -> String {
-    format!("{}#{task_id}", state_dir.display())
+    format!("{}{task_id}", owner_prefix(state_dir))
+}
+
+/// What the markers of every task of one state directory start with.
+pub fn owner_prefix(state_dir: &Path) -> String {
+    format!("{}#", state_dir.display())
 }
 
 /// The request, and whether the prompt went by reference (too big for argv).

@@ -229,9 +229,28 @@ impl Scheduler {
             refused: false,
             rng: seed(),
         };
+        s.end_leftovers();
         s.resize_pool(s.cfg.performance.max_concurrent as usize)?;
         s.restore_metrics();
         Ok(s)
+    }
+
+    /// Ends whatever agents of an earlier instance on this state directory
+    /// still run (it was killed with -9, or died). The state lock is ours, so
+    /// every process carrying this directory's marker is such a leftover —
+    /// including those of an agent started just before the kill, whose
+    /// iteration had not reached state.json yet.
+    fn end_leftovers(&self) {
+        let prefix = request::owner_prefix(self.store.state_dir());
+        let mut by_task: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+        for (task, pid) in crate::agent::kill_leftovers(&prefix) {
+            by_task.entry(task).or_default().push(pid);
+        }
+        for (task, pids) in by_task {
+            log::warn!(task = task.as_str();
+                "ended {} leftover agent processes of an earlier instance: {pids:?}",
+                pids.len());
+        }
     }
 
     /// Grows the pool with new threads, or shrinks it by retiring idle
@@ -280,13 +299,8 @@ impl Scheduler {
                 state.interrupted_iterations += 1;
                 state.iteration = k;
                 rerun = true;
-                let killed = crate::agent::kill_leftovers(&request::owner_marker(
-                    self.store.state_dir(),
-                    &id,
-                ));
-                log::warn!(task = id.as_str(), iteration = k;
-                    "iteration {k} was interrupted; running it again{}",
-                    if killed.is_empty() { String::new() } else { format!(" (ended {} leftover agent processes: {killed:?})", killed.len()) });
+                log::warn!(task = id, iteration = k;
+                    "iteration {k} was interrupted; running it again");
             }
             self.ready.push_back(id.clone());
             Phase::Ready
