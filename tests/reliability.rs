@@ -389,7 +389,10 @@ fn twenty_kills_of_twenty_mixed_tasks_lose_nothing() {
     let kinds = ["", "SLOW", "FLAKY", "CHILD"];
     let all: Vec<String> = (0..20).map(|i| format!("m{i:02}")).collect();
     for (i, id) in all.iter().enumerate() {
-        sb.submit(&format!("# task {}\n", kinds[i % 4]), id, &[]);
+        // m00 also works until released: an agent surely running at the
+        // kills, which must die with its daemon.
+        let hold = if i == 0 { " HOLD" } else { "" };
+        sb.submit(&format!("# task {}{hold}\n", kinds[i % 4]), id, &[]);
     }
     sb.write(
         "cfg.toml",
@@ -400,7 +403,7 @@ fn twenty_kills_of_twenty_mixed_tasks_lose_nothing() {
             "mixed.sh",
             &["--config", "cfg.toml", "--log-file", "daemon.log"],
         );
-        c.env("FAKE_N", "5");
+        c.env("FAKE_N", "5").env("FAKE_RELEASE", sb.path("release"));
         start(c)
     };
     let mut seed =
@@ -417,6 +420,20 @@ fn twenty_kills_of_twenty_mixed_tasks_lose_nothing() {
             d.finish(Duration::from_secs(10)).code(),
             137,
             "round {round}"
+        );
+        // The agents die with their daemon. What they started in the
+        // background (CHILD's sleep) lives until the next start ends it:
+        // only systemd's cgroup can end it sooner (packaging/systemd-test.sh).
+        let agents = || -> Vec<(i32, String)> {
+            sb.live_commands()
+                .into_iter()
+                .filter(|(_, c)| c.contains("mixed.sh"))
+                .collect()
+        };
+        assert!(
+            wait_until(Duration::from_secs(5), || agents().is_empty()),
+            "round {round}: agents outlived their daemon: {:?}",
+            agents()
         );
         for id in &all {
             let t = sb.task(id);
@@ -445,6 +462,7 @@ fn twenty_kills_of_twenty_mixed_tasks_lose_nothing() {
             before.insert(id.clone(), now);
         }
     }
+    sb.write("release", "");
     // Killed at random moments, some daemons died before they logged that
     // they started; this one must get there.
     let before_last = start_lines(&sb);

@@ -136,6 +136,14 @@ impl Sandbox {
 
     /// Processes carrying this sandbox's tag that are not zombies.
     pub fn live_processes(&self) -> Vec<i32> {
+        self.live_commands()
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    /// The same, each with its command line (arguments joined by spaces).
+    pub fn live_commands(&self) -> Vec<(i32, String)> {
         let needle = format!("RALPH_TEST_TAG={}", self.tag);
         let mut found = Vec::new();
         for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -151,7 +159,9 @@ impl Sandbox {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let state = stat.rfind(')').and_then(|i| stat[i + 2..].chars().next());
             if state.is_some_and(|s| s != 'Z') {
-                found.push(pid);
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                found.push((pid, cmdline.trim_end().to_string()));
             }
         }
         found
@@ -162,8 +172,8 @@ impl Sandbox {
     pub fn assert_nothing_left(&self) {
         let ok = wait_until(Duration::from_secs(5), || self.live_processes().is_empty());
         if !ok {
-            let left = self.live_processes();
-            for p in &left {
+            let left = self.live_commands();
+            for (p, _) in &left {
                 unsafe { libc::kill(*p, libc::SIGKILL) };
             }
             panic!("processes left running after the test: {left:?}");
