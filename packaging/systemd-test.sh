@@ -167,6 +167,9 @@ submit slow2 "# SLOW task"
 # The agent is sh running sleep: sh dies with the daemon (PDEATHSIG), sleep is
 # left to systemd, which ends the rest of the unit's cgroup.
 wait_for 10 'pgrep -u ralph-qchat -x sleep' || fail "slow agent did not start"
+# The record of the running iteration is written a moment after the start.
+wait_for 10 'grep -q "\"in_progress\": 1" /var/lib/ralph-qchat/tasks/slow2/state.json' \
+  || fail "slow2's iteration is not recorded as running: $(in_ct cat /var/lib/ralph-qchat/tasks/slow2/state.json)"
 pid=$(in_ct systemctl show -p MainPID --value ralph-qchat)
 in_ct kill -KILL "$pid"
 wait_for 10 '! pgrep -u ralph-qchat >/dev/null' || fail "left after kill -9: $(in_ct pgrep -a -u ralph-qchat)"

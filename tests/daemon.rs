@@ -133,8 +133,7 @@ fn sigterm_gives_running_agents_the_grace_then_stops_them_and_restart_resumes() 
         "{}",
         log_of(&sb)
     );
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
     for id in &all {
         let t = sb.task(id);
         assert_eq!(t["status"], "completed", "{t}");
@@ -183,8 +182,7 @@ fn second_daemon_on_the_same_state_exits_75_naming_the_first() {
         r.stderr
     );
     assert!(r.stderr.contains("--standby"), "{}", r.stderr);
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
 }
 
 #[test]
@@ -211,8 +209,7 @@ fn standby_takes_over_when_the_running_instance_stops() {
     assert!(wait_until(Duration::from_secs(10), || sb
         .read("new.log")
         .contains("standby:")));
-    old.signal(libc::SIGTERM);
-    assert_eq!(old.finish(Duration::from_secs(10)).code(), 0);
+    old.stop();
     assert!(
         wait_until(Duration::from_secs(10), || sb.task("t00")["status"]
             == "completed"),
@@ -221,8 +218,7 @@ fn standby_takes_over_when_the_running_instance_stops() {
     );
     assert!(sb.read("new.log").contains("took over"));
     assert_eq!(sb.task("t00")["interrupted_iterations"], 1);
-    new.signal(libc::SIGTERM);
-    assert_eq!(new.finish(Duration::from_secs(10)).code(), 0);
+    new.stop();
 }
 
 #[test]
@@ -262,8 +258,7 @@ fn cancel_stops_a_running_task_and_a_queued_one() {
     let r = run(sb.cmd(&["cancel", "nosuch", "--state-dir", &sd]));
     assert_ne!(r.code(), 0);
     assert!(r.stderr.contains("nosuch"));
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
 }
 
 #[test]
@@ -350,8 +345,7 @@ fn bad_spool_entries_are_rejected_with_their_reason() {
     );
     assert_eq!(sb.task_ids(), ["good", "late"]);
     assert!(log_of(&sb).contains("spool entry big.md rejected"));
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
 }
 
 #[test]
@@ -394,8 +388,7 @@ fn submit_while_the_daemon_is_down_then_it_takes_the_task() {
     let r = run(sb.cmd(&["status", "--state-dir", &sd, "--json"]));
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v[0]["id"], id.as_str());
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
 }
 
 #[test]
@@ -463,8 +456,7 @@ fn sighup_reloads_log_level_and_workers_and_refuses_a_broken_file() {
         Duration::from_secs(10),
         || sb.task("after")["status"] == "completed"
     ));
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
 }
 
 #[test]
@@ -511,8 +503,7 @@ fn circuit_opens_on_failures_pauses_dispatch_then_recovers() {
         let t = sb.task(id);
         assert_eq!(t["status"], "completed", "{t}");
     }
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
 }
 
 #[test]
@@ -572,8 +563,7 @@ fn missing_agent_opens_the_circuit_fails_no_task_and_recovers_when_installed() {
     for id in &all {
         assert_eq!(sb.task(id)["status"], "completed");
     }
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
 }
 
 #[test]
@@ -599,8 +589,7 @@ fn rate_limit_holds_across_tasks() {
         "{}",
         log_of(&sb)
     );
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
     let mut starts: Vec<f64> = intervals(&sb.read("shared.log"))
         .iter()
         .map(|i| i.1)
@@ -696,8 +685,7 @@ fn sigusr1_storm_is_coalesced_and_does_not_disturb_work() {
         assert_eq!(t["successful_iterations"], 3, "{t}");
         assert_eq!(t["failed_iterations"], 0, "{t}");
     }
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
 }
 
 /// Counters that must never go back, read from every task record.
@@ -783,8 +771,7 @@ fn kill_9_at_random_moments_loses_nothing_and_leaves_nothing() {
         "{}",
         log_of(&sb)
     );
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
     assert_eq!(sb.task_ids(), all, "tasks lost or duplicated");
     let spool: Vec<_> = std::fs::read_dir(sb.state_dir().join("spool"))
         .unwrap()
@@ -832,8 +819,7 @@ fn next_start_ends_an_agents_leftovers_even_when_its_start_was_not_recorded() {
         "{}",
         log_of(&sb)
     );
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
     let owner = sb.read("owner");
     assert!(owner.ends_with("#t1"), "{owner:?}");
     assert_eq!(sb.task("t1")["in_progress"], serde_json::Value::Null);
@@ -869,8 +855,7 @@ fn next_start_ends_an_agents_leftovers_even_when_its_start_was_not_recorded() {
     );
     // A finished task stays finished: the agent did not run again.
     assert_eq!(sb.task("t1")["iteration"], 1);
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
 }
 
 #[test]
@@ -909,8 +894,7 @@ fn opt_in_cache_answers_an_identical_request_without_spawning() {
         "{}",
         log_of(&sb)
     );
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
     // Two iterations, one agent run: the second was answered from the cache.
     assert_eq!(
         intervals(&sb.read("shared.log")).len(),
@@ -964,8 +948,7 @@ fn without_cache_identical_requests_each_run_the_agent() {
         "{}",
         log_of(&sb)
     );
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
     assert_eq!(intervals(&sb.read("shared.log")).len(), 2);
 }
 
@@ -990,8 +973,7 @@ fn a_notify_socket_nobody_reads_never_stalls_the_daemon() {
         log_of(&sb)
     );
     let t0 = Instant::now();
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
 }
 
@@ -1023,6 +1005,5 @@ fn relative_agent_command_means_the_operators_directory() {
         "{}",
         log_of(&sb)
     );
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
 }

@@ -121,8 +121,7 @@ fn soak_20000_requests_keeps_fds_and_memory_flat() {
         .map(|id| sb.task(id)["successful_iterations"].as_u64().unwrap())
         .sum();
     assert_eq!(done, 20_000);
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
     eprintln!("soak: fds {fd0} -> {fd1}, RSS {rss0} KiB -> {rss1} KiB");
     assert_eq!(fd0, fd1, "open descriptors went from {fd0} to {fd1}");
     assert!(rss1 < rss0 + 1024, "RSS grew from {rss0} KiB to {rss1} KiB");
@@ -186,8 +185,7 @@ fn agent_replaced_by_a_non_executable_file_mid_run_pauses_then_recovers() {
     for id in &all {
         assert_eq!(sb.task(id)["status"], "completed", "{}", sb.task(id));
     }
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
 }
 
 fn set_nofile(pid: i32, soft: u64) {
@@ -244,8 +242,7 @@ fn emfile_when_spawning_is_a_clear_message_and_nothing_is_lost() {
         log_of(&sb)
     );
     assert!(sb.task("t1")["retries"].as_u64().unwrap() >= 1);
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
 }
 
 /// A tmpfs of its own for the state directory, unmounted at the end.
@@ -330,8 +327,7 @@ fn read_only_state_dir_mid_run_is_reported_and_recovered() {
         sb.task("t1")["successful_iterations"].as_u64() >= frozen["successful_iterations"].as_u64()
     );
     assert_eq!(health(&sb)["status"], "healthy");
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
 }
 
 #[test]
@@ -379,8 +375,7 @@ fn full_disk_is_reported_and_recovered() {
     // The task went on after the disk filled, and its record is whole.
     assert!(t["successful_iterations"].as_u64().unwrap() >= 1, "{t}");
     assert_eq!(t["in_progress"], serde_json::Value::Null, "{t}");
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
 }
 
 #[test]
@@ -478,8 +473,7 @@ fn twenty_kills_of_twenty_mixed_tasks_lose_nothing() {
         "{}",
         log_of(&sb)
     );
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+    d.stop();
     assert_eq!(sb.task_ids(), all);
     for id in &all {
         let t = sb.task(id);
@@ -563,8 +557,7 @@ fn drain_of_twenty_running_agents_with_a_long_grace_and_with_none() {
             "{}",
             log_of(&sb)
         );
-        d.signal(libc::SIGTERM);
-        assert_eq!(d.finish(Duration::from_secs(10)).code(), 0);
+        d.stop();
         for id in &all {
             let t = sb.task(id);
             assert!(

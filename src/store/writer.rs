@@ -11,7 +11,9 @@
 //! took a fifth of the machine (each a new inode, an fsync, a rename, a
 //! directory fsync), the largest cost per request the benchmark found. With
 //! the tick a task is written at most ten times a second however fast it
-//! iterates; a record that changes after a quiet spell is written at once.
+//! iterates; a record that changes after a quiet spell is written at once,
+//! and so is a batch marked urgent (a task changed status: started, ended),
+//! so the moments an operator looks for are on disk without the tick's delay.
 
 use super::TaskStore;
 use crossbeam_channel::{Receiver, Sender};
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant};
 
 /// The shortest time between the starts of two batches: what a kill -9 under
 /// sustained load can take back of task records (the iterations it covers
-/// run again on restart and are counted as interrupted).
+/// run again on restart).
 pub const TICK: Duration = Duration::from_millis(100);
 
 /// What the writer reports after each batch: the tasks it could not write.
@@ -39,7 +41,8 @@ pub type Batch = Vec<(String, Vec<u8>)>;
 
 /// What the writer is asked to do.
 enum Msg {
-    Tasks(Batch),
+    /// Records, and whether they must not wait for the tick.
+    Tasks(Batch, bool),
     /// Replace a file durably (the newest content wins); failures are logged.
     File(PathBuf, Vec<u8>),
     /// Keep only the newest `keep` transcripts of a task.
@@ -52,23 +55,27 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// `report` receives one `Written` per batch.
+    /// Batches start at most once per `tick` (see `TICK`); `report`
+    /// receives one `Written` per batch.
     pub fn start(
         store: TaskStore,
+        tick: Duration,
         report: impl Fn(Written) + Send + 'static,
     ) -> std::io::Result<Writer> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let handle = std::thread::Builder::new()
             .name("writer".into())
-            .spawn(move || run(store, rx, report))?;
+            .spawn(move || run(store, tick, rx, report))?;
         Ok(Writer {
             tx: Some(tx),
             handle: Some(handle),
         })
     }
 
-    pub fn send(&self, batch: Batch) {
-        self.post(Msg::Tasks(batch));
+    /// Records to write; `urgent` ones are written without waiting for the
+    /// tick, together with whatever is queued.
+    pub fn send(&self, batch: Batch, urgent: bool) {
+        self.post(Msg::Tasks(batch, urgent));
     }
 
     pub fn save_file(&self, path: PathBuf, bytes: Vec<u8>) {
@@ -100,7 +107,7 @@ impl Drop for Writer {
     }
 }
 
-fn run(store: TaskStore, rx: Receiver<Msg>, report: impl Fn(Written)) {
+fn run(store: TaskStore, tick: Duration, rx: Receiver<Msg>, report: impl Fn(Written)) {
     let mut last: Option<Instant> = None;
     while let Ok(first) = rx.recv() {
         // Everything queued meanwhile joins this batch; the newest record wins.
@@ -108,20 +115,26 @@ fn run(store: TaskStore, rx: Receiver<Msg>, report: impl Fn(Written)) {
         let mut files: BTreeMap<PathBuf, Vec<u8>> = BTreeMap::new();
         let mut prunes: BTreeMap<String, usize> = BTreeMap::new();
         let mut take = |msg: Msg| match msg {
-            Msg::Tasks(b) => batch.extend(b),
+            Msg::Tasks(b, urgent) => {
+                batch.extend(b);
+                urgent
+            }
             Msg::File(p, bytes) => {
                 files.insert(p, bytes);
+                false
             }
             Msg::Prune(id, keep) => {
                 prunes.insert(id, keep);
+                false
             }
         };
-        take(first);
-        // Gather until a tick has passed since the last batch began; at
-        // shutdown (the channel closed) write at once.
-        if let Some(at) = last {
-            while let Ok(more) = rx.recv_deadline(at + TICK) {
-                take(more);
+        // Gather until a tick has passed since the last batch began, or
+        // something urgent came; at shutdown (the channel closed) write at once.
+        if let (false, Some(at)) = (take(first), last) {
+            while let Ok(more) = rx.recv_deadline(at + tick) {
+                if take(more) {
+                    break;
+                }
             }
         }
         while let Ok(more) = rx.try_recv() {
@@ -217,12 +230,15 @@ mod tests {
         let store = TaskStore::new(&dir);
         let reports = Arc::new(Mutex::new(Vec::new()));
         let r = reports.clone();
-        let mut w = Writer::start(store.clone(), move |x| r.lock().unwrap().push(x)).unwrap();
-        w.send(vec![
-            ("a".into(), b"1".to_vec()),
-            ("blocked".into(), b"1".to_vec()),
-        ]);
-        w.send(vec![("a".into(), b"2".to_vec())]);
+        let mut w = Writer::start(store.clone(), TICK, move |x| r.lock().unwrap().push(x)).unwrap();
+        w.send(
+            vec![
+                ("a".into(), b"1".to_vec()),
+                ("blocked".into(), b"1".to_vec()),
+            ],
+            false,
+        );
+        w.send(vec![("a".into(), b"2".to_vec())], false);
         w.finish();
         assert_eq!(std::fs::read(dir.join("tasks/a/state.json")).unwrap(), b"2");
         let reports = reports.lock().unwrap();
@@ -245,12 +261,12 @@ mod tests {
         let store = TaskStore::new(&dir);
         let batches = Arc::new(Mutex::new(0usize));
         let b = batches.clone();
-        let mut w = Writer::start(store, move |_| *b.lock().unwrap() += 1).unwrap();
+        let mut w = Writer::start(store, TICK, move |_| *b.lock().unwrap() += 1).unwrap();
         // 60 changes over 3 ticks: without the tick each found the writer
         // idle and made a batch of its own.
         let began = Instant::now();
         for i in 0..60u32 {
-            w.send(vec![("a".into(), i.to_string().into_bytes())]);
+            w.send(vec![("a".into(), i.to_string().into_bytes())], false);
             std::thread::sleep(TICK * 3 / 60);
         }
         let ticks = began.elapsed().as_secs_f64() / TICK.as_secs_f64();
@@ -265,6 +281,34 @@ mod tests {
             std::fs::read(dir.join("tasks/a/state.json")).unwrap(),
             b"59"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_urgent_record_does_not_wait_for_the_tick() {
+        let dir = std::env::temp_dir().join(format!("ralph-qchat-urgent-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("tasks")).unwrap();
+        let store = TaskStore::new(&dir);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        // A tick far longer than any write: waiting for it would show.
+        let tick = Duration::from_secs(60);
+        let mut w = Writer::start(store, tick, move |x| {
+            let _ = tx.send(x);
+        })
+        .unwrap();
+        w.send(vec![("a".into(), b"1".to_vec())], false);
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let began = Instant::now();
+        w.send(vec![("b".into(), b"1".to_vec())], false);
+        w.send(vec![("a".into(), b"2".to_vec())], true);
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the urgent record waited for the tick");
+        assert!(began.elapsed() < tick / 2);
+        // The record queued before it went along.
+        assert_eq!(std::fs::read(dir.join("tasks/b/state.json")).unwrap(), b"1");
+        assert_eq!(std::fs::read(dir.join("tasks/a/state.json")).unwrap(), b"2");
+        w.finish();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -261,6 +261,13 @@ impl Running {
         unsafe { libc::kill(self.pid(), sig) };
     }
 
+    /// SIGTERM, then the orderly exit: 0 within ten seconds.
+    pub fn stop(self) {
+        self.signal(libc::SIGTERM);
+        let f = self.finish(Duration::from_secs(10));
+        assert_eq!(f.code(), 0, "{}", f.stderr);
+    }
+
     /// Waits for exit (killing it and failing after `limit`), with rusage.
     pub fn finish(mut self, limit: Duration) -> Finished {
         let pid = self.pid();

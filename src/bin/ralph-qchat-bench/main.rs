@@ -95,7 +95,8 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
     a new batch the moment the last one ended, so it rewrote each record
     after almost every change (~1,300 a second: a new temporary file, fsync,
     rename, directory fsync) and took a fifth of the machine. Batches now
-    start at most every 0.1 s (`TICK` in src/store/writer.rs): the writer's
+    start at most every 0.1 s (`TICK` in src/store/writer.rs; a change of
+    status is written at once): the writer's
     share fell from ~20% to 4–8% and concurrency 20 from 0.6–0.7 to 0.65–0.85.
   An append-only journal instead of per-task record files would save part of
   what is left of the writer's share, not the transcripts or the spawn; not

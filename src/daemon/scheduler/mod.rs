@@ -186,7 +186,8 @@ impl Scheduler {
         let interval = cfg.monitoring.metrics_interval;
         let now = Instant::now();
         let report = events_tx.clone();
-        let writer = crate::store::writer::Writer::start(store.clone(), move |w| {
+        let tick = crate::store::writer::TICK;
+        let writer = crate::store::writer::Writer::start(store.clone(), tick, move |w| {
             let _ = report.send(Event::Written(w));
         })?;
         let mut s = Scheduler {

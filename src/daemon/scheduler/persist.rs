@@ -8,7 +8,11 @@ impl Scheduler {
     pub(super) fn flush(&mut self) {
         let now = Instant::now();
         let mut batch = Vec::new();
+        // A task that started, ended or paused is written without waiting for
+        // the writer's tick: what an operator looks for after a crash.
+        let mut urgent = false;
         for s in self.slots.values_mut().filter(|s| s.dirty) {
+            urgent |= s.state.status != s.published.status;
             if let Some(t) = s.active_since {
                 s.state.runtime_secs += now.duration_since(t).as_secs_f64();
                 s.active_since = (s.phase != Phase::Finished).then_some(now);
@@ -23,7 +27,7 @@ impl Scheduler {
             self.publish_due = true;
         }
         if !batch.is_empty() {
-            self.writer.send(batch);
+            self.writer.send(batch, urgent);
         }
     }
 
