@@ -232,9 +232,10 @@ fn dry_run(cfg: &Config, s: &Setup) -> Result<String, Failure> {
         &s.prompt.display().to_string(),
         &s.workdir.display().to_string(),
     );
+    let owner = crate::daemon::request::owner_prefix(&s.state_dir);
     let (req, by_ref) = crate::daemon::request::build(crate::daemon::request::Inputs {
         cfg,
-        state_dir: &s.state_dir,
+        owner: &owner,
         task: &TaskState {
             iteration: 1,
             ..task

@@ -806,13 +806,17 @@ fn next_start_ends_an_agents_leftovers_even_when_its_start_was_not_recorded() {
          printf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\"\n",
     );
     sb.submit("# t\n", "t1", &[]);
-    let daemon = || {
+    // The second daemon reaches the same directory through a symlink: the
+    // mark is the directory's real path.
+    let link = sb.path("state-link");
+    std::os::unix::fs::symlink(sb.state_dir(), &link).unwrap();
+    let daemon = |state_dir: &std::path::Path| {
         let a = agent.display().to_string();
-        let mut c = sb.daemon_cmd(&a, &["--log-file", "daemon.log"]);
+        let mut c = sb.daemon_cmd_on(state_dir, &a, &["--log-file", "daemon.log"]);
         c.env("RALPH_TEST_OWNER_FILE", sb.path("owner"));
         start(c)
     };
-    let d = daemon();
+    let d = daemon(&sb.state_dir());
     assert!(
         wait_until(Duration::from_secs(10), || sb.task("t1")["status"]
             == "completed"),
@@ -831,7 +835,7 @@ fn next_start_ends_an_agents_leftovers_even_when_its_start_was_not_recorded() {
         .spawn()
         .unwrap();
     let before = start_lines(&sb);
-    let d = daemon();
+    let d = daemon(&link);
     assert!(
         wait_until(Duration::from_secs(10), || start_lines(&sb) == before + 1),
         "{}",

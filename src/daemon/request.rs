@@ -13,7 +13,8 @@ use std::time::Duration;
 
 pub struct Inputs<'a> {
     pub cfg: &'a Config,
-    pub state_dir: &'a Path,
+    /// The state directory's mark (`owner_prefix`).
+    pub owner: &'a str,
     pub task: &'a TaskState,
     pub prompt: &'a [u8],
     pub attempt: u32,
@@ -25,14 +26,12 @@ pub struct Inputs<'a> {
     pub progress: Arc<Progress>,
 }
 
-/// The marker value that tags every process of this task's agent runs.
-pub fn owner_marker(state_dir: &Path, task_id: &str) -> String {
-    format!("{}{task_id}", owner_prefix(state_dir))
-}
-
-/// What the markers of every task of one state directory start with.
+/// What the markers of every task of one state directory start with: the
+/// directory's real path, so a daemon started on it through another path (a
+/// symlink, `..`) still finds the leftovers of the last one.
 pub fn owner_prefix(state_dir: &Path) -> String {
-    format!("{}#", state_dir.display())
+    let real = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    format!("{}#", real.display())
 }
 
 /// The request, and whether the prompt went by reference (too big for argv).
@@ -65,7 +64,7 @@ pub fn build(i: Inputs) -> (AgentRequest, bool) {
         a.env.iter().map(|(k, v)| (k.into(), v.into())).collect();
     env.push((
         crate::agent::spawn_marker_var().into(),
-        owner_marker(i.state_dir, &i.task.id).into(),
+        format!("{}{}", i.owner, i.task.id).into(),
     ));
     env.push(("RALPH_QCHAT_TASK_ID".into(), i.task.id.clone().into()));
     env.push((

@@ -328,8 +328,13 @@ impl Sandbox {
 
     /// `daemon` on the sandbox's state directory with fast timings.
     pub fn daemon_cmd(&self, agent: &str, extra: &[&str]) -> Command {
+        self.daemon_cmd_on(&self.state_dir(), agent, extra)
+    }
+
+    /// The same on the state directory named by `state_dir`.
+    pub fn daemon_cmd_on(&self, state_dir: &Path, agent: &str, extra: &[&str]) -> Command {
         let a = Sandbox::agent(agent);
-        let sd = self.state_dir().display().to_string();
+        let sd = state_dir.display().to_string();
         let mut args = vec![
             "daemon",
             "--state-dir",

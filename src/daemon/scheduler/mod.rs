@@ -171,6 +171,8 @@ pub struct Scheduler {
     unavailable: bool,
     refused: bool,
     rng: u64,
+    /// What this state directory's agents carry in `RALPH_QCHAT_OWNER`.
+    owner: String,
 }
 
 impl Scheduler {
@@ -186,6 +188,7 @@ impl Scheduler {
         let interval = cfg.monitoring.metrics_interval;
         let now = Instant::now();
         let report = events_tx.clone();
+        let owner = request::owner_prefix(store.state_dir());
         let tick = crate::store::writer::TICK;
         let writer = crate::store::writer::Writer::start(store.clone(), tick, move |w| {
             let _ = report.send(Event::Written(w));
@@ -229,6 +232,7 @@ impl Scheduler {
             unavailable: false,
             refused: false,
             rng: seed(),
+            owner,
         };
         s.end_leftovers();
         s.resize_pool(s.cfg.performance.max_concurrent as usize)?;
@@ -242,9 +246,8 @@ impl Scheduler {
     /// including those of an agent started just before the kill, whose
     /// iteration had not reached state.json yet.
     fn end_leftovers(&self) {
-        let prefix = request::owner_prefix(self.store.state_dir());
         let mut by_task: BTreeMap<String, Vec<i32>> = BTreeMap::new();
-        for (task, pid) in crate::agent::kill_leftovers(&prefix) {
+        for (task, pid) in crate::agent::kill_leftovers(&self.owner) {
             by_task.entry(task).or_default().push(pid);
         }
         for (task, pids) in by_task {
@@ -696,7 +699,7 @@ impl Scheduler {
         let attempt = slot.retries_now + 1;
         let (req, by_reference) = request::build(Inputs {
             cfg,
-            state_dir: self.store.state_dir(),
+            owner: &self.owner,
             task: &slot.state,
             prompt: &prompt.text,
             attempt,
