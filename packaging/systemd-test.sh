@@ -110,6 +110,11 @@ field_of() {  # numeric field $2 of task $1
   in_ct ralph-qchat status "$1" --json --state-dir /var/lib/ralph-qchat 2>/dev/null \
     | sed -n "s/.*\"$2\": \\([0-9]*\\).*/\\1/p" | head -1
 }
+completes_after_restart() {  # task $1 completes, its interrupted iteration counted
+  wait_for 15 "[ \"\$(ralph-qchat status $1 --json --state-dir /var/lib/ralph-qchat | grep -c '\"status\": \"completed\"')\" = 1 ]" \
+    || fail "$1 did not complete after the restart: $(status_of "$1")"
+  [[ $(field_of "$1" interrupted_iterations) == 1 ]] || fail "$1: interrupted_iterations=$(field_of "$1" interrupted_iterations)"
+}
 submit() {  # submit a task $1 with prompt text $2
   in_ct sh -c "printf '%s\n' '$2' > /tmp/$1.md && ralph-qchat submit /tmp/$1.md --id $1 --state-dir /var/lib/ralph-qchat"
 }
@@ -156,9 +161,7 @@ in_ct pgrep -u ralph-qchat >/dev/null && fail "processes of ralph-qchat left: $(
 say "systemctl start resumes the unfinished task"
 in_ct touch /etc/fake-agent-fast
 in_ct systemctl start ralph-qchat
-wait_for 15 '[ "$(ralph-qchat status slow1 --json --state-dir /var/lib/ralph-qchat | grep -c "\"status\": \"completed\"")" = 1 ]' \
-  || fail "slow1 did not complete after restart: $(status_of slow1)"
-[[ $(field_of slow1 interrupted_iterations) == 1 ]] || fail "interrupted_iterations=$(field_of slow1 interrupted_iterations)"
+completes_after_restart slow1
 say "slow1 completed after the restart, its interrupted iteration counted"
 
 say "kill -9 of the daemon: what its agent left is ended with the unit, the next start resumes"
@@ -175,9 +178,7 @@ in_ct kill -KILL "$pid"
 wait_for 10 '! pgrep -u ralph-qchat >/dev/null' || fail "left after kill -9: $(in_ct pgrep -a -u ralph-qchat)"
 in_ct touch /etc/fake-agent-fast
 in_ct systemctl restart ralph-qchat
-wait_for 15 '[ "$(ralph-qchat status slow2 --json --state-dir /var/lib/ralph-qchat | grep -c "\"status\": \"completed\"")" = 1 ]' \
-  || fail "slow2 did not complete after the kill: $(status_of slow2)"
-[[ $(field_of slow2 interrupted_iterations) == 1 ]] || fail "interrupted_iterations=$(field_of slow2 interrupted_iterations)"
+completes_after_restart slow2
 say "nothing outlived the killed daemon; slow2 completed after the restart"
 
 say "journal priorities"

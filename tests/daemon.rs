@@ -48,11 +48,7 @@ fn fifty_tasks_never_more_than_max_concurrent_and_none_starves() {
         .env("FAKE_DELAY", "0.1")
         .env("FAKE_SHARED_LOG", &shared);
     let d = start(c);
-    assert!(
-        wait_until(Duration::from_secs(60), || sb.all_finished(&all)),
-        "{}",
-        log_of(&sb)
-    );
+    await_finished(&sb, &all, 60);
     d.signal(libc::SIGTERM);
     let r = d.finish(Duration::from_secs(10));
     assert_eq!(r.code(), 0, "{}", log_of(&sb));
@@ -128,11 +124,7 @@ fn sigterm_gives_running_agents_the_grace_then_stops_them_and_restart_resumes() 
     let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
     c.env("FAKE_N", "1").env("FAKE_LOG", "rerun.log");
     let d = start(c);
-    assert!(
-        wait_until(Duration::from_secs(20), || sb.all_finished(&all)),
-        "{}",
-        log_of(&sb)
-    );
+    await_finished(&sb, &all, 20);
     d.stop();
     for id in &all {
         let t = sb.task(id);
@@ -300,12 +292,7 @@ fn bad_spool_entries_are_rejected_with_their_reason() {
     );
     c.env("FAKE_N", "1");
     let d = start(c);
-    assert!(
-        wait_until(Duration::from_secs(10), || sb.task("good")["status"]
-            == "completed"),
-        "{}",
-        log_of(&sb)
-    );
+    await_status(&sb, "good", "completed", 10);
     let reason = |name: &str| {
         std::fs::read_to_string(spool.join("rejected").join(format!("{name}.reason")))
             .unwrap_or_default()
@@ -329,12 +316,7 @@ fn bad_spool_entries_are_rejected_with_their_reason() {
     }
     // Renamed into place, the finished file is taken.
     std::fs::rename(spool.join("late.md.part"), spool.join("late.md")).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(10), || sb.task("late")["status"]
-            == "completed"),
-        "{}",
-        log_of(&sb)
-    );
+    await_status(&sb, "late", "completed", 10);
     // The link was moved, never followed: its target is untouched.
     assert_eq!(std::fs::read_to_string(&outside).unwrap(), "secret");
     assert!(
@@ -373,12 +355,7 @@ fn submit_while_the_daemon_is_down_then_it_takes_the_task() {
     let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
     c.env("FAKE_N", "100");
     let d = start(c);
-    assert!(
-        wait_until(Duration::from_secs(10), || sb.task(&id)["status"]
-            == "limit_reached"),
-        "{}",
-        log_of(&sb)
-    );
+    await_status(&sb, &id, "limit_reached", 10);
     let t = sb.task(&id);
     assert_eq!(t["workdir"], w.as_str());
     assert_eq!(t["prompt_file"], prompt.as_str());
@@ -421,11 +398,7 @@ fn sighup_reloads_log_level_and_workers_and_refuses_a_broken_file() {
     for id in &all {
         sb.submit("# t\n", id, &[]);
     }
-    assert!(
-        wait_until(Duration::from_secs(20), || sb.all_finished(&all)),
-        "{}",
-        log_of(&sb)
-    );
+    await_finished(&sb, &all, 20);
     assert!(log_of(&sb).contains("DEBUG"), "{}", log_of(&sb));
     let iv = intervals(&sb.read("shared.log"));
     let overlap = iv
@@ -555,11 +528,7 @@ fn missing_agent_opens_the_circuit_fails_no_task_and_recovers_when_installed() {
     std::fs::create_dir_all(sb.path("bin")).unwrap();
     std::fs::copy(Sandbox::agent("complete-after.sh"), &agent).unwrap();
     let all: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-    assert!(
-        wait_until(Duration::from_secs(10), || sb.all_finished(&all)),
-        "{}",
-        log_of(&sb)
-    );
+    await_finished(&sb, &all, 10);
     for id in &all {
         assert_eq!(sb.task(id)["status"], "completed");
     }
@@ -584,11 +553,7 @@ fn rate_limit_holds_across_tasks() {
     );
     c.env("FAKE_N", "1").env("FAKE_SHARED_LOG", &shared);
     let d = start(c);
-    assert!(
-        wait_until(Duration::from_secs(30), || sb.all_finished(&all)),
-        "{}",
-        log_of(&sb)
-    );
+    await_finished(&sb, &all, 30);
     d.stop();
     let mut starts: Vec<f64> = intervals(&sb.read("shared.log"))
         .iter()
@@ -667,11 +632,7 @@ fn sigusr1_storm_is_coalesced_and_does_not_disturb_work() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let storm = t0.elapsed().as_secs_f64();
-    assert!(
-        wait_until(Duration::from_secs(30), || sb.all_finished(&all)),
-        "{}",
-        log_of(&sb)
-    );
+    await_finished(&sb, &all, 30);
     let dumps = std::fs::read_dir(sb.state_dir().join("diagnostics"))
         .unwrap()
         .count();
@@ -766,11 +727,7 @@ fn kill_9_at_random_moments_loses_nothing_and_leaves_nothing() {
         "{}",
         log_of(&sb)
     );
-    assert!(
-        wait_until(Duration::from_secs(60), || sb.all_finished(&all)),
-        "{}",
-        log_of(&sb)
-    );
+    await_finished(&sb, &all, 60);
     d.stop();
     assert_eq!(sb.task_ids(), all, "tasks lost or duplicated");
     let spool: Vec<_> = std::fs::read_dir(sb.state_dir().join("spool"))
@@ -817,12 +774,7 @@ fn next_start_ends_an_agents_leftovers_even_when_its_start_was_not_recorded() {
         start(c)
     };
     let d = daemon(&sb.state_dir());
-    assert!(
-        wait_until(Duration::from_secs(10), || sb.task("t1")["status"]
-            == "completed"),
-        "{}",
-        log_of(&sb)
-    );
+    await_status(&sb, "t1", "completed", 10);
     d.stop();
     let owner = sb.read("owner");
     assert!(owner.ends_with("#t1"), "{owner:?}");
@@ -893,11 +845,7 @@ fn opt_in_cache_answers_an_identical_request_without_spawning() {
     c.env("FAKE_N", "100").env("FAKE_SHARED_LOG", &shared);
     let d = start(c);
     let both = ["first".to_string(), "second".to_string()];
-    assert!(
-        wait_until(Duration::from_secs(10), || sb.all_finished(&both)),
-        "{}",
-        log_of(&sb)
-    );
+    await_finished(&sb, &both, 10);
     d.stop();
     // Two iterations, one agent run: the second was answered from the cache.
     assert_eq!(
@@ -947,11 +895,7 @@ fn without_cache_identical_requests_each_run_the_agent() {
     c.env("FAKE_N", "100").env("FAKE_SHARED_LOG", &shared);
     let d = start(c);
     let both = ["first".to_string(), "second".to_string()];
-    assert!(
-        wait_until(Duration::from_secs(10), || sb.all_finished(&both)),
-        "{}",
-        log_of(&sb)
-    );
+    await_finished(&sb, &both, 10);
     d.stop();
     assert_eq!(intervals(&sb.read("shared.log")).len(), 2);
 }
@@ -971,11 +915,7 @@ fn a_notify_socket_nobody_reads_never_stalls_the_daemon() {
         .env("WATCHDOG_USEC", "2000")
         .env("FAKE_N", "3");
     let d = start(c);
-    assert!(
-        wait_until(Duration::from_secs(20), || sb.all_finished(&all)),
-        "{}",
-        log_of(&sb)
-    );
+    await_finished(&sb, &all, 20);
     let t0 = Instant::now();
     d.stop();
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
@@ -1003,11 +943,6 @@ fn relative_agent_command_means_the_operators_directory() {
     ]);
     c.env("FAKE_N", "1").env("QCHAT_POLL_INTERVAL", "0.05");
     let d = start(c);
-    assert!(
-        wait_until(Duration::from_secs(10), || sb.task("t1")["status"]
-            == "completed"),
-        "{}",
-        log_of(&sb)
-    );
+    await_status(&sb, "t1", "completed", 10);
     d.stop();
 }

@@ -101,19 +101,11 @@ fn soak_20000_requests_keeps_fds_and_memory_flat() {
     let pid = d.pid();
     // 1,000 requests, then the baseline.
     let first = specs(&sb, 20, 0, 50);
-    assert!(
-        wait_until(Duration::from_secs(120), || sb.all_finished(&first)),
-        "{}",
-        log_of(&sb)
-    );
+    await_finished(&sb, &first, 120);
     let (fd0, rss0) = (resting_fds(pid), rss_kib(pid));
     // 19,000 more.
     let rest = specs(&sb, 20, 20, 950);
-    assert!(
-        wait_until(Duration::from_secs(300), || sb.all_finished(&rest)),
-        "{}",
-        log_of(&sb)
-    );
+    await_finished(&sb, &rest, 300);
     let (fd1, rss1) = (resting_fds(pid), rss_kib(pid));
     let done: u64 = first
         .iter()
@@ -177,11 +169,7 @@ fn agent_replaced_by_a_non_executable_file_mid_run_pauses_then_recovers() {
     }
     std::fs::remove_file(&agent).unwrap();
     std::fs::copy(Sandbox::agent("complete-after.sh"), &agent).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(20), || sb.all_finished(&all)),
-        "{}",
-        log_of(&sb)
-    );
+    await_finished(&sb, &all, 20);
     for id in &all {
         assert_eq!(sb.task(id)["status"], "completed", "{}", sb.task(id));
     }
@@ -235,12 +223,7 @@ fn emfile_when_spawning_is_a_clear_message_and_nothing_is_lost() {
         log_of(&sb)
     );
     set_nofile(d.pid(), 4096);
-    assert!(
-        wait_until(Duration::from_secs(20), || sb.task("t1")["status"]
-            == "completed"),
-        "{}",
-        log_of(&sb)
-    );
+    await_status(&sb, "t1", "completed", 20);
     assert!(sb.task("t1")["retries"].as_u64().unwrap() >= 1);
     d.stop();
 }
@@ -313,12 +296,7 @@ fn read_only_state_dir_mid_run_is_reported_and_recovered() {
     );
     let frozen = sb.task("t1");
     m.remount("rw");
-    assert!(
-        wait_until(Duration::from_secs(20), || sb.task("t1")["status"]
-            == "completed"),
-        "{}",
-        log_of(&sb)
-    );
+    await_status(&sb, "t1", "completed", 20);
     // The record reaches the disk before the scheduler hears back from the
     // writer and says so: wait for the line.
     assert!(wait_until(Duration::from_secs(5), || log_of(&sb)
@@ -365,12 +343,7 @@ fn full_disk_is_reported_and_recovered() {
         health(&sb)
     );
     std::fs::remove_file(&filler).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(20), || sb.task("t1")["status"]
-            == "completed"),
-        "{}",
-        log_of(&sb)
-    );
+    await_status(&sb, "t1", "completed", 20);
     let t = sb.task("t1");
     // The task went on after the disk filled, and its record is whole.
     assert!(t["successful_iterations"].as_u64().unwrap() >= 1, "{t}");
@@ -468,11 +441,7 @@ fn twenty_kills_of_twenty_mixed_tasks_lose_nothing() {
         "{}",
         log_of(&sb)
     );
-    assert!(
-        wait_until(Duration::from_secs(90), || sb.all_finished(&all)),
-        "{}",
-        log_of(&sb)
-    );
+    await_finished(&sb, &all, 90);
     d.stop();
     assert_eq!(sb.task_ids(), all);
     for id in &all {
@@ -552,11 +521,7 @@ fn drain_of_twenty_running_agents_with_a_long_grace_and_with_none() {
         );
         c.env("FAKE_N", "1");
         let d = start(c);
-        assert!(
-            wait_until(Duration::from_secs(30), || sb.all_finished(&all)),
-            "{}",
-            log_of(&sb)
-        );
+        await_finished(&sb, &all, 30);
         d.stop();
         for id in &all {
             let t = sb.task(id);

@@ -220,11 +220,17 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
-    #[test]
-    fn batches_land_and_failures_are_reported() {
-        let dir = std::env::temp_dir().join(format!("ralph-qchat-writer-{}", std::process::id()));
+    /// An empty state directory of this test's own.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ralph-qchat-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("tasks")).unwrap();
+        dir
+    }
+
+    #[test]
+    fn batches_land_and_failures_are_reported() {
+        let dir = scratch("writer");
         // A file where a task directory should be: that task cannot be written.
         std::fs::write(dir.join("tasks").join("blocked"), "x").unwrap();
         let store = TaskStore::new(&dir);
@@ -255,9 +261,7 @@ mod tests {
 
     #[test]
     fn a_task_changing_all_the_time_is_written_once_a_tick() {
-        let dir = std::env::temp_dir().join(format!("ralph-qchat-tick-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("tasks")).unwrap();
+        let dir = scratch("tick");
         let store = TaskStore::new(&dir);
         let batches = Arc::new(Mutex::new(0usize));
         let b = batches.clone();
@@ -286,9 +290,7 @@ mod tests {
 
     #[test]
     fn an_urgent_record_does_not_wait_for_the_tick() {
-        let dir = std::env::temp_dir().join(format!("ralph-qchat-urgent-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("tasks")).unwrap();
+        let dir = scratch("urgent");
         let store = TaskStore::new(&dir);
         let (tx, rx) = crossbeam_channel::unbounded();
         // A tick far longer than any write: waiting for it would show.

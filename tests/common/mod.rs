@@ -203,6 +203,27 @@ pub fn log_of(sb: &Sandbox) -> String {
     sb.read("daemon.log")
 }
 
+/// Waits (failing with the daemon's log after `secs`) for task `id` to have
+/// `status`.
+pub fn await_status(sb: &Sandbox, id: &str, status: &str, secs: u64) {
+    assert!(
+        wait_until(Duration::from_secs(secs), || sb.task(id)["status"]
+            == status),
+        "{id} is not {status}: {}",
+        log_of(sb)
+    );
+}
+
+/// Waits (failing with the daemon's log after `secs`) for every task of
+/// `ids` to have finished.
+pub fn await_finished(sb: &Sandbox, ids: &[String], secs: u64) {
+    assert!(
+        wait_until(Duration::from_secs(secs), || sb.all_finished(ids)),
+        "{}",
+        log_of(sb)
+    );
+}
+
 /// How many daemons have logged their start-up line in `daemon.log`.
 pub fn start_lines(sb: &Sandbox) -> usize {
     log_of(sb).matches(" workers, agent ").count()
