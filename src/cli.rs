@@ -1,5 +1,6 @@
-//! Command-line arguments → a Command. Flags that set configuration keys
-//! become overrides for the configuration loader.
+//! Command-line arguments → a Command: every argument struct and help text.
+//! Flags that set configuration keys become overrides for the configuration
+//! loader; a usage error is a Failure with exit code 64.
 
 use crate::config::{Override, Source};
 use crate::exit::{Failure, USAGE};
@@ -23,13 +24,38 @@ pub struct StatusArgs {
     pub id: Option<String>,
 }
 
+#[derive(Debug, Default)]
+pub struct SubmitArgs {
+    pub prompt: PathBuf,
+    pub workdir: Option<PathBuf>,
+    pub id: Option<String>,
+    pub max_iterations: Option<u64>,
+    pub max_runtime: Option<f64>,
+    pub state_dir: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Default)]
+pub struct CancelArgs {
+    pub id: String,
+    pub state_dir: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Default)]
+pub struct HealthArgs {
+    pub url: Option<String>,
+    pub config: Option<PathBuf>,
+    pub timeout: Option<f64>,
+}
+
 #[derive(Debug)]
 pub enum Command {
     Run(RunArgs),
     Daemon(RunArgs, bool),
-    Submit(crate::clients::SubmitArgs),
-    Cancel(crate::clients::CancelArgs),
-    Health(crate::health::HealthArgs),
+    Submit(SubmitArgs),
+    Cancel(CancelArgs),
+    Health(HealthArgs),
     CheckConfig(RunArgs),
     Status(StatusArgs),
     Help(&'static str),
@@ -304,7 +330,7 @@ fn number<T: std::str::FromStr>(p: &mut lexopt::Parser, flag: &str) -> Result<T,
 
 fn parse_submit(args: Vec<OsString>) -> Result<Command, Failure> {
     let mut p = lexopt::Parser::from_args(args);
-    let mut a = crate::clients::SubmitArgs::default();
+    let mut a = SubmitArgs::default();
     let mut prompt = None;
     while let Some(arg) = p.next().map_err(usage)? {
         match arg {
@@ -334,7 +360,7 @@ fn parse_submit(args: Vec<OsString>) -> Result<Command, Failure> {
 
 fn parse_cancel(args: Vec<OsString>) -> Result<Command, Failure> {
     let mut p = lexopt::Parser::from_args(args);
-    let mut a = crate::clients::CancelArgs::default();
+    let mut a = CancelArgs::default();
     let mut id = None;
     while let Some(arg) = p.next().map_err(usage)? {
         match arg {
@@ -352,7 +378,7 @@ fn parse_cancel(args: Vec<OsString>) -> Result<Command, Failure> {
 
 fn parse_health(args: Vec<OsString>) -> Result<Command, Failure> {
     let mut p = lexopt::Parser::from_args(args);
-    let mut a = crate::health::HealthArgs::default();
+    let mut a = HealthArgs::default();
     while let Some(arg) = p.next().map_err(usage)? {
         match arg {
             Short('h') | Long("help") => return Ok(Command::Help(HEALTH_HELP)),

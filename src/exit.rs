@@ -7,10 +7,17 @@ pub const TASK_FAILED: i32 = 1;
 pub const LIMIT_REACHED: i32 = 2;
 pub const USAGE: i32 = 64;
 pub const PROMPT_REFUSED: i32 = 65;
+/// The prompt file, the task or the state directory asked for is not there.
+pub const NO_INPUT: i32 = 66;
 pub const UNAVAILABLE: i32 = 69;
 pub const CANT_CREATE: i32 = 73;
 pub const TEMPFAIL: i32 = 75;
 pub const CONFIG: i32 = 78;
+
+/// A run stopped by signal `sig` exits with 128 + sig (130 SIGINT, 143 SIGTERM).
+pub fn interrupted(sig: i32) -> i32 {
+    128 + sig
+}
 
 /// A failure that ends the program: what went wrong and the code to exit with.
 #[derive(Debug)]

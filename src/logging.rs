@@ -26,10 +26,6 @@ static LOGGER: Logger = Logger {
     sinks: Mutex::new(None),
 };
 
-pub fn facility(name: &str) -> Option<syslog::Facility> {
-    name.parse().ok()
-}
-
 pub fn level_filter(level: &str) -> LevelFilter {
     match level.to_ascii_lowercase().as_str() {
         "error" => LevelFilter::Error,
@@ -54,7 +50,7 @@ pub fn init(cfg: &Logging) -> Result<(), String> {
     };
     let syslog = if cfg.syslog {
         let formatter = syslog::Formatter3164 {
-            facility: facility(&cfg.syslog_facility).unwrap_or(syslog::Facility::LOG_DAEMON),
+            facility: cfg.facility().unwrap_or(syslog::Facility::LOG_DAEMON),
             hostname: None,
             process: "ralph-qchat".into(),
             pid: std::process::id(),
@@ -141,7 +137,7 @@ fn priority(level: Level) -> u8 {
 }
 
 fn format_line(format: LogFormat, record: &Record, ctx: &Context) -> String {
-    let ts = crate::timefmt::now_rfc3339();
+    let ts = crate::sys::time::now_rfc3339();
     let msg = record.args().to_string();
     match format {
         LogFormat::Json => {

@@ -163,7 +163,7 @@ proptest! {
 }
 
 fn http_server() -> (ralph_qchat::http::HttpServer, String) {
-    let shared = ralph_qchat::http::Shared::new("qchat", "/bin/sh", std::env::temp_dir());
+    let shared = ralph_qchat::engine::Shared::new("qchat", "/bin/sh", std::env::temp_dir());
     // Stands in for a live scheduler, so /health stays 200 however long this runs.
     let ticker = shared.clone();
     std::thread::spawn(move || {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 fn health(sb: &Sandbox) -> serde_json::Value {
     let port = std::fs::read_to_string(sb.state_dir().join("http.port")).unwrap_or_default();
     let url = format!("http://127.0.0.1:{}/health", port.trim());
-    ralph_qchat::health::get(&url, Duration::from_secs(2))
+    ralph_qchat::http::client::get(&url, Duration::from_secs(2))
         .ok()
         .and_then(|(_, b)| serde_json::from_str(&b).ok())
         .unwrap_or(serde_json::Value::Null)

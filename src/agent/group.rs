@@ -1,5 +1,6 @@
 //! Process groups: is anything of a group still alive, and killing leftovers.
 
+use crate::sys::proc;
 use std::time::{Duration, Instant};
 
 /// True while a process of group `pgid` exists that is not a zombie. Zombies
@@ -9,27 +10,12 @@ pub fn group_alive(pgid: i32) -> bool {
     if unsafe { libc::kill(-pgid, 0) } != 0 {
         return false;
     }
-    let Ok(dir) = std::fs::read_dir("/proc") else {
+    let Some(pids) = proc::pids() else {
         return true;
     };
-    dir.flatten().any(|e| {
-        let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            return false;
-        };
-        matches!(stat_of(pid), Some((state, pg)) if pg == pgid && state != 'Z')
-    })
-}
-
-/// (state, process group) from /proc/<pid>/stat.
-fn stat_of(pid: i32) -> Option<(char, i32)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let mut f = rest.split(' ');
-    let state = f.next()?.chars().next()?;
-    let _ppid = f.next()?;
-    let pgrp = f.next()?.parse().ok()?;
-    Some((state, pgrp))
+    pids.into_iter().any(
+        |pid| matches!(proc::state_and_group(pid), Some((state, pg)) if pg == pgid && state != 'Z'),
+    )
 }
 
 /// Sends SIGTERM to the group, waits up to `grace` for it to go, then SIGKILL.
@@ -81,19 +67,13 @@ pub fn kill_leftovers(prefix: &str) -> Vec<(String, i32)> {
 /// `prefix`, with what follows the prefix.
 fn marked_processes(prefix: &str) -> Vec<(String, i32)> {
     let me = std::process::id() as i32;
-    let needle = format!("{}={prefix}", crate::agent::spawn::MARKER_VAR);
+    let needle = format!("{}={prefix}", super::spawn::MARKER_VAR);
     let mut found = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == me || matches!(stat_of(pid), Some(('Z', _)) | None) {
+    for pid in proc::pids().unwrap_or_default() {
+        if pid == me || matches!(proc::state_and_group(pid), Some(('Z', _)) | None) {
             continue;
         }
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        let Some(env) = proc::environ(pid) else {
             continue;
         };
         if let Some(kv) = env

@@ -10,7 +10,7 @@
 //! memory, does only async-signal-safe syscalls on data prepared before the
 //! clone, and execs; the calling worker resumes once it has.
 
-use super::AgentRequest;
+use super::attempt::AgentRequest;
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -1,7 +1,7 @@
 //! Layering: built-in defaults < TOML file < environment < command-line flags,
 //! remembering where every key's value came from.
 
-use super::{AgentName, Config};
+use super::types::{AgentName, Config};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -215,7 +215,7 @@ pub fn load(layers: &Layers) -> Result<Loaded, ConfigError> {
         file: file_used,
         warnings,
     };
-    super::validate(&loaded.config).map_err(|(key, message)| ConfigError {
+    super::validate::validate(&loaded.config).map_err(|(key, message)| ConfigError {
         source: loaded.source_of(&key),
         key,
         message,
@@ -294,6 +294,14 @@ fn looks_like_yaml(path: &Path, text: &str) -> bool {
 }
 
 /// 1-based line number of a byte offset.
+/// The process environment as the configuration's environment layer reads
+/// it (variables that are not UTF-8 are left out).
+pub fn process_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
+
 pub fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())]
         .iter()

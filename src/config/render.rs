@@ -1,7 +1,7 @@
 //! `check-config` output: the effective configuration as TOML, each value that
 //! is not the built-in default followed by a comment naming where it came from.
 
-use super::{Loaded, Source};
+use super::load::{Loaded, Source};
 use std::fmt::Write;
 use toml::{Table, Value};
 

@@ -1,7 +1,7 @@
 //! Range checks on a fully merged configuration: pure, so every rule is testable
 //! without files.
 
-use super::Config;
+use super::types::Config;
 
 type Invalid = (String, String);
 
@@ -156,7 +156,7 @@ pub fn validate(c: &Config) -> Result<(), Invalid> {
     if g.max_file_size < 1024 {
         bad("logging.max_file_size", "must be at least 1024 bytes")?;
     }
-    if crate::logging::facility(&g.syslog_facility).is_none() {
+    if g.facility().is_none() {
         bad(
             "logging.syslog_facility",
             format!(

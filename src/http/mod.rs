@@ -1,110 +1,15 @@
 //! The monitoring face: tiny_http on threads of its own, reading only atomics
-//! and the snapshot the scheduler publishes; nothing here changes state.
+//! and what the engine publishes (`engine::Shared`); nothing here changes
+//! state, and the engine does not know this module exists.
 
 pub mod allow;
+pub mod client;
 mod routes;
-pub mod system;
 
-use crate::task::TaskState;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use crate::engine::Shared;
+use std::path::Path;
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
-
-/// What the scheduler publishes for readers on other threads.
-#[derive(Debug, Default, Clone)]
-pub struct Snapshot {
-    pub tasks: Vec<Arc<TaskState>>,
-    pub workers_total: usize,
-    pub workers_busy: usize,
-    pub queue_depth: usize,
-    pub circuit: &'static str,
-    pub circuit_reason: Option<String>,
-    pub rate_per_minute: u32,
-    pub rate_tokens: f64,
-}
-
-/// (when, agent command usable, state directory writable).
-pub type Checks = (Instant, bool, Result<(), String>);
-
-pub struct Shared {
-    pub started: Instant,
-    /// Milliseconds after `started` of the scheduler's last loop.
-    pub tick_ms: AtomicU64,
-    /// The longest the scheduler sleeps between loops.
-    pub tick_every: Duration,
-    pub stopping: AtomicBool,
-    pub standby: AtomicBool,
-    /// Why task state cannot be written, while it cannot.
-    pub save_error: Mutex<Option<String>>,
-    pub snapshot: Mutex<Arc<Snapshot>>,
-    pub adapter: String,
-    pub command: Mutex<String>,
-    pub state_dir: PathBuf,
-    /// How long /health reuses its file-system checks (health_check_interval).
-    pub check_every: Mutex<Duration>,
-    pub checks: Mutex<Option<Checks>>,
-}
-
-impl Shared {
-    pub fn new(adapter: &str, command: &str, state_dir: PathBuf) -> Arc<Shared> {
-        Arc::new(Shared {
-            started: Instant::now(),
-            tick_ms: AtomicU64::new(0),
-            tick_every: Duration::from_secs(1),
-            stopping: AtomicBool::new(false),
-            standby: AtomicBool::new(false),
-            save_error: Mutex::new(None),
-            snapshot: Mutex::new(Arc::new(Snapshot::default())),
-            adapter: adapter.to_string(),
-            command: Mutex::new(command.to_string()),
-            state_dir,
-            check_every: Mutex::new(Duration::from_secs(30)),
-            checks: Mutex::new(None),
-        })
-    }
-
-    pub fn set_command(&self, c: &str) {
-        if let Ok(mut g) = self.command.lock() {
-            *g = c.to_string();
-        }
-        if let Ok(mut g) = self.checks.lock() {
-            *g = None;
-        }
-    }
-
-    pub fn command(&self) -> String {
-        self.command.lock().map(|g| g.clone()).unwrap_or_default()
-    }
-
-    pub fn set_check_every(&self, d: Duration) {
-        if let Ok(mut g) = self.check_every.lock() {
-            *g = d;
-        }
-    }
-
-    pub fn tick(&self) {
-        self.tick_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    pub fn publish(&self, s: Snapshot) {
-        if let Ok(mut g) = self.snapshot.lock() {
-            *g = Arc::new(s);
-        }
-    }
-
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.lock().map(|g| g.clone()).unwrap_or_default()
-    }
-
-    pub fn set_save_error(&self, e: Option<String>) {
-        if let Ok(mut g) = self.save_error.lock() {
-            *g = e;
-        }
-    }
-}
 
 pub struct HttpServer {
     server: Arc<tiny_http::Server>,
@@ -156,7 +61,7 @@ pub fn start(
         .map_err(|e| StartError::Other(format!("cannot serve on {addr}: {e}")))?;
     let server = Arc::new(server);
     let allow: Vec<allow::Cidr> = allow.iter().filter_map(|c| allow::Cidr::parse(c)).collect();
-    let cpu = Arc::new(system::CpuMeter::new());
+    let cpu = Arc::new(crate::sys::proc::CpuMeter::new());
     let mut threads = Vec::new();
     for i in 0..HANDLERS {
         let server = server.clone();
@@ -187,6 +92,28 @@ impl HttpServer {
         }
         for t in self.threads {
             let _ = t.join();
+        }
+    }
+
+    /// `<state_dir>/http.port`: where to find this instance's port (useful
+    /// with port 0).
+    pub fn write_port_file(&self, state_dir: &Path) {
+        let port_file = state_dir.join("http.port");
+        let text = format!("{}\n", self.addr.port());
+        if let Err(e) = crate::store::write_atomic(&port_file, text.as_bytes()) {
+            log::warn!("cannot write {}: {e}", port_file.display());
+        }
+    }
+
+    /// Removes the port file if it still names our port (a standby successor
+    /// may have written its own).
+    pub fn remove_port_file(&self, state_dir: &Path) {
+        let port_file = state_dir.join("http.port");
+        let ours = std::fs::read_to_string(&port_file)
+            .map(|s| s.trim() == self.addr.port().to_string())
+            .unwrap_or(false);
+        if ours {
+            let _ = std::fs::remove_file(port_file);
         }
     }
 }

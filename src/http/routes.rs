@@ -1,9 +1,9 @@
 //! Requests to responses: /health, /health/detailed, /metrics, /tasks.
 
 use super::allow::{Cidr, allowed};
-use super::system::{self, CpuMeter};
-use super::{Shared, Snapshot};
+use crate::engine::{Shared, Snapshot};
 use crate::metrics::{self, Gauges, METRICS};
+use crate::sys::proc::{self, CpuMeter};
 use crate::task::valid_id;
 use serde_json::{Value, json};
 use std::sync::atomic::Ordering;
@@ -246,15 +246,15 @@ fn detailed(shared: &Shared, cpu: &CpuMeter, v: &mut Value) {
         .collect();
     v["system"] = json!({
         "cpu_percent": cpu.percent(),
-        "memory_percent": system::memory_percent(),
-        "disk_usage": system::disk_percent(&shared.state_dir),
+        "memory_percent": proc::memory_percent(),
+        "disk_usage": proc::disk_percent(&shared.state_dir),
     });
     v["process"] = json!({
         "pid": std::process::id(),
         "uptime_seconds": shared.started.elapsed().as_secs_f64(),
-        "rss_bytes": system::rss_bytes(),
-        "open_fds": system::open_fds(),
-        "threads": system::threads(),
+        "rss_bytes": proc::rss_bytes(),
+        "open_fds": proc::open_fds(),
+        "threads": proc::threads(),
     });
     v["workers"] = json!({ "total": snap.workers_total, "busy": snap.workers_busy });
     v["queue_depth"] = json!(snap.queue_depth);
@@ -271,10 +271,10 @@ fn metrics_text(shared: &Shared) -> String {
         &METRICS,
         &Gauges {
             tasks_by_status: &by,
-            rss_bytes: system::rss_bytes(),
-            cpu_seconds: system::cpu_seconds(),
-            open_fds: system::open_fds(),
-            start_time: system::start_time(),
+            rss_bytes: proc::rss_bytes(),
+            cpu_seconds: proc::cpu_seconds(),
+            open_fds: proc::open_fds(),
+            start_time: proc::start_time(),
         },
     )
 }

@@ -34,6 +34,56 @@ pub fn workspace_dir(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join("workspaces").join(id)
 }
 
+/// Where `cancel` leaves its requests: one empty file named after the task.
+pub fn cancel_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("cancel")
+}
+
+/// A task of this id is recorded, or waiting in the spool.
+pub fn task_known(state_dir: &Path, id: &str) -> bool {
+    state_dir.join("tasks").join(id).exists()
+        || spool_dir(state_dir).join(format!("{id}.toml")).exists()
+        || spool_dir(state_dir).join(format!("{id}.md")).exists()
+}
+
+/// A fresh task id for a prompt file: its stem, the time to the second, and
+/// 16 bits of salt so two submissions in one second do not collide.
+pub fn new_id(prompt: &Path) -> String {
+    let stem = crate::task::id_from_file_name(
+        &prompt
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    let stamp: String = crate::sys::time::now_rfc3339()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .take(14)
+        .collect();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    let salt = (nanos ^ (std::process::id() << 16)) & 0xffff;
+    format!("{stem}-{stamp}-{salt:04x}")
+}
+
+/// Files written as root into a service's state directory must stay usable
+/// by the service user: give them the state directory's owner.
+pub fn match_owner(state_dir: &Path, paths: &[&Path]) {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let Ok(meta) = std::fs::metadata(state_dir) else {
+        return;
+    };
+    for p in paths {
+        let _ = std::os::unix::fs::chown(p, Some(meta.uid()), Some(meta.gid()));
+    }
+}
+
 /// What to do with one directory entry.
 #[derive(Debug)]
 pub enum Entry {

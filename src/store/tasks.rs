@@ -1,7 +1,7 @@
 //! Task records under `<state_dir>/tasks/<id>/`: state.json, the iteration
 //! transcripts and the prompt archive.
 
-use super::write_atomic;
+use super::atomic::write_atomic;
 use crate::task::{TaskState, valid_id};
 use std::io;
 use std::path::{Path, PathBuf};

@@ -15,7 +15,7 @@
 //! and so is a batch marked urgent (a task changed status: started, ended),
 //! so the moments an operator looks for are on disk without the tick's delay.
 
-use super::TaskStore;
+use super::tasks::TaskStore;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};

@@ -1,6 +1,6 @@
-//! A task's persisted record and the pure rules of the Ralph loop.
+//! A task's persisted record and the pure rules of the Ralph loop: values in,
+//! values out, no I/O (the clock is read only to stamp a new record).
 
-pub mod checkpoint;
 pub mod completion;
 pub mod rules;
 
@@ -77,7 +77,7 @@ pub struct TaskState {
 
 impl TaskState {
     pub fn new(id: &str, prompt_file: &str, workdir: &str) -> TaskState {
-        let now = crate::timefmt::now_rfc3339();
+        let now = crate::sys::time::now_rfc3339();
         TaskState {
             id: id.to_string(),
             status: Status::Queued,

@@ -25,7 +25,7 @@ pub fn kernel() -> String {
 }
 
 pub fn now() -> String {
-    ralph_qchat::timefmt::now_rfc3339()
+    ralph_qchat::sys::time::now_rfc3339()
 }
 
 pub struct Temp(pub PathBuf);

@@ -11,20 +11,20 @@ pub fn status(args: StatusArgs) -> Result<i32, Failure> {
     let state_dir = match &args.state_dir {
         Some(d) => d.clone(),
         None => {
-            let (file, required) = crate::paths::config_file(args.config.as_deref());
-            let env = crate::run::env_pairs();
+            let (file, required) = crate::config::paths::config_file(args.config.as_deref());
+            let env = crate::config::process_env();
             let loaded = config::load(&Layers {
                 file,
                 file_required: required,
                 env: env.clone(),
                 flags: vec![],
             })?;
-            crate::paths::client_state_dir(&loaded, &env, true)
+            crate::config::paths::client_state_dir(&loaded, &env, true)
         }
     };
     if !state_dir.is_dir() {
         return Err(Failure::new(
-            crate::run::NO_INPUT,
+            exit::NO_INPUT,
             format!(
                 "no state directory at {} (name one with --state-dir)",
                 state_dir.display()
@@ -40,7 +40,7 @@ pub fn status(args: StatusArgs) -> Result<i32, Failure> {
         tasks.retain(|t| &t.id == id);
         if tasks.is_empty() {
             return Err(Failure::new(
-                crate::run::NO_INPUT,
+                exit::NO_INPUT,
                 format!("no task {id:?} in {}", state_dir.display()),
             ));
         }

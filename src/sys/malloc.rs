@@ -108,3 +108,14 @@ fn name_process_after_argv0() {
         unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
     }
 }
+
+/// Hands the heap's free pages back to the kernel. glibc keeps what its
+/// per-thread arenas freed for reuse; after a busy spell (twenty workers
+/// allocating and freeing per request) the pages scattered between live
+/// allocations stay resident and RSS creeps up without anything leaking.
+/// The scheduler calls this when the last job ends, so an idle daemon shows
+/// its real size.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own arenas.
+    unsafe { libc::malloc_trim(0) };
+}

@@ -6,12 +6,58 @@ use super::circuit::Circuit;
 use super::ratelimit::Bucket;
 use super::stats::Stats;
 use crate::agent::Progress;
+use crate::sys::proc;
 use crate::task::TaskState;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Dumps closer together than this are merged into one.
+const DUMP_EVERY: Duration = Duration::from_secs(1);
+const KEEP_DUMPS: usize = 20;
+
+/// When the next dump may be made: a burst of SIGUSR1 gives one dump now
+/// and at most one more a second later.
+#[derive(Default)]
+pub struct Throttle {
+    last: Option<Instant>,
+    due: Option<Instant>,
+}
+
+impl Throttle {
+    /// A dump was asked for: true when it is to be made now; otherwise one
+    /// is due at the end of the quiet second.
+    pub fn asked(&mut self, now: Instant) -> bool {
+        match self.last {
+            Some(t) if now < t + DUMP_EVERY => {
+                self.due.get_or_insert(t + DUMP_EVERY);
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// When a merged dump is due.
+    pub fn due(&self) -> Option<Instant> {
+        self.due
+    }
+
+    /// True (once) when the merged dump is due now.
+    pub fn take_due(&mut self, now: Instant) -> bool {
+        if self.due.is_some_and(|t| t <= now) {
+            self.due = None;
+            return true;
+        }
+        false
+    }
+
+    pub fn made(&mut self, now: Instant) {
+        self.last = Some(now);
+    }
+}
 
 pub struct TaskView<'a> {
     pub state: &'a TaskState,
@@ -46,9 +92,9 @@ struct ProcessView {
 
 fn process() -> ProcessView {
     ProcessView {
-        rss_kib: proc_status("VmRSS:"),
-        open_fds: open_fds(),
-        threads: proc_status("Threads:"),
+        rss_kib: proc::status_field("VmRSS:"),
+        open_fds: proc::open_fds().map(|n| n as usize),
+        threads: proc::status_field("Threads:"),
     }
 }
 
@@ -68,7 +114,7 @@ pub fn render(v: &View) -> String {
         "ralph-qchat {} pid {} at {}",
         env!("CARGO_PKG_VERSION"),
         std::process::id(),
-        crate::timefmt::now_rfc3339()
+        crate::sys::time::now_rfc3339()
     );
     let _ = writeln!(
         s,
@@ -166,7 +212,7 @@ pub fn to_json(v: &View) -> String {
     let doc = json!({
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
-        "time": crate::timefmt::now_rfc3339(),
+        "time": crate::sys::time::now_rfc3339(),
         "process": {"rss_kib": p.rss_kib, "open_fds": p.open_fds, "threads": p.threads},
         "workers": {"total": v.workers_target, "busy": v.in_flight, "each": workers},
         "queue_depth": v.ready,
@@ -187,13 +233,37 @@ pub fn to_json(v: &View) -> String {
     serde_json::to_string_pretty(&doc).unwrap_or_default()
 }
 
-/// A number in KiB (or a count) from /proc/self/status.
-pub fn proc_status(field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = text.lines().find(|l| l.starts_with(field))?;
-    line[field.len()..].split_whitespace().next()?.parse().ok()
+/// Logs the dump line by line and writes its JSON to
+/// `<state_dir>/diagnostics/`, keeping the newest KEEP_DUMPS.
+pub fn write(v: &View, state_dir: &Path) {
+    let text = render(v);
+    let json = to_json(v);
+    for line in text.lines() {
+        log::info!("diagnostics: {line}");
+    }
+    let dir = state_dir.join("diagnostics");
+    let name = format!("{}.json", crate::sys::time::now_rfc3339().replace(':', ""));
+    let path = dir.join(&name);
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|_| crate::store::write_atomic(&path, json.as_bytes()));
+    match written {
+        Ok(()) => log::info!("diagnostics written to {}", path.display()),
+        Err(e) => log::warn!("cannot write diagnostics to {}: {e}", path.display()),
+    }
+    prune_dir(&dir, KEEP_DUMPS);
 }
 
-pub fn open_fds() -> Option<usize> {
-    Some(std::fs::read_dir("/proc/self/fd").ok()?.count())
+/// Keeps the newest `keep` files of a directory (names sort by time).
+fn prune_dir(dir: &Path, keep: usize) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut names: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+    if names.len() <= keep {
+        return;
+    }
+    names.sort();
+    for p in &names[..names.len() - keep] {
+        let _ = std::fs::remove_file(p);
+    }
 }

@@ -1,4 +1,6 @@
-//! RFC 3339 UTC timestamps without a date-time crate.
+//! RFC 3339 UTC timestamps. Not the humantime crate: its formatter panics on
+//! a clock set before 1970 and fails after 9999, and the clock is outside
+//! input; this one prints a clock before 1970 as the epoch and never fails.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

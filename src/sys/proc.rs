@@ -1,4 +1,8 @@
-//! Readings of the machine and of this process from /proc and statvfs.
+//! Every read of /proc (and statvfs): this process's size and age, the
+//! machine's memory and CPU, other processes' state, group and environment.
+//! Parsed by hand rather than with the procfs crate: the few fields needed
+//! here cost less than its five crates, and the process-group scan runs when
+//! an agent ends, where procfs would parse all 52 stat fields of every process.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -15,10 +19,11 @@ fn page_size() -> u64 {
     if p > 0 { p as u64 } else { 4096 }
 }
 
-/// Fields of /proc/self/stat after the command name (field 3 is index 0).
-fn self_stat() -> Option<Vec<String>> {
-    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
+/// Fields of /proc/<who>/stat after the command name (field 3 is index 0);
+/// the name may hold spaces and parentheses, so split after its last `)`.
+fn stat_fields(who: &str) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(format!("/proc/{who}/stat")).ok()?;
+    let rest = s.get(s.rfind(')')? + 2..)?;
     Some(rest.split_whitespace().map(str::to_string).collect())
 }
 
@@ -28,15 +33,22 @@ pub fn rss_bytes() -> Option<u64> {
     Some(pages * page_size())
 }
 
+/// A number (KiB, or a count) from /proc/self/status, e.g. `VmRSS:`.
+pub fn status_field(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    line[field.len()..].split_whitespace().next()?.parse().ok()
+}
+
 pub fn cpu_seconds() -> Option<f64> {
-    let f = self_stat()?;
+    let f = stat_fields("self")?;
     let utime: f64 = f.get(11)?.parse().ok()?;
     let stime: f64 = f.get(12)?.parse().ok()?;
     Some((utime + stime) / clk_tck())
 }
 
 pub fn threads() -> Option<u64> {
-    self_stat()?.get(17)?.parse().ok()
+    stat_fields("self")?.get(17)?.parse().ok()
 }
 
 pub fn open_fds() -> Option<u64> {
@@ -45,7 +57,7 @@ pub fn open_fds() -> Option<u64> {
 
 /// Seconds since the epoch when this process started.
 pub fn start_time() -> Option<f64> {
-    let start_ticks: f64 = self_stat()?.get(19)?.parse().ok()?;
+    let start_ticks: f64 = stat_fields("self")?.get(19)?.parse().ok()?;
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let btime: f64 = stat
         .lines()
@@ -118,4 +130,28 @@ impl Default for CpuMeter {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The pids of every process, as /proc lists them now; None when /proc
+/// cannot be read.
+pub fn pids() -> Option<Vec<i32>> {
+    let dir = std::fs::read_dir("/proc").ok()?;
+    Some(
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+            .collect(),
+    )
+}
+
+/// (state letter, process group) of a process; None when it is gone.
+pub fn state_and_group(pid: i32) -> Option<(char, i32)> {
+    let f = stat_fields(&pid.to_string())?;
+    let state = f.first()?.chars().next()?;
+    let pgrp = f.get(2)?.parse().ok()?;
+    Some((state, pgrp))
+}
+
+/// The raw `NAME=value` entries of a process's environment.
+pub fn environ(pid: i32) -> Option<Vec<u8>> {
+    std::fs::read(format!("/proc/{pid}/environ")).ok()
 }

@@ -5,7 +5,7 @@
 //! few seconds as a safety net, and every poll_interval where inotify is
 //! unavailable.
 
-use super::scheduler::{Control, Event};
+use super::msg::{Control, Event};
 use crate::store::spool::{self, Entry};
 use crossbeam_channel::Sender;
 use std::collections::HashMap;
@@ -151,10 +151,6 @@ fn settled(path: &Path, ready: &std::collections::HashSet<std::ffi::OsString>) -
         .unwrap_or(true)
 }
 
-pub fn cancel_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("cancel")
-}
-
 impl Intake {
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
@@ -164,7 +160,7 @@ impl Intake {
 
     fn run(self) {
         let spool = spool::spool_dir(&self.state_dir);
-        let cancels = cancel_dir(&self.state_dir);
+        let cancels = spool::cancel_dir(&self.state_dir);
         for d in [&spool, &cancels] {
             if let Err(e) = std::fs::create_dir_all(d) {
                 log::error!(

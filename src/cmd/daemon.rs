@@ -3,18 +3,14 @@
 //! intake, tell systemd we are ready, and serve until SIGTERM.
 
 use crate::cli::RunArgs;
-use crate::config::{self, Config, Layers};
-use crate::daemon::intake::Intake;
-use crate::daemon::notify::Notifier;
-use crate::daemon::scheduler::Mode;
-use crate::daemon::{Scheduler, signals};
+use crate::config::{self, Config, Layers, paths};
+use crate::engine::intake::{self, Intake};
+use crate::engine::notify::Notifier;
+use crate::engine::{Mode, Scheduler, Shared, signals};
 use crate::exit::{self, Failure};
-use crate::http::{self, HttpServer, Shared};
-use crate::paths;
 use crate::store::{LockError, StateLock, TaskStore};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -26,7 +22,7 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     let layers = Layers {
         file,
         file_required,
-        env: crate::run::env_pairs(),
+        env: config::process_env(),
         flags: args.overrides.clone(),
     };
     let loaded = config::load(&layers)?;
@@ -59,7 +55,7 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     // the port only once it owns the state directory.
     let mut http = None;
     if standby {
-        http = start_http(&cfg, &shared, None)?;
+        http = super::setup::start_http(&cfg, &shared, None)?;
     }
     let Some(_lock) = lock(&state_dir, standby, poll, &mut caught)? else {
         log::info!("stopped while in standby");
@@ -69,9 +65,9 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
         return Ok(exit::OK);
     };
     match &http {
-        None => http = start_http(&cfg, &shared, Some(&state_dir))?,
+        None => http = super::setup::start_http(&cfg, &shared, Some(&state_dir))?,
         // The directory is ours now: say where our port is.
-        Some(h) => write_port_file(&state_dir, h),
+        Some(h) => h.write_port_file(&state_dir),
     }
 
     let store = TaskStore::new(&state_dir);
@@ -90,7 +86,7 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     for t in tasks {
         scheduler.adopt(t);
     }
-    let stop = crate::daemon::intake::Stop::new();
+    let stop = intake::Stop::new();
     let intake = Intake {
         state_dir: state_dir.clone(),
         max_prompt: scheduler.max_prompt.clone(),
@@ -122,7 +118,7 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     stop.stop();
     let _ = intake.join();
     if let Some(h) = http {
-        remove_port_file(&state_dir, &h);
+        h.remove_port_file(&state_dir);
         h.stop();
     }
     log::info!(
@@ -177,7 +173,7 @@ fn lock(
 }
 
 fn reload_config(layers: &Layers) -> Option<Config> {
-    let env = crate::run::env_pairs();
+    let env = config::process_env();
     let layers = Layers {
         env,
         ..layers.clone()
@@ -201,56 +197,5 @@ fn reload_config(layers: &Layers) -> Option<Config> {
             log::error!("reload refused: {e}; keeping the running configuration");
             None
         }
-    }
-}
-
-/// Starts the health/metrics server when enabled; a port in use is a clear
-/// start-up error (exit 73), never a daemon without health.
-pub fn start_http(
-    cfg: &Config,
-    shared: &Arc<Shared>,
-    port_file_in: Option<&Path>,
-) -> Result<Option<HttpServer>, Failure> {
-    let m = &cfg.monitoring;
-    if !m.health_check_enabled {
-        log::info!("health port off (monitoring.health_check_enabled = false)");
-        return Ok(None);
-    }
-    let server = http::start(
-        &m.health_check_bind,
-        m.health_check_port,
-        &m.health_check_allow,
-        shared.clone(),
-    )
-    .map_err(|e| Failure::new(exit::CANT_CREATE, e.to_string()))?;
-    log::info!(
-        "serving /health, /health/detailed, /metrics and /tasks on http://{}",
-        server.addr
-    );
-    if let Some(dir) = port_file_in {
-        write_port_file(dir, &server);
-    }
-    Ok(Some(server))
-}
-
-/// `<state_dir>/http.port`: where to find this instance's port (useful with port 0).
-pub fn write_port_file(state_dir: &Path, server: &HttpServer) {
-    let port_file = state_dir.join("http.port");
-    if let Err(e) =
-        crate::store::write_atomic(&port_file, format!("{}\n", server.addr.port()).as_bytes())
-    {
-        log::warn!("cannot write {}: {e}", port_file.display());
-    }
-}
-
-/// Removes the port file if it still names our port (a standby successor may
-/// have written its own).
-pub fn remove_port_file(state_dir: &Path, server: &HttpServer) {
-    let port_file = state_dir.join("http.port");
-    let ours = std::fs::read_to_string(&port_file)
-        .map(|s| s.trim() == server.addr.port().to_string())
-        .unwrap_or(false);
-    if ours {
-        let _ = std::fs::remove_file(port_file);
     }
 }

@@ -63,7 +63,7 @@ pub fn build(i: Inputs) -> (AgentRequest, bool) {
     let mut env: Vec<(OsString, OsString)> =
         a.env.iter().map(|(k, v)| (k.into(), v.into())).collect();
     env.push((
-        crate::agent::spawn_marker_var().into(),
+        crate::agent::MARKER_VAR.into(),
         format!("{}{}", i.owner, i.task.id).into(),
     ));
     env.push(("RALPH_QCHAT_TASK_ID".into(), i.task.id.clone().into()));

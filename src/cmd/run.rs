@@ -3,22 +3,14 @@
 
 use crate::cli::RunArgs;
 use crate::config::{self, Config, Layers};
-use crate::daemon::notify::Notifier;
-use crate::daemon::scheduler::Mode;
-use crate::daemon::{Scheduler, signals};
-use crate::exit::{self, Failure};
+use crate::engine::notify::Notifier;
+use crate::engine::request;
+use crate::engine::{Mode, Scheduler, Shared, signals};
+use crate::exit::{self, Failure, NO_INPUT};
 use crate::store::{LockError, StateLock, TaskStore};
 use crate::task::{self, Status, TaskState};
 use std::path::PathBuf;
 use std::time::Duration;
-
-pub const NO_INPUT: i32 = 66;
-
-pub fn env_pairs() -> Vec<(String, String)> {
-    std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .collect()
-}
 
 /// The configuration and the paths a run works with, all absolute.
 pub struct Setup {
@@ -38,7 +30,7 @@ pub fn setup(args: &RunArgs) -> Result<Setup, Failure> {
     let mut loaded = config::load(&Layers {
         file: args.config.clone(),
         file_required: true,
-        env: env_pairs(),
+        env: config::process_env(),
         flags: args.overrides.clone(),
     })?;
     let workdir = cwd.join(args.workdir.clone().unwrap_or_else(|| ".".into()));
@@ -150,7 +142,7 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
     );
     let mut cfg = cfg;
     cfg.performance.max_concurrent = 1;
-    let shared = crate::http::Shared::new(
+    let shared = Shared::new(
         cfg.adapter.name.as_str(),
         &cfg.adapter.effective_command(),
         s.state_dir.clone(),
@@ -166,7 +158,7 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
     let http = if asked {
         let mut c = cfg.clone();
         c.monitoring.health_check_enabled = true;
-        crate::service::start_http(&c, &shared, Some(&s.state_dir))?
+        super::setup::start_http(&c, &shared, Some(&s.state_dir))?
     } else {
         None
     };
@@ -176,12 +168,12 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
     let finished = signals::serve(scheduler, Some(Duration::ZERO), None, caught)
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot run: {e}")))?;
     if let Some(h) = http {
-        crate::service::remove_port_file(&s.state_dir, &h);
+        h.remove_port_file(&s.state_dir);
         h.stop();
     }
     if let Some(sig) = finished.signal {
         log::info!("interrupted by signal {sig}; run the same command again to resume");
-        return Ok(128 + sig);
+        return Ok(exit::interrupted(sig));
     }
     let Some(t) = finished.tasks.first() else {
         return Ok(exit::TASK_FAILED);
@@ -232,8 +224,8 @@ fn dry_run(cfg: &Config, s: &Setup) -> Result<String, Failure> {
         &s.prompt.display().to_string(),
         &s.workdir.display().to_string(),
     );
-    let owner = crate::daemon::request::owner_prefix(&s.state_dir);
-    let (req, by_ref) = crate::daemon::request::build(crate::daemon::request::Inputs {
+    let owner = request::owner_prefix(&s.state_dir);
+    let (req, by_ref) = request::build(request::Inputs {
         cfg,
         owner: &owner,
         task: &TaskState {

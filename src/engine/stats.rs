@@ -1,6 +1,8 @@
-//! Counters for the periodic summary line.
+//! Counting what agent runs did: the totals of the periodic summary line,
+//! and the Prometheus counters each ending bumps.
 
-use crate::agent::AgentOutcome;
+use crate::agent::{AgentOutcome, Ending};
+use crate::metrics::METRICS;
 use std::time::Duration;
 
 #[derive(Debug, Default, Clone)]
@@ -38,5 +40,26 @@ impl Stats {
             mean,
             self.max_time.as_secs_f64()
         )
+    }
+}
+
+/// An agent run's duration and, when it went wrong, its error type.
+pub fn count_in_metrics(o: &AgentOutcome) {
+    METRICS.request_done(o.duration.as_secs_f64());
+    let kind = match &o.ending {
+        Ending::TimedOut => Some("timeout"),
+        Ending::IdleTimedOut => Some("idle_timeout"),
+        Ending::Exited(0) => None,
+        Ending::Exited(_) => Some("nonzero_exit"),
+        Ending::Signaled(_) => Some("signaled"),
+        Ending::SpawnFailed(_) | Ending::Unavailable(_) => Some("spawn_failed"),
+        Ending::Cancelled => Some("cancelled"),
+        Ending::RuntimeExceeded | Ending::ShutDown => None,
+    };
+    if let Some(k) = kind {
+        METRICS.error(k);
+    }
+    if o.truncated() {
+        METRICS.error("output_truncated");
     }
 }

@@ -1,17 +1,9 @@
-//! `ralph-qchat health`: asks /health and exits 0 (healthy, degraded or
-//! standby) or 1 (anything else, including no answer). Needs no curl.
+//! The smallest HTTP/1.1 client: one GET with deadlines, for `ralph-qchat
+//! health` (a container's HEALTHCHECK needs no curl) and the tests.
 
-use crate::exit::{self, Failure};
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
-
-#[derive(Debug, Default)]
-pub struct HealthArgs {
-    pub url: Option<String>,
-    pub config: Option<std::path::PathBuf>,
-    pub timeout: Option<f64>,
-}
 
 /// (host:port, path) of an http:// URL.
 pub fn parse_url(url: &str) -> Option<(String, String)> {
@@ -29,24 +21,6 @@ pub fn parse_url(url: &str) -> Option<(String, String)> {
         hostport.to_string()
     };
     Some((hostport, path.to_string()))
-}
-
-fn default_url(a: &HealthArgs) -> Result<String, Failure> {
-    let (file, required) = crate::paths::config_file(a.config.as_deref());
-    let loaded = crate::config::load(&crate::config::Layers {
-        file,
-        file_required: required,
-        env: crate::run::env_pairs(),
-        flags: vec![],
-    })?;
-    let m = &loaded.config.monitoring;
-    let host = match m.health_check_bind.as_str() {
-        "0.0.0.0" => "127.0.0.1".to_string(),
-        "::" => "[::1]".to_string(),
-        h if h.contains(':') => format!("[{h}]"),
-        h => h.to_string(),
-    };
-    Ok(format!("http://{host}:{}/health", m.health_check_port))
 }
 
 /// (status code, body) of a GET.
@@ -80,29 +54,6 @@ pub fn get(url: &str, timeout: Duration) -> Result<(u16, String), String> {
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("{url}: not an HTTP answer"))?;
     Ok((code, body.to_string()))
-}
-
-pub fn probe(a: HealthArgs) -> Result<i32, Failure> {
-    let url = match &a.url {
-        Some(u) => u.clone(),
-        None => default_url(&a)?,
-    };
-    let timeout = Duration::from_secs_f64(a.timeout.unwrap_or(5.0).max(0.001));
-    match get(&url, timeout) {
-        Ok((code, body)) => {
-            println!("{}", body.trim());
-            let status = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["status"].as_str().map(str::to_string))
-                .unwrap_or_default();
-            let ok = code == 200 && matches!(status.as_str(), "healthy" | "degraded" | "standby");
-            Ok(if ok { exit::OK } else { exit::TASK_FAILED })
-        }
-        Err(e) => {
-            eprintln!("ralph-qchat: health: {e}");
-            Ok(exit::TASK_FAILED)
-        }
-    }
 }
 
 #[cfg(test)]

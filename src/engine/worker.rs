@@ -1,43 +1,27 @@
 //! Worker threads: each takes one job at a time (an agent run or a
 //! checkpoint), does it, and reports back. Workers hold no task state.
 
-use super::scheduler::Event;
-use crate::agent::{AgentOutcome, AgentRequest, Supervisor};
-use crate::task::checkpoint::{CheckpointJob, Done, checkpoint};
+use super::msg::{Event, Job, JobMsg, JobResult};
+use crate::agent::Supervisor;
+use crate::agent::checkpoint::checkpoint;
 use crossbeam_channel::{Receiver, Sender};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-
-pub enum Job {
-    Agent(Box<AgentRequest>),
-    Checkpoint(CheckpointJob),
-    /// The worker that takes this exits (the pool shrank on reload).
-    Retire,
-}
 
 /// What a worker is doing, for diagnostics: written by the worker at the
 /// start and end of each job, read by the scheduler's dumps.
 #[derive(Default)]
 pub struct WorkerState {
     pub job: std::sync::Mutex<Option<String>>,
-    pub retired: std::sync::atomic::AtomicBool,
-}
-
-pub struct JobMsg {
-    pub task: String,
-    pub seq: u64,
-    pub job: Job,
-}
-
-pub enum JobResult {
-    Agent(AgentOutcome),
-    Checkpoint(Done),
+    pub retired: AtomicBool,
 }
 
 pub fn spawn_worker(
     index: usize,
     jobs: Receiver<JobMsg>,
     events: Sender<Event>,
-    state: std::sync::Arc<WorkerState>,
+    state: Arc<WorkerState>,
 ) -> std::io::Result<JoinHandle<()>> {
     let mut supervisor = Supervisor::new()?;
     std::thread::Builder::new()
@@ -73,8 +57,6 @@ pub fn spawn_worker(
                     break;
                 }
             }
-            state
-                .retired
-                .store(true, std::sync::atomic::Ordering::SeqCst);
+            state.retired.store(true, Ordering::SeqCst);
         })
 }

@@ -1,7 +1,7 @@
 //! Where the daemon and its clients find the configuration and the state
 //! directory when the operator does not say.
 
-use crate::config::{Loaded, Source};
+use super::load::{Loaded, Source};
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_CONFIG: &str = "/etc/ralph-qchat/qchat.toml";

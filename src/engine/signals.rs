@@ -1,8 +1,9 @@
 //! Signals become messages: the main thread waits for them and tells the
 //! scheduler, which runs on its own thread. Nothing happens inside a handler.
 
+use super::msg::{Control, Event};
 use super::notify::Notifier;
-use super::scheduler::{Control, Event, Finished, Scheduler};
+use super::scheduler::{Finished, Scheduler};
 use crate::config::Config;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;

@@ -1,0 +1,40 @@
+//! The commands, one file each: thin shells that read arguments and
+//! configuration, call the library, and turn the outcome into an exit code.
+
+mod cancel;
+mod check_config;
+mod daemon;
+mod health;
+mod run;
+mod setup;
+mod status;
+mod submit;
+
+use crate::cli::Command;
+use crate::exit::{self, Failure};
+
+pub fn dispatch(cmd: Command) -> Result<i32, Failure> {
+    match cmd {
+        Command::Help(text) => {
+            print!("{text}");
+            Ok(exit::OK)
+        }
+        Command::Version => {
+            println!("ralph-qchat {}", env!("CARGO_PKG_VERSION"));
+            Ok(exit::OK)
+        }
+        Command::Run(a) => {
+            crate::sys::malloc::reexec_without_thread_caches();
+            run::run(a)
+        }
+        Command::Daemon(a, standby) => {
+            crate::sys::malloc::reexec_without_thread_caches();
+            daemon::daemon(a, standby)
+        }
+        Command::Submit(a) => submit::submit(a),
+        Command::Cancel(a) => cancel::cancel(a),
+        Command::Health(a) => health::probe(a),
+        Command::Status(a) => status::status(a),
+        Command::CheckConfig(a) => check_config::check_config(a),
+    }
+}

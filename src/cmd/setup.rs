@@ -1,0 +1,71 @@
+//! What several commands do alike: find the configuration a client of the
+//! daemon works with, word a file error, start the health server.
+
+use crate::config::{self, Config, Layers, Loaded, Override, Source};
+use crate::engine::Shared;
+use crate::exit::{self, Failure};
+use crate::http::{self, HttpServer};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The configuration and state directory a client of the daemon (submit,
+/// cancel) works with: the daemon's, or the one named with --state-dir.
+pub fn client_config(
+    config: &Option<PathBuf>,
+    state_dir: &Option<PathBuf>,
+) -> Result<(Loaded, PathBuf), Failure> {
+    let (file, file_required) = config::paths::config_file(config.as_deref());
+    let env = config::process_env();
+    let flags = state_dir
+        .iter()
+        .map(|d| Override {
+            source: Source::Flag("--state-dir".into()),
+            key: "paths.state_dir".into(),
+            raw: d.display().to_string(),
+        })
+        .collect();
+    let loaded = config::load(&Layers {
+        file,
+        file_required,
+        env: env.clone(),
+        flags,
+    })?;
+    let dir = config::paths::daemon_state_dir(&loaded, &env);
+    Ok((loaded, dir))
+}
+
+pub fn io(what: &str, path: &Path, e: std::io::Error) -> Failure {
+    Failure::new(
+        exit::CANT_CREATE,
+        format!("cannot {what} {}: {e}", path.display()),
+    )
+}
+
+/// Starts the health/metrics server when enabled (run and daemon); a port in
+/// use is a clear start-up error (exit 73), never a daemon without health.
+pub fn start_http(
+    cfg: &Config,
+    shared: &Arc<Shared>,
+    port_file_in: Option<&Path>,
+) -> Result<Option<HttpServer>, Failure> {
+    let m = &cfg.monitoring;
+    if !m.health_check_enabled {
+        log::info!("health port off (monitoring.health_check_enabled = false)");
+        return Ok(None);
+    }
+    let server = http::start(
+        &m.health_check_bind,
+        m.health_check_port,
+        &m.health_check_allow,
+        shared.clone(),
+    )
+    .map_err(|e| Failure::new(exit::CANT_CREATE, e.to_string()))?;
+    log::info!(
+        "serving /health, /health/detailed, /metrics and /tasks on http://{}",
+        server.addr
+    );
+    if let Some(dir) = port_file_in {
+        server.write_port_file(dir);
+    }
+    Ok(Some(server))
+}

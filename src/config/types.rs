@@ -1,0 +1,316 @@
+//! Configuration types and their built-in defaults.
+//!
+//! Every struct denies unknown keys so a typo in the file is an error that names
+//! the key, never a silently ignored setting.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The agent CLI family; each has its own default command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentName {
+    #[serde(alias = "q")]
+    Qchat,
+    Kiro,
+}
+
+impl AgentName {
+    /// Accepts the names an operator types, including the guide's `--agent q`.
+    pub fn parse(s: &str) -> Option<AgentName> {
+        match s.to_ascii_lowercase().as_str() {
+            "q" | "qchat" | "q-chat" => Some(AgentName::Qchat),
+            "kiro" | "kiro-cli" => Some(AgentName::Kiro),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentName::Qchat => "qchat",
+            AgentName::Kiro => "kiro",
+        }
+    }
+
+    pub fn default_command(self) -> &'static str {
+        match self {
+            AgentName::Qchat => "q",
+            AgentName::Kiro => "kiro-cli",
+        }
+    }
+
+    pub fn default_args(self) -> Vec<String> {
+        ["chat", "--no-interactive", "--trust-all-tools"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Adapter {
+    pub name: AgentName,
+    /// Empty means the profile's command.
+    pub command: String,
+    /// None means the profile's arguments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    pub timeout: f64,
+    pub idle_timeout: f64,
+    pub max_retries: u32,
+    pub retry_delay: f64,
+    pub max_retry_delay: f64,
+    pub kill_grace: f64,
+    pub env: BTreeMap<String, String>,
+}
+
+impl Default for Adapter {
+    fn default() -> Self {
+        Adapter {
+            name: AgentName::Qchat,
+            command: String::new(),
+            args: None,
+            timeout: 120.0,
+            idle_timeout: 0.0,
+            max_retries: 3,
+            retry_delay: 1.0,
+            max_retry_delay: 60.0,
+            kill_grace: 3.0,
+            env: BTreeMap::new(),
+        }
+    }
+}
+
+impl Adapter {
+    pub fn effective_command(&self) -> String {
+        if self.command.is_empty() {
+            self.name.default_command().to_string()
+        } else {
+            self.command.clone()
+        }
+    }
+
+    /// A relative command path means the operator's current directory, not
+    /// the agent's working directory: make it absolute once, at load time.
+    pub fn anchor_command(&mut self, cwd: &std::path::Path) {
+        if self.command.contains('/') && !self.command.starts_with('/') {
+            self.command = cwd.join(&self.command).display().to_string();
+        }
+    }
+
+    pub fn effective_args(&self) -> Vec<String> {
+        self.args
+            .clone()
+            .unwrap_or_else(|| self.name.default_args())
+    }
+}
+
+pub const DEFAULT_PROMPT_TEMPLATE: &str = "\
+You are one iteration ({iteration}) of an unattended loop that works on the task \
+described in the file {prompt_file}. Its current content follows.\n\n\
+{prompt}\n\n\
+Make real progress on the task, then update {prompt_file} to record what is done \
+and what is left. When the whole task is finished, add a line containing only \
+{marker} to {prompt_file}. Nobody will answer questions: decide for yourself.";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Orchestrator {
+    pub prompt_file: String,
+    pub max_iterations: u64,
+    pub max_runtime: f64,
+    pub max_consecutive_failures: u32,
+    pub checkpoint_interval: u64,
+    pub iteration_delay: f64,
+    pub git_checkpoint: bool,
+    pub archive_prompts: bool,
+    pub completion_marker: String,
+    pub output_completion_marker: String,
+    pub prompt_template: String,
+    pub keep_transcripts: u32,
+    pub shutdown_grace: f64,
+}
+
+impl Default for Orchestrator {
+    fn default() -> Self {
+        Orchestrator {
+            prompt_file: "PROMPT.md".into(),
+            max_iterations: 100,
+            max_runtime: 14400.0,
+            max_consecutive_failures: 5,
+            checkpoint_interval: 5,
+            iteration_delay: 2.0,
+            git_checkpoint: true,
+            archive_prompts: true,
+            completion_marker: "TASK_COMPLETE".into(),
+            output_completion_marker: String::new(),
+            prompt_template: DEFAULT_PROMPT_TEMPLATE.into(),
+            keep_transcripts: 20,
+            shutdown_grace: 30.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Performance {
+    pub buffer_size: u64,
+    pub poll_interval: f64,
+    pub max_concurrent: u32,
+    pub max_requests_per_minute: u32,
+}
+
+impl Default for Performance {
+    fn default() -> Self {
+        Performance {
+            buffer_size: 4096,
+            poll_interval: 0.1,
+            max_concurrent: 5,
+            max_requests_per_minute: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_memory_mb: u64,
+    pub max_output_size: u64,
+    pub max_prompt_size: u64,
+    pub blocked_patterns: Vec<String>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_memory_mb: 0,
+            max_output_size: 10 * 1024 * 1024,
+            max_prompt_size: 10 * 1024 * 1024,
+            blocked_patterns: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Logging {
+    pub level: String,
+    pub verbose: bool,
+    pub format: LogFormat,
+    pub file: String,
+    pub max_file_size: u64,
+    pub backups: u32,
+    pub syslog: bool,
+    pub syslog_facility: String,
+    pub syslog_socket: String,
+}
+
+impl Logging {
+    /// The syslog facility named by `syslog_facility`; None when unknown.
+    pub fn facility(&self) -> Option<syslog::Facility> {
+        self.syslog_facility.parse().ok()
+    }
+}
+
+impl Default for Logging {
+    fn default() -> Self {
+        Logging {
+            level: "info".into(),
+            verbose: false,
+            format: LogFormat::Text,
+            file: String::new(),
+            max_file_size: 10 * 1024 * 1024,
+            backups: 5,
+            syslog: false,
+            syslog_facility: "daemon".into(),
+            syslog_socket: "/dev/log".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Monitoring {
+    pub metrics_interval: f64,
+    pub health_check_enabled: bool,
+    pub health_check_port: u16,
+    pub health_check_bind: String,
+    pub health_check_allow: Vec<String>,
+    pub health_check_interval: f64,
+}
+
+impl Default for Monitoring {
+    fn default() -> Self {
+        Monitoring {
+            metrics_interval: 60.0,
+            health_check_enabled: true,
+            health_check_port: 8080,
+            health_check_bind: "127.0.0.1".into(),
+            health_check_allow: Vec::new(),
+            health_check_interval: 30.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitBreaker {
+    pub failure_threshold: u32,
+    pub cooldown: f64,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        CircuitBreaker {
+            failure_threshold: 5,
+            cooldown: 60.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Cache {
+    pub enabled: bool,
+    pub max_size: u32,
+    pub ttl: f64,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache {
+            enabled: false,
+            max_size: 1000,
+            ttl: 3600.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Paths {
+    /// Empty means the mode's default (`<workdir>/.ralph-qchat` for run).
+    pub state_dir: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub adapter: Adapter,
+    pub orchestrator: Orchestrator,
+    pub performance: Performance,
+    pub limits: Limits,
+    pub logging: Logging,
+    pub monitoring: Monitoring,
+    pub circuit_breaker: CircuitBreaker,
+    pub cache: Cache,
+    pub paths: Paths,
+}

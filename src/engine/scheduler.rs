@@ -1,0 +1,964 @@
+//! The scheduler: the one owner of task state. It holds the task map and each
+//! task's place in the loop, decides what runs next, hands jobs to the pool,
+//! judges their results and keeps the timers. Whether a request may go is the
+//! gates' question; what is written when is `persist`'s.
+
+use super::diagnostics::{self, TaskView, Throttle, View};
+use super::gates::{Closed, Gates};
+use super::msg::{Control, Event, Job, JobResult, Shared, Snapshot};
+use super::notify::Notifier;
+use super::persist::Persist;
+use super::pool::Pool;
+use super::request::{self, Inputs};
+use super::slot::{Phase, Slot};
+use super::stats::{self, Stats};
+use crate::agent::checkpoint::{CheckpointJob, Done};
+use crate::agent::instruction::{self, Prompt};
+use crate::agent::{AgentOutcome, Cancel, CancelReason};
+use crate::config::Config;
+use crate::metrics::METRICS;
+use crate::store::TaskStore;
+use crate::task::completion::prompt_complete;
+use crate::task::rules::{self, Limits, Verdict};
+use crate::task::{Status, TaskState};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// `run` ends with its one task and reports an unusable agent at once; the
+/// daemon waits for more tasks and lets the circuit breaker handle outages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Run,
+    Daemon,
+}
+
+/// How the scheduler stopped.
+pub struct Finished {
+    pub tasks: Vec<TaskState>,
+    /// The signal that stopped it, if one did.
+    pub signal: Option<i32>,
+    /// Set when a task failed because the agent command cannot run.
+    pub unavailable: bool,
+    pub refused: bool,
+}
+
+/// An attempt that passed the checks before it: what the agent is given.
+struct Attempt {
+    prompt: Prompt,
+    new_iteration: bool,
+    next: u64,
+    /// Seconds left of the task's max_runtime.
+    remaining: f64,
+}
+
+pub struct Scheduler {
+    cfg: Config,
+    mode: Mode,
+    store: TaskStore,
+    slots: BTreeMap<String, Slot>,
+    ready: VecDeque<String>,
+    pool: Pool,
+    gates: Gates,
+    persist: Persist,
+    notifier: Notifier,
+    shared: Arc<Shared>,
+    events: Receiver<Event>,
+    events_tx: Sender<Event>,
+    /// Shared with the spool intake, which checks sizes before we see a task.
+    pub max_prompt: Arc<AtomicU64>,
+    dumps: Throttle,
+    stats: Stats,
+    /// Set when something readers see has changed since the last publish.
+    publish_due: bool,
+    /// Freed memory was handed back since the last job ended.
+    trimmed: bool,
+    seq: u64,
+    stream_output: bool,
+    shutdown: Option<(Instant, i32)>,
+    next_summary: Option<Instant>,
+    unavailable: bool,
+    refused: bool,
+    rng: u64,
+    /// What this state directory's agents carry in `RALPH_QCHAT_OWNER`.
+    owner: String,
+}
+
+/// The limits that apply to a task: its own where its spec set them.
+fn limits(cfg: &Config, s: &TaskState) -> Limits {
+    let o = &cfg.orchestrator;
+    Limits {
+        max_iterations: s.max_iterations.unwrap_or(o.max_iterations),
+        max_runtime: s.max_runtime.unwrap_or(o.max_runtime),
+        max_consecutive_failures: o.max_consecutive_failures,
+        max_retries: cfg.adapter.max_retries,
+    }
+}
+
+impl Scheduler {
+    pub fn new(
+        cfg: Config,
+        store: TaskStore,
+        mode: Mode,
+        notifier: Notifier,
+        shared: Arc<Shared>,
+    ) -> std::io::Result<Scheduler> {
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        let interval = cfg.monitoring.metrics_interval;
+        let owner = request::owner_prefix(store.state_dir());
+        let persist = Persist::start(&store, events_tx.clone())?;
+        let mut s = Scheduler {
+            gates: Gates::new(&cfg, mode == Mode::Daemon, Instant::now()),
+            pool: Pool::new(events_tx.clone()),
+            persist,
+            notifier,
+            dumps: Throttle::default(),
+            max_prompt: Arc::new(AtomicU64::new(cfg.limits.max_prompt_size)),
+            shared,
+            publish_due: true,
+            mode,
+            stream_output: cfg.logging.verbose,
+            next_summary: (interval > 0.0)
+                .then(|| Instant::now() + Duration::from_secs_f64(interval)),
+            cfg,
+            store,
+            slots: BTreeMap::new(),
+            ready: VecDeque::new(),
+            events,
+            events_tx,
+            trimmed: true,
+            seq: 0,
+            stats: Stats::default(),
+            shutdown: None,
+            unavailable: false,
+            refused: false,
+            rng: seed(),
+            owner,
+        };
+        s.end_leftovers();
+        s.pool.resize(s.cfg.performance.max_concurrent as usize)?;
+        s.persist.restore_metrics();
+        Ok(s)
+    }
+
+    /// Ends whatever agents of an earlier instance on this state directory
+    /// still run (it was killed with -9, or died). The state lock is ours, so
+    /// every process carrying this directory's marker is such a leftover —
+    /// including those of an agent started just before the kill, whose
+    /// iteration had not reached state.json yet.
+    fn end_leftovers(&self) {
+        let mut by_task: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+        for (task, pid) in crate::agent::kill_leftovers(&self.owner) {
+            by_task.entry(task).or_default().push(pid);
+        }
+        for (task, pids) in by_task {
+            log::warn!(task = task.as_str();
+                "ended {} leftover agent processes of an earlier instance: {pids:?}",
+                pids.len());
+        }
+    }
+
+    pub fn workers(&self) -> usize {
+        self.pool.size()
+    }
+
+    /// A sender for control messages (signals, clients).
+    pub fn sender(&self) -> Sender<Event> {
+        self.events_tx.clone()
+    }
+
+    /// Takes over a task as found on disk (see `Slot::adopt`).
+    pub fn adopt(&mut self, state: TaskState) {
+        let id = state.id.clone();
+        let slot = Slot::adopt(state);
+        if slot.phase == Phase::Ready {
+            self.ready.push_back(id.clone());
+        }
+        self.slots.insert(id, slot);
+    }
+
+    /// One line for systemd's STATUS= and logs.
+    pub fn status_line(&self) -> String {
+        let mut by = BTreeMap::new();
+        for s in self.slots.values() {
+            *by.entry(s.state.status.as_str()).or_insert(0) += 1;
+        }
+        let tasks: Vec<String> = by.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        format!(
+            "{}/{} workers busy; tasks: {}; circuit {}",
+            self.pool.busy(),
+            self.pool.size(),
+            if tasks.is_empty() {
+                "none".into()
+            } else {
+                tasks.join(", ")
+            },
+            self.gates.circuit().label()
+        )
+    }
+
+    pub fn run(mut self) -> Finished {
+        loop {
+            self.dispatch();
+            self.flush();
+            let now = Instant::now();
+            self.notifier.tick(now);
+            self.shared.tick();
+            METRICS
+                .queue_depth
+                .store(self.ready.len() as u64, Ordering::Relaxed);
+            METRICS
+                .circuit_open
+                .store(self.gates.circuit().is_open() as u64, Ordering::Relaxed);
+            self.publish();
+            self.persist.save_metrics(false);
+            if self.notifier.enabled() {
+                let line = self.status_line();
+                self.notifier.status(line);
+            }
+            let busy = self.pool.busy() > 0;
+            if busy {
+                self.trimmed = false;
+            } else if !self.trimmed {
+                self.trimmed = true;
+                crate::sys::malloc::release_free_memory();
+            }
+            if !busy && self.shutdown.is_some() {
+                break;
+            }
+            if !busy
+                && self.mode == Mode::Run
+                && self.slots.values().all(|s| s.phase == Phase::Finished)
+            {
+                break;
+            }
+            let next = self.next_wake(now);
+            // Wake at least every tick so /health can tell a live scheduler.
+            let timeout = next
+                .map_or(self.shared.tick_every, |t| t.saturating_duration_since(now))
+                .min(self.shared.tick_every);
+            match self.events.recv_timeout(timeout) {
+                Ok(ev) => {
+                    self.handle(ev);
+                    // Everything already queued is handled before the next
+                    // flush, so one batch carries all their state changes.
+                    while let Ok(ev) = self.events.try_recv() {
+                        self.handle(ev);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.timers();
+        }
+        self.flush();
+        self.persist.save_metrics(true);
+        self.persist.finish();
+        while let Ok(ev) = self.events.try_recv() {
+            if let Event::Written(w) = ev {
+                if let Some(e) = w.error {
+                    log::error!(
+                        "{e}: the last state of these tasks is not on disk: {:?}",
+                        w.failed
+                    );
+                }
+            }
+        }
+        self.publish();
+        for s in self.slots.values_mut() {
+            s.active_since = None;
+        }
+        // Closing the job queue lets the workers go.
+        drop(self.pool);
+        Finished {
+            tasks: self.slots.into_values().map(|s| s.state).collect(),
+            signal: self.shutdown.map(|(_, s)| s),
+            unavailable: self.unavailable,
+            refused: self.refused,
+        }
+    }
+
+    fn next_wake(&mut self, now: Instant) -> Option<Instant> {
+        let gates = if self.ready.is_empty() || self.shutdown.is_some() || !self.pool.has_room() {
+            None
+        } else {
+            self.gates.next_open(now)
+        };
+        let timers = self.slots.values().filter_map(|s| match s.phase {
+            Phase::Waiting(t) if self.shutdown.is_none() => Some(t),
+            _ => None,
+        });
+        let mut next: Vec<Instant> = timers.collect();
+        next.extend(self.next_summary);
+        next.extend(
+            self.shutdown
+                .map(|(t, _)| t)
+                .filter(|_| self.pool.busy() > 0),
+        );
+        next.extend(gates);
+        next.extend(self.notifier.next_watchdog);
+        next.extend(self.dumps.due());
+        next.extend(self.persist.retry_at());
+        next.into_iter().min()
+    }
+
+    fn timers(&mut self) {
+        let now = Instant::now();
+        if self.shutdown.is_none() {
+            for (id, s) in self.slots.iter_mut() {
+                if let Phase::Waiting(t) = s.phase
+                    && t <= now
+                {
+                    s.phase = Phase::Ready;
+                    self.ready.push_back(id.clone());
+                }
+            }
+        }
+        if let Some(t) = self.next_summary
+            && t <= now
+        {
+            log::info!("{}", self.stats.summary());
+            let every = Duration::from_secs_f64(self.cfg.monitoring.metrics_interval);
+            self.next_summary = Some(now + every);
+        }
+        if let Some((deadline, _)) = self.shutdown
+            && now >= deadline
+        {
+            self.cancel_all(CancelReason::Shutdown);
+        }
+        if self.dumps.take_due(now) {
+            self.dump();
+        }
+        for id in self.persist.retry_due(now) {
+            if let Some(s) = self.slots.get_mut(&id) {
+                s.dirty = true;
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Control(Control::Shutdown { grace, signal }) => self.shut_down(grace, signal),
+            Event::Control(Control::Dump) => {
+                if self.dumps.asked(Instant::now()) {
+                    self.dump();
+                }
+            }
+            Event::Control(Control::Submit { state, entry }) => self.submit(*state, entry),
+            Event::Control(Control::Cancel { id, request }) => self.cancel(&id, request),
+            Event::Control(Control::Reload(cfg)) => self.reload(*cfg),
+            Event::Written(w) => self.persist.written(w, &self.shared),
+            Event::Done { task, seq, result } => {
+                if self.slots.get(&task).and_then(|s| s.phase.job()) != Some(seq) {
+                    return;
+                }
+                self.pool.done();
+                match result {
+                    JobResult::Agent(o) => {
+                        METRICS.active.fetch_sub(1, Ordering::Relaxed);
+                        stats::count_in_metrics(&o);
+                        self.agent_done(&task, o)
+                    }
+                    JobResult::Checkpoint(d) => self.checkpoint_done(&task, d),
+                }
+            }
+        }
+    }
+
+    fn shut_down(&mut self, grace: Option<Duration>, signal: i32) {
+        let grace =
+            grace.unwrap_or_else(|| Duration::from_secs_f64(self.cfg.orchestrator.shutdown_grace));
+        if self.shutdown.is_some() {
+            log::info!("signal {signal} again: stopping running requests now");
+            self.cancel_all(CancelReason::Shutdown);
+            return;
+        }
+        log::info!(
+            "signal {signal}: stopping; {} running request(s) get {:.1} s to finish",
+            self.pool.busy(),
+            grace.as_secs_f64()
+        );
+        self.shutdown = Some((Instant::now() + grace, signal));
+        self.notifier.stopping();
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.ready.clear();
+        if grace.is_zero() {
+            self.cancel_all(CancelReason::Shutdown);
+        }
+    }
+
+    fn cancel_all(&mut self, reason: CancelReason) {
+        for s in self.slots.values() {
+            if let (Phase::Running { .. }, Some(c)) = (s.phase, &s.cancel) {
+                c.request(reason);
+            }
+        }
+    }
+
+    fn dispatch(&mut self) {
+        while self.shutdown.is_none() && self.pool.has_room() {
+            let Some(id) = self.ready.front().cloned() else {
+                break;
+            };
+            if self.slots.get(&id).map(|s| s.phase) != Some(Phase::Ready) {
+                self.ready.pop_front();
+                continue;
+            }
+            // Closed gates keep the task at the head of the queue, unspent.
+            match self.gates.admit(Instant::now()) {
+                Err(Closed::Circuit) => {
+                    self.stats.paused_by_circuit += 1;
+                    break;
+                }
+                Err(Closed::Rate) => break,
+                Ok(()) => {}
+            }
+            self.ready.pop_front();
+            self.start(&id);
+        }
+    }
+
+    /// Starts the next attempt of a ready task, or ends it.
+    fn start(&mut self, id: &str) {
+        let seq = self.next_seq();
+        let Some(raw) = self.read_prompt(id) else {
+            return;
+        };
+        let Some(attempt) = self.check_attempt(id, raw) else {
+            return;
+        };
+        self.launch(id, seq, attempt);
+    }
+
+    /// The prompt file's bytes. None when the task ended (the file is gone)
+    /// or waits to read it again (out of descriptors, I/O trouble: the task
+    /// keeps its iteration and its place).
+    fn read_prompt(&mut self, id: &str) -> Option<Vec<u8>> {
+        let a = &self.cfg.adapter;
+        let slot = self.slots.get_mut(id)?;
+        if slot.active_since.is_none() {
+            slot.active_since = Some(Instant::now());
+        }
+        let prompt_path = slot.state.prompt_file.clone();
+        match std::fs::read(&prompt_path) {
+            Ok(raw) => {
+                if slot.read_failures > 0 {
+                    log::info!(task = id; "prompt file readable again after {} failed reads", slot.read_failures);
+                    slot.read_failures = 0;
+                }
+                Some(raw)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let msg = format!("cannot read prompt file {prompt_path}: {e}");
+                self.finish(id, Status::Failed, "prompt_unreadable", Some(msg));
+                None
+            }
+            Err(e) => {
+                slot.read_failures += 1;
+                let delay = rules::retry_delay(
+                    a.retry_delay.max(0.1),
+                    slot.read_failures,
+                    a.max_retry_delay.max(0.1),
+                    0.0,
+                );
+                let msg = format!("cannot read prompt file {prompt_path}: {e}");
+                if slot.read_failures == 1 {
+                    log::warn!(task = id; "{msg}; trying again with growing delays");
+                } else {
+                    log::debug!(task = id; "{msg}; trying again in {:.1} s", delay.as_secs_f64());
+                }
+                slot.state.last_error = Some(msg);
+                slot.dirty = true;
+                slot.phase = Phase::Waiting(Instant::now() + delay);
+                None
+            }
+        }
+    }
+
+    /// Before every attempt: an interrupted or failed attempt may already
+    /// have finished the task (a complete task never runs again), a limit may
+    /// end it, the prompt may be refused. None when the task ended.
+    fn check_attempt(&mut self, id: &str, raw: Vec<u8>) -> Option<Attempt> {
+        let cfg = &self.cfg;
+        let slot = self.slots.get_mut(id)?;
+        let new_iteration = slot.retries_now == 0 && !slot.rerun;
+        if prompt_complete(&raw, &cfg.orchestrator.completion_marker) {
+            slot.state.in_progress = None;
+            self.finish(id, Status::Completed, "completion_marker", None);
+            return None;
+        }
+        let limits = limits(cfg, &slot.state);
+        let next = slot.state.iteration + u64::from(new_iteration);
+        let runtime = slot.runtime();
+        if let Some(which) =
+            rules::limit_before(if new_iteration { next } else { 0 }, runtime, &limits)
+        {
+            self.finish(id, Status::LimitReached, which, None);
+            return None;
+        }
+        let prompt = match instruction::check_prompt(
+            raw,
+            cfg.limits.max_prompt_size,
+            &cfg.limits.blocked_patterns,
+        ) {
+            Ok(p) => p,
+            Err(refusal) => {
+                self.refused = true;
+                let msg = format!("{}: {refusal}", slot.state.prompt_file);
+                self.finish(id, Status::Failed, "prompt_refused", Some(msg));
+                return None;
+            }
+        };
+        if prompt.nul_stripped > 0 {
+            log::warn!(task = id; "removed {} NUL byte(s) from the prompt {}", prompt.nul_stripped, slot.state.prompt_file);
+        }
+        Some(Attempt {
+            prompt,
+            new_iteration,
+            next,
+            remaining: limits.max_runtime - runtime,
+        })
+    }
+
+    /// Records the attempt's start and hands it to a worker (or answers it
+    /// from the cache).
+    fn launch(&mut self, id: &str, seq: u64, a: Attempt) {
+        let Some(slot) = self.slots.get_mut(id) else {
+            return;
+        };
+        slot.begin(a.new_iteration, a.next);
+        let cancel = Arc::new(Cancel::default());
+        slot.cancel = Some(cancel.clone());
+        let attempt = slot.retries_now + 1;
+        let it = slot.state.iteration;
+        let (req, by_reference) = request::build(Inputs {
+            cfg: &self.cfg,
+            owner: &self.owner,
+            task: &slot.state,
+            prompt: &a.prompt.text,
+            attempt,
+            remaining_runtime: a.remaining,
+            transcript: Some(self.store.transcript_path(id, it)),
+            stream: self.stream_output,
+            cancel,
+            progress: slot.progress.clone(),
+        });
+        let key = self.gates.key(&req, &a.prompt.text);
+        slot.cache_key = key;
+        if by_reference {
+            log::info!(task = id, iteration = it; "the instruction would exceed one argument's 128 KiB; telling the agent to read {}", slot.state.prompt_file);
+        }
+        log::info!(task = id, iteration = it; "starting agent (attempt {attempt}): {}", req.shown);
+        log::debug!(task = id, iteration = it; "prompt: {}", String::from_utf8_lossy(&a.prompt.text));
+        slot.phase = Phase::Running {
+            seq,
+            since: Instant::now(),
+        };
+        if let Some(hit) = self.gates.take(key, Instant::now()) {
+            log::info!(task = id, iteration = it; "identical request answered from the cache (cache.enabled); no agent started");
+            if let Some(path) = &req.transcript {
+                let note = format!(
+                    "=== iteration {it}: answered from the response cache, no agent was started\n"
+                );
+                let _ = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, note.as_bytes()));
+            }
+            return self.agent_done(id, hit);
+        }
+        METRICS.active.fetch_add(1, Ordering::Relaxed);
+        self.pool.send(id, seq, Job::Agent(Box::new(req)));
+    }
+
+    /// What an agent run means for its task: success, retry, failure, or
+    /// the end of the task.
+    fn agent_done(&mut self, id: &str, o: AgentOutcome) {
+        self.stats.record_request(&o);
+        let delay_base = self.cfg.adapter.retry_delay;
+        let delay_cap = self.cfg.adapter.max_retry_delay;
+        let jitter = self.jitter();
+        let Some(slot) = self.slots.get_mut(id) else {
+            return;
+        };
+        let limits = limits(&self.cfg, &slot.state);
+        slot.cancel = None;
+        let it = slot.state.iteration;
+        let verdict = rules::judge(&o.ending, slot.retries_now, limits.max_retries);
+        let detail = describe(&o);
+        let now = Instant::now();
+        self.gates
+            .judged(&verdict, &detail, slot.cache_key.take(), &o, now);
+        if o.truncated() {
+            log::warn!(task = id, iteration = it; "agent output over limits.max_output_size: {} bytes dropped", o.bytes_dropped);
+        }
+        slot.dirty = true;
+        match verdict {
+            Verdict::Success => {
+                log::info!(task = id, iteration = it; "agent finished in {:.2} s ({} bytes of output)", o.duration.as_secs_f64(), o.bytes_read);
+                slot.succeeded();
+                self.stats.iterations += 1;
+                self.stats.successes += 1;
+                METRICS.iterations_success.fetch_add(1, Ordering::Relaxed);
+                if o.marker_seen {
+                    return self.finish(id, Status::Completed, "output_marker", None);
+                }
+                self.after_iteration(id);
+            }
+            Verdict::Retry => {
+                METRICS.retries.fetch_add(1, Ordering::Relaxed);
+                slot.retrying(&detail);
+                self.stats.retries += 1;
+                let delay = rules::retry_delay(delay_base, slot.retries_now, delay_cap, jitter);
+                log::warn!(task = id, iteration = it; "agent failed: {detail}; retry {} of {} in {:.2} s", slot.retries_now, limits.max_retries, delay.as_secs_f64());
+                slot.phase = Phase::Waiting(Instant::now() + delay);
+            }
+            Verdict::Failed => {
+                let n = slot.failed(&detail);
+                self.stats.iterations += 1;
+                self.stats.failures += 1;
+                METRICS.iterations_failure.fetch_add(1, Ordering::Relaxed);
+                log::error!(task = id, iteration = it; "iteration failed after {} retries: {detail} ({n} in a row, limit {})", limits.max_retries, limits.max_consecutive_failures);
+                if n >= limits.max_consecutive_failures {
+                    return self.finish(
+                        id,
+                        Status::Failed,
+                        "max_consecutive_failures",
+                        Some(detail),
+                    );
+                }
+                self.after_iteration(id);
+            }
+            Verdict::Unavailable => {
+                slot.state.in_progress = None;
+                slot.state.iteration = slot.state.iteration.saturating_sub(1);
+                slot.state.last_error = Some(detail.clone());
+                if self.mode == Mode::Daemon {
+                    // Not the task's fault: it keeps its place and waits.
+                    slot.phase = Phase::Ready;
+                    self.ready.push_front(id.to_string());
+                    self.gates.unavailable(&detail, now);
+                    return;
+                }
+                self.unavailable = true;
+                log::error!(task = id; "{detail}");
+                self.finish(id, Status::Failed, "agent_unavailable", Some(detail));
+            }
+            Verdict::RuntimeOut => {
+                slot.state.in_progress = None;
+                self.finish(id, Status::LimitReached, "max_runtime", None);
+            }
+            Verdict::Cancelled => {
+                slot.state.in_progress = None;
+                self.finish(id, Status::Cancelled, "cancelled", None);
+            }
+            Verdict::Interrupted => {
+                log::warn!(task = id, iteration = it; "agent stopped by shutdown; iteration {it} will run again on the next start");
+                slot.phase = Phase::Waiting(Instant::now());
+            }
+        }
+    }
+
+    /// After an iteration that did not end the task: completion, checkpoint, pause.
+    fn after_iteration(&mut self, id: &str) {
+        let o = &self.cfg.orchestrator;
+        let delay = Duration::from_secs_f64(o.iteration_delay);
+        let keep = (o.keep_transcripts as usize).max(1);
+        let interval = o.checkpoint_interval;
+        let Some(slot) = self.slots.get_mut(id) else {
+            return;
+        };
+        // One transcript per iteration: nothing to prune before there are more.
+        if slot.state.iteration as usize > keep {
+            self.persist.prune_transcripts(id, keep);
+        }
+        let complete = std::fs::read(&slot.state.prompt_file)
+            .map(|t| prompt_complete(&t, &o.completion_marker))
+            .unwrap_or(false);
+        if complete {
+            return self.finish(id, Status::Completed, "completion_marker", None);
+        }
+        let it = slot.state.iteration;
+        if interval > 0 && it % interval == 0 && slot.state.last_checkpoint < it {
+            return self.checkpoint(id, false);
+        }
+        slot.phase = Phase::Waiting(Instant::now() + delay);
+    }
+
+    fn checkpoint(&mut self, id: &str, finishing: bool) {
+        let seq = self.next_seq();
+        let o = &self.cfg.orchestrator;
+        let Some(slot) = self.slots.get_mut(id) else {
+            return;
+        };
+        let job = CheckpointJob {
+            task_id: id.to_string(),
+            iteration: slot.state.iteration,
+            prompt_file: slot.state.prompt_file.clone().into(),
+            workdir: slot.state.workdir.clone().into(),
+            archive_dir: o.archive_prompts.then(|| self.store.archive_dir(id)),
+            git: o.git_checkpoint,
+            state_dir: self.store.state_dir().to_path_buf(),
+        };
+        slot.state.last_checkpoint = slot.state.iteration;
+        slot.dirty = true;
+        slot.phase = Phase::Checkpointing { seq, finishing };
+        self.pool.send(id, seq, Job::Checkpoint(job));
+    }
+
+    fn checkpoint_done(&mut self, id: &str, d: Done) {
+        let delay = Duration::from_secs_f64(self.cfg.orchestrator.iteration_delay);
+        let Some(slot) = self.slots.get_mut(id) else {
+            return;
+        };
+        let it = slot.state.iteration;
+        for n in &d.notes {
+            log::warn!(task = id, iteration = it; "{n}");
+        }
+        match &d.commit {
+            Some(c) => log::info!(task = id, iteration = it; "checkpoint: committed {c}"),
+            None => log::info!(task = id, iteration = it; "checkpoint written"),
+        }
+        let finishing = matches!(
+            slot.phase,
+            Phase::Checkpointing {
+                finishing: true,
+                ..
+            }
+        );
+        if slot.cancel_pending && !finishing {
+            slot.phase = Phase::Waiting(Instant::now());
+            return self.finish(id, Status::Cancelled, "cancelled", None);
+        }
+        slot.phase = if finishing {
+            Phase::Finished
+        } else {
+            Phase::Waiting(Instant::now() + delay)
+        };
+    }
+
+    /// Ends a task, with a last checkpoint when it ran since the previous one.
+    fn finish(&mut self, id: &str, status: Status, reason: &str, error: Option<String>) {
+        let Some(slot) = self.slots.get_mut(id) else {
+            return;
+        };
+        let msg = slot.end(status, reason, error);
+        match status {
+            Status::Completed | Status::Cancelled => log::info!(task = id; "{msg}"),
+            Status::LimitReached => log::warn!(task = id; "{msg}"),
+            _ => log::error!(task = id; "{msg}"),
+        }
+        let it = slot.state.iteration;
+        let ran_since_checkpoint = slot.state.last_checkpoint < it && it > 0;
+        let o = &self.cfg.orchestrator;
+        if ran_since_checkpoint
+            && (o.git_checkpoint || o.archive_prompts)
+            && o.checkpoint_interval > 0
+        {
+            self.checkpoint(id, true);
+        } else {
+            slot.phase = Phase::Finished;
+        }
+    }
+
+    /// Hands every changed record to the writer as one batch.
+    fn flush(&mut self) {
+        if self.persist.flush(self.slots.values_mut()) {
+            self.publish_due = true;
+        }
+    }
+
+    /// Gives readers (HTTP) a fresh view when anything they show changed.
+    fn publish(&mut self) {
+        let circuit = self.gates.circuit();
+        let key = (
+            self.pool.busy(),
+            self.ready.len(),
+            circuit.label(),
+            self.pool.size(),
+        );
+        let snap = self.shared.snapshot();
+        let same = (
+            snap.workers_busy,
+            snap.queue_depth,
+            snap.circuit,
+            snap.workers_total,
+        ) == key;
+        if !self.publish_due && same {
+            return;
+        }
+        self.publish_due = false;
+        let bucket = self.gates.bucket();
+        self.shared.publish(Snapshot {
+            tasks: self.slots.values().map(|s| s.published.clone()).collect(),
+            workers_total: self.pool.size(),
+            workers_busy: self.pool.busy(),
+            queue_depth: self.ready.len(),
+            circuit: circuit.label(),
+            circuit_reason: circuit.reason.clone(),
+            rate_per_minute: bucket.per_minute(),
+            rate_tokens: bucket.tokens(),
+        });
+    }
+
+    fn dump(&mut self) {
+        self.dumps.made(Instant::now());
+        let view = View {
+            workers_target: self.pool.size(),
+            workers: self.pool.views(),
+            in_flight: self.pool.busy(),
+            ready: self.ready.len(),
+            stats: &self.stats,
+            circuit: self.gates.circuit(),
+            bucket: self.gates.bucket(),
+            cache_entries: self.gates.cache_entries(),
+            tasks: self
+                .slots
+                .values()
+                .map(|s| TaskView {
+                    state: &s.state,
+                    phase: s.phase.text(),
+                    running_for: match s.phase {
+                        Phase::Running { since, .. } => Some(since.elapsed()),
+                        _ => None,
+                    },
+                    retries_now: s.retries_now,
+                    progress: &s.progress,
+                })
+                .collect(),
+        };
+        diagnostics::write(&view, self.store.state_dir());
+    }
+
+    fn submit(&mut self, state: TaskState, entry: PathBuf) {
+        let id = state.id.clone();
+        if let Some(existing) = self.slots.get(&id) {
+            if existing.state.source.is_some() && existing.state.source == state.source {
+                // Taken before a crash that kept the entry: nothing new.
+                let _ = std::fs::remove_file(&entry);
+            } else {
+                let spool = entry.parent().map(PathBuf::from).unwrap_or_default();
+                let reason = format!("a task with id {id:?} already exists");
+                match crate::store::spool::reject(&spool, &entry, &reason) {
+                    Ok(d) => {
+                        log::warn!("spool entry rejected: {reason} (moved to {})", d.display())
+                    }
+                    Err(e) => log::error!(
+                        "spool entry {} rejected ({reason}) but cannot be moved: {e}",
+                        entry.display()
+                    ),
+                }
+            }
+            return;
+        }
+        if let Err(e) = self.store.save(&state) {
+            log::error!(task = id.as_str(); "cannot record submitted task: {e}; the spool entry {} stays and is tried again", entry.display());
+            return;
+        }
+        if let Err(e) = std::fs::remove_file(&entry) {
+            log::warn!(task = id.as_str(); "task recorded, but its spool entry {} cannot be removed: {e}", entry.display());
+        }
+        log::info!(task = id.as_str(); "task accepted from the spool: prompt {}, workdir {}", state.prompt_file, state.workdir);
+        self.adopt(state);
+    }
+
+    fn cancel(&mut self, id: &str, request: PathBuf) {
+        let _ = std::fs::remove_file(&request);
+        let Some(slot) = self.slots.get_mut(id) else {
+            log::warn!("cancel request for unknown task {id:?} ignored");
+            return;
+        };
+        match slot.phase {
+            Phase::Finished => {
+                log::info!(task = id; "cancel request ignored: the task already ended {}", slot.state.status.as_str())
+            }
+            Phase::Running { .. } => {
+                log::info!(task = id; "cancelling: stopping the running agent");
+                if let Some(c) = &slot.cancel {
+                    c.request(CancelReason::Cancel);
+                }
+            }
+            Phase::Checkpointing { .. } => slot.cancel_pending = true,
+            Phase::Ready | Phase::Waiting(_) => {
+                slot.state.in_progress = None;
+                self.finish(id, Status::Cancelled, "cancelled", None);
+            }
+        }
+    }
+
+    fn reload(&mut self, cfg: Config) {
+        if cfg.paths.state_dir != self.cfg.paths.state_dir {
+            log::warn!(
+                "reload: paths.state_dir cannot change while running; restart to move the state"
+            );
+        }
+        self.stream_output = cfg.logging.verbose;
+        self.gates.configure(&cfg);
+        self.max_prompt
+            .store(cfg.limits.max_prompt_size, Ordering::Relaxed);
+        self.shared.set_command(&cfg.adapter.effective_command());
+        self.shared.set_check_every(Duration::from_secs_f64(
+            cfg.monitoring.health_check_interval,
+        ));
+        let interval = cfg.monitoring.metrics_interval;
+        self.next_summary =
+            (interval > 0.0).then(|| Instant::now() + Duration::from_secs_f64(interval));
+        let target = cfg.performance.max_concurrent as usize;
+        let before = self.pool.size();
+        let paths = self.cfg.paths.clone();
+        self.cfg = cfg;
+        self.cfg.paths = paths;
+        if let Err(e) = self.pool.resize(target) {
+            log::error!(
+                "reload: cannot start more workers: {e}; running with {}",
+                self.pool.size()
+            );
+        }
+        log::info!(
+            "configuration reloaded; workers {before} -> {}",
+            self.pool.size()
+        );
+        self.notifier.ready(&self.status_line());
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    fn jitter(&mut self) -> f64 {
+        // xorshift64: jitter needs spread, not cryptographic quality.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The ending, and the agent's last words when it went wrong.
+fn describe(o: &AgentOutcome) -> String {
+    let tail = String::from_utf8_lossy(&o.tail);
+    let last = tail
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    let last: String = last.chars().take(300).collect();
+    if last.is_empty() || o.ending.is_success() {
+        o.ending.describe()
+    } else {
+        format!("{}: {last}", o.ending.describe())
+    }
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (t.as_nanos() as u64) ^ ((std::process::id() as u64) << 32) | 1
+}

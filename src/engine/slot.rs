@@ -1,0 +1,182 @@
+//! One task as the scheduler holds it: the record, where it is in the loop
+//! (its phase), and what the current iteration has used. The scheduler is the
+//! only code that changes a slot.
+
+use crate::agent::{Cancel, Progress};
+use crate::sys::time::now_rfc3339;
+use crate::task::{Status, TaskState};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Phase {
+    /// In the ready queue.
+    Ready,
+    /// Waiting for a timer (iteration delay or retry back-off).
+    Waiting(Instant),
+    Running {
+        seq: u64,
+        since: Instant,
+    },
+    Checkpointing {
+        seq: u64,
+        finishing: bool,
+    },
+    Finished,
+}
+
+impl Phase {
+    /// The job this phase waits for, if any.
+    pub fn job(self) -> Option<u64> {
+        match self {
+            Phase::Running { seq, .. } | Phase::Checkpointing { seq, .. } => Some(seq),
+            _ => None,
+        }
+    }
+
+    pub fn text(self) -> String {
+        match self {
+            Phase::Ready => "ready".into(),
+            Phase::Waiting(t) => format!(
+                "waiting {:.1} s",
+                t.saturating_duration_since(Instant::now()).as_secs_f64()
+            ),
+            Phase::Running { .. } => "running agent".into(),
+            Phase::Checkpointing { .. } => "checkpointing".into(),
+            Phase::Finished => "finished".into(),
+        }
+    }
+}
+
+pub struct Slot {
+    pub state: TaskState,
+    pub phase: Phase,
+    /// Retries made in the current iteration.
+    pub retries_now: u32,
+    /// The next dispatch re-runs `state.iteration` instead of starting a new one.
+    pub rerun: bool,
+    /// When this process last added to `state.runtime_secs`.
+    pub active_since: Option<Instant>,
+    pub cancel: Option<Arc<Cancel>>,
+    pub progress: Arc<Progress>,
+    pub dirty: bool,
+    /// Cache key of the request in flight, stored on success.
+    pub cache_key: Option<u64>,
+    /// Cancel requested while a checkpoint was running.
+    pub cancel_pending: bool,
+    /// Failed reads of the prompt file in a row (out of descriptors, I/O).
+    pub read_failures: u32,
+    /// The record as last written, for readers on other threads.
+    pub published: Arc<TaskState>,
+}
+
+impl Slot {
+    /// A task as found on disk or just submitted: finished ones stay
+    /// finished, an iteration that was running when the last process died
+    /// runs again (and is counted as interrupted).
+    pub fn adopt(mut state: TaskState) -> Slot {
+        let mut rerun = false;
+        let phase = if state.status.is_finished() {
+            Phase::Finished
+        } else {
+            if let Some(k) = state.in_progress {
+                state.interrupted_iterations += 1;
+                state.iteration = k;
+                rerun = true;
+                log::warn!(task = state.id.as_str(), iteration = k;
+                    "iteration {k} was interrupted; running it again");
+            }
+            Phase::Ready
+        };
+        Slot {
+            state,
+            phase,
+            retries_now: 0,
+            rerun,
+            active_since: None,
+            cancel: None,
+            progress: Arc::new(Progress::default()),
+            dirty: true,
+            cache_key: None,
+            cancel_pending: false,
+            read_failures: 0,
+            published: Arc::new(TaskState::new("", "", "")),
+        }
+    }
+
+    /// Seconds of running, this process's share included.
+    pub fn runtime(&self) -> f64 {
+        self.state.runtime_secs + self.active_since.map_or(0.0, |t| t.elapsed().as_secs_f64())
+    }
+}
+
+/// The record changes of the loop's steps, each on one task.
+impl Slot {
+    /// An attempt begins: a new iteration unless this one is retried or
+    /// re-run after an interruption.
+    pub fn begin(&mut self, new_iteration: bool, next: u64) {
+        let st = &mut self.state;
+        if new_iteration {
+            st.iteration = next;
+        }
+        self.rerun = false;
+        st.status = Status::Running;
+        st.in_progress = Some(st.iteration);
+        if st.started_at.is_none() {
+            st.started_at = Some(now_rfc3339());
+        }
+        self.dirty = true;
+    }
+
+    pub fn succeeded(&mut self) {
+        let st = &mut self.state;
+        st.successful_iterations += 1;
+        st.consecutive_failures = 0;
+        st.in_progress = None;
+        self.retries_now = 0;
+    }
+
+    pub fn retrying(&mut self, detail: &str) {
+        self.retries_now += 1;
+        self.state.retries += 1;
+        self.state.last_error = Some(detail.to_string());
+    }
+
+    /// The iteration failed for good; returns the failures in a row.
+    pub fn failed(&mut self, detail: &str) -> u32 {
+        let st = &mut self.state;
+        st.failed_iterations += 1;
+        st.consecutive_failures += 1;
+        st.in_progress = None;
+        st.last_error = Some(detail.to_string());
+        self.retries_now = 0;
+        st.consecutive_failures
+    }
+
+    /// The task ends; returns the line that tells the operator how.
+    pub fn end(&mut self, status: Status, reason: &str, error: Option<String>) -> String {
+        let st = &mut self.state;
+        st.status = status;
+        st.reason = Some(reason.to_string());
+        st.finished_at = Some(now_rfc3339());
+        if error.is_some() {
+            st.last_error = error;
+        }
+        self.cancel = None;
+        self.dirty = true;
+        format!(
+            "task {}: {} after {} iteration(s) ({} succeeded, {} failed, {} retries){}",
+            status.as_str(),
+            reason,
+            st.iteration,
+            st.successful_iterations,
+            st.failed_iterations,
+            st.retries,
+            st.last_error
+                .as_ref()
+                .filter(|_| status != Status::Completed)
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        )
+    }
+}
