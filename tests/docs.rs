@@ -170,3 +170,41 @@ fn shipped_config_is_valid_and_shows_every_key_with_its_default() {
     }
     assert_eq!(shown, code_keys());
 }
+
+/// Every `cargo run` line of the README runs as written: with more than one
+/// binary in the package (the daemon and the benchmark), cargo refuses a bare
+/// `cargo run` ("could not determine which binary to run") unless the package
+/// names its default binary, and that must be the daemon's.
+#[test]
+fn readme_cargo_run_lines_pick_the_daemon_binary() {
+    let readme = root("README.md");
+    let runs: Vec<&str> = readme
+        .lines()
+        .filter(|l| l.contains("cargo run") && !l.contains("--bin"))
+        .collect();
+    assert!(!runs.is_empty(), "the README shows no `cargo run` line");
+    let manifest: toml::Table = toml::from_str(&root("Cargo.toml")).unwrap();
+    let package = manifest["package"].as_table().unwrap();
+    let name = package["name"].as_str().unwrap();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut binaries = 0;
+    if dir.join("src/main.rs").is_file() {
+        binaries += 1;
+    }
+    if let Ok(rd) = std::fs::read_dir(dir.join("src/bin")) {
+        binaries += rd.flatten().count();
+    }
+    binaries += manifest
+        .get("bin")
+        .and_then(|b| b.as_array())
+        .map_or(0, |b| b.len());
+    if binaries > 1 {
+        assert_eq!(
+            package.get("default-run").and_then(|v| v.as_str()),
+            Some(name),
+            "{binaries} binaries and no default-run = {name:?} in Cargo.toml: these README lines fail with \
+             \"could not determine which binary to run\":\n{}",
+            runs.join("\n")
+        );
+    }
+}
