@@ -145,7 +145,7 @@ fn run(store: TaskStore, tick: Duration, rx: Receiver<Msg>, report: impl Fn(Writ
             report(write_batch(&store, batch));
         }
         for (path, bytes) in files {
-            if let Err(e) = super::write_atomic(&path, &bytes) {
+            if let Err(e) = super::atomic::write_atomic(&path, &bytes) {
                 log::debug!("cannot save {}: {e}", path.display());
             }
         }
