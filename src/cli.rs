@@ -66,6 +66,7 @@ pub enum Command {
 pub const VALUE_FLAGS: &[(&str, &str)] = &[
     ("agent", "adapter.name"),
     ("agent-command", "adapter.command"),
+    ("agent-arg", "adapter.args"),
     ("timeout", "adapter.timeout"),
     ("idle-timeout", "adapter.idle_timeout"),
     ("max-retries", "adapter.max_retries"),
@@ -121,12 +122,14 @@ Options (each overrides the configuration file and the environment):
   --prompt FILE              prompt file (default PROMPT.md in the working directory)
   --workdir DIR              working directory of the agent (default .)
   --config FILE              TOML configuration file
-  --agent q|qchat|kiro       agent profile
-  --agent-command PATH       agent program instead of the profile's (q, kiro-cli)
+  --agent NAME               agent profile: qchat (q), kiro, claude, codex, gemini, custom
+  --agent-command PATH       agent program instead of the profile's (q, kiro-cli, claude …)
+  --agent-arg ARG            an argument instead of the profile's (repeat for each; the
+                             instruction is still passed last)
   --max-iterations N         stop after N iterations (limit_reached)
   --max-runtime SECS         stop after SECS seconds of running (limit_reached)
   --checkpoint-interval N    archive the prompt and git-commit every N iterations
-  --timeout SECS             wall-clock limit of one agent request
+  --timeout SECS             wall-clock limit of one agent request (default: the profile's)
   --idle-timeout SECS        stop a request after SECS without output (0 = off)
   --max-retries N            retries of a failed request
   --retry-delay SECS         first retry delay (doubles each retry)

@@ -19,12 +19,28 @@ pub const BUCKETS: [f64; 11] = [
     600.0,
     f64::INFINITY,
 ];
-pub const ERROR_TYPES: [&str; 7] = [
+/// The outcome classes of failed attempts, and two events beside them.
+pub const ERROR_TYPES: [&str; 10] = [
+    "failed",
+    "throttled",
+    "quota",
+    "auth",
+    "context_limit",
+    "unavailable",
     "timeout",
     "idle_timeout",
-    "nonzero_exit",
-    "signaled",
-    "spawn_failed",
+    "output_truncated",
+    "cancelled",
+];
+
+/// What the error types of releases before outcome classes (saved by
+/// position) count as now.
+const OLD_ERROR_TYPES: [&str; 7] = [
+    "timeout",
+    "idle_timeout",
+    "failed",
+    "failed",
+    "failed",
     "output_truncated",
     "cancelled",
 ];
@@ -34,7 +50,7 @@ pub struct Metrics {
     pub retries: AtomicU64,
     pub iterations_success: AtomicU64,
     pub iterations_failure: AtomicU64,
-    pub errors: [AtomicU64; 7],
+    pub errors: [AtomicU64; 10],
     /// Cumulative counts per bucket (Prometheus `le` semantics).
     pub buckets: [AtomicU64; 11],
     pub duration_micros: AtomicU64,
@@ -56,7 +72,7 @@ impl Metrics {
             retries: ZERO,
             iterations_success: ZERO,
             iterations_failure: ZERO,
-            errors: [ZERO; 7],
+            errors: [ZERO; 10],
             buckets: [ZERO; 11],
             duration_micros: ZERO,
             active: ZERO,
@@ -77,8 +93,12 @@ impl Metrics {
     }
 
     pub fn error(&self, error_type: &str) {
+        self.error_n(error_type, 1);
+    }
+
+    fn error_n(&self, error_type: &str, n: u64) {
         if let Some(i) = ERROR_TYPES.iter().position(|t| *t == error_type) {
-            self.errors[i].fetch_add(1, Relaxed);
+            self.errors[i].fetch_add(n, Relaxed);
         }
     }
 
@@ -88,7 +108,12 @@ impl Metrics {
             retries: self.retries.load(Relaxed),
             iterations_success: self.iterations_success.load(Relaxed),
             iterations_failure: self.iterations_failure.load(Relaxed),
-            errors: self.errors.iter().map(|a| a.load(Relaxed)).collect(),
+            errors: Vec::new(),
+            error_types: ERROR_TYPES
+                .iter()
+                .zip(&self.errors)
+                .map(|(t, a)| (t.to_string(), a.load(Relaxed)))
+                .collect(),
             buckets: self.buckets.iter().map(|a| a.load(Relaxed)).collect(),
             duration_micros: self.duration_micros.load(Relaxed),
         }
@@ -102,8 +127,11 @@ impl Metrics {
             .fetch_add(t.iterations_success, Relaxed);
         self.iterations_failure
             .fetch_add(t.iterations_failure, Relaxed);
-        for (a, v) in self.errors.iter().zip(&t.errors) {
-            a.fetch_add(*v, Relaxed);
+        for (old, v) in OLD_ERROR_TYPES.iter().zip(&t.errors) {
+            self.error_n(old, *v);
+        }
+        for (name, v) in &t.error_types {
+            self.error_n(name, *v);
         }
         for (a, v) in self.buckets.iter().zip(&t.buckets) {
             a.fetch_add(*v, Relaxed);
@@ -125,7 +153,12 @@ pub struct Totals {
     pub retries: u64,
     pub iterations_success: u64,
     pub iterations_failure: u64,
+    /// Errors by position in the old seven types (files of older releases).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<u64>,
+    /// Errors by type name.
+    #[serde(default)]
+    pub error_types: std::collections::BTreeMap<String, u64>,
     pub buckets: Vec<u64>,
     pub duration_micros: u64,
 }
@@ -197,7 +230,7 @@ pub fn render(m: &Metrics, g: &Gauges) -> String {
         &mut o,
         "qchat_errors_total",
         "counter",
-        "Failed agent requests by kind of failure.",
+        "Agent requests that did not succeed, by outcome class.",
     );
     for (i, t) in ERROR_TYPES.iter().enumerate() {
         o.push_str(&format!(
@@ -306,7 +339,7 @@ mod tests {
         assert_eq!(t.buckets[0], 1); // <= 0.5
         assert_eq!(t.buckets[3], 2); // <= 5
         assert_eq!(t.buckets[10], 3); // +Inf
-        assert_eq!(t.errors[0], 1);
+        assert_eq!(t.error_types["timeout"], 1);
         let text = render(
             &m,
             &Gauges {
@@ -322,5 +355,19 @@ mod tests {
         assert!(text.contains("ralph_tasks{status=\"queued\"} 2\n"));
         m.restore(&t);
         assert_eq!(m.totals().requests, 6);
+        assert_eq!(m.totals().error_types["timeout"], 2);
+    }
+
+    #[test]
+    fn totals_of_an_older_release_keep_their_errors() {
+        let m = Metrics::new();
+        let old: Totals =
+            serde_json::from_str(r#"{"requests":9,"retries":0,"iterations_success":0,"iterations_failure":0,"errors":[1,0,4,2,0,0,3],"buckets":[],"duration_micros":0}"#)
+                .unwrap();
+        m.restore(&old);
+        let t = m.totals();
+        assert_eq!(t.error_types["timeout"], 1);
+        assert_eq!(t.error_types["failed"], 6);
+        assert_eq!(t.error_types["cancelled"], 3);
     }
 }

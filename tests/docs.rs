@@ -22,6 +22,7 @@ fn code_keys() -> BTreeSet<String> {
     }
     // Optional in the struct (the profile decides), so absent from the defaults.
     keys.insert("adapter.args".into());
+    keys.insert("adapter.preflight".into());
     keys
 }
 
@@ -160,6 +161,7 @@ fn shipped_config_is_valid_and_shows_every_key_with_its_default() {
     let mut expected = ralph_qchat::config::Config::default();
     expected.adapter.command = "q".into();
     expected.adapter.args = Some(ralph_qchat::config::AgentName::Qchat.default_args());
+    expected.adapter.preflight = Some(vec!["q".into(), "whoami".into()]);
     assert_eq!(parsed, expected);
     let table: toml::Table = toml::from_str(&uncommented).unwrap();
     let mut shown = BTreeSet::new();

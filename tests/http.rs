@@ -462,7 +462,7 @@ fn metrics_parse_and_counters_move() {
     // ok: 1 request; bad: 2 (one retry); slow: 2 (one retry), both timing out.
     assert_eq!(value(&text, "qchat_retries_total"), Some(2.0), "{text}");
     assert_eq!(
-        value(&text, "qchat_errors_total{error_type=\"nonzero_exit\"}"),
+        value(&text, "qchat_errors_total{error_type=\"failed\"}"),
         Some(2.0),
         "{text}"
     );

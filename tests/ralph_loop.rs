@@ -54,18 +54,6 @@ fn stops_at_max_iterations_with_limit_reached() {
     sb.assert_nothing_left();
 }
 
-#[test]
-fn output_marker_completes_when_configured() {
-    let sb = Sandbox::new("outmarker");
-    sb.write(
-        "cfg.toml",
-        "[orchestrator]\noutput_completion_marker = \"instruction of\"\n",
-    );
-    let r = run(sb.run_cmd("args.sh", &["--config", "cfg.toml"]));
-    assert_eq!(r.code(), 0, "{}", r.stderr);
-    assert_eq!(sb.state()["reason"], "output_marker");
-}
-
 fn times(log: &str) -> Vec<f64> {
     log.lines()
         .filter_map(|l| l.split("time=").nth(1))

@@ -2,6 +2,8 @@
 //! run), the outcome (how it ended), and the handles to cancel it and to
 //! watch it from another thread.
 
+use super::classify::{Class, Rules};
+use super::profile::OutputMode;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
@@ -31,6 +33,12 @@ pub struct AgentRequest {
     pub max_output: u64,
     pub max_memory_mb: u64,
     pub output_marker: Option<Vec<u8>>,
+    /// The instruction's lines (trimmed, non-empty): their echo in the
+    /// output never counts as the marker.
+    pub echo: Arc<Vec<String>>,
+    /// The profile's and the operator's outcome rules.
+    pub rules: Arc<Rules>,
+    pub output_mode: OutputMode,
     pub transcript: Option<PathBuf>,
     /// Echo the agent's output to our stderr as it arrives (verbose).
     pub stream: bool,
@@ -53,6 +61,8 @@ pub enum Ending {
     Unavailable(String),
     /// Spawning failed for another reason (EMFILE, EAGAIN …): worth a retry.
     SpawnFailed(String),
+    /// A line matched a rule that ends the attempt at once (device login).
+    RuleStopped,
 }
 
 impl Ending {
@@ -73,6 +83,7 @@ impl Ending {
             Ending::ShutDown => "shutdown",
             Ending::Unavailable(_) => "unavailable",
             Ending::SpawnFailed(_) => "spawn_failed",
+            Ending::RuleStopped => "stopped_by_rule",
         }
     }
 
@@ -86,6 +97,7 @@ impl Ending {
             Ending::Cancelled => "cancelled".into(),
             Ending::ShutDown => "stopped by shutdown".into(),
             Ending::Unavailable(m) | Ending::SpawnFailed(m) => m.clone(),
+            Ending::RuleStopped => "stopped: its output matched an outcome rule".into(),
         }
     }
 }
@@ -97,8 +109,13 @@ pub struct AgentOutcome {
     pub bytes_read: u64,
     pub bytes_dropped: u64,
     pub marker_seen: bool,
-    /// The last bytes of stderr (or stdout if stderr was silent), for messages.
+    /// The last lines of stderr (or stdout if stderr was silent), ANSI
+    /// stripped, for messages.
     pub tail: Vec<u8>,
+    /// What the attempt means (rules over exit status).
+    pub class: Class,
+    /// The output line that decided the class, when a rule did.
+    pub decided_by: Option<String>,
 }
 
 impl AgentOutcome {

@@ -1,17 +1,22 @@
-//! The child processes an attempt runs: what to run (a request), how it
-//! ended (an outcome), the supervisor that runs it without ever hanging on
-//! it, and the git checkpoint, the other process a worker runs.
+//! The child processes an attempt runs: the CLIs it knows (profiles), what
+//! to run (a request), how it ended and what that means (an outcome and its
+//! class), the supervisor that runs it without ever hanging on it, and the
+//! git checkpoint, the other process a worker runs.
 
 mod attempt;
 pub mod checkpoint;
+pub mod classify;
 mod group;
 pub mod instruction;
 mod output;
+pub mod profile;
 mod spawn;
 mod supervise;
+pub mod text;
 mod transcript;
 
 pub use attempt::{AgentOutcome, AgentRequest, Cancel, CancelReason, Ending, Progress};
+pub use classify::Class;
 pub use group::{group_alive, kill_leftovers};
 pub use spawn::MARKER_VAR;
 pub use supervise::Supervisor;

@@ -1,40 +1,107 @@
 //! Accounting of one run's output: bytes read, kept and dropped past
-//! max_output_size, the output completion marker (found across chunk
-//! borders), and the last bytes of each stream for messages.
+//! max_output_size (kept bytes go raw to the transcript), and the text the
+//! loop reasons about, read as ANSI-stripped lines: the output completion
+//! marker (a whole line, never in the echo of our own instruction), the
+//! lines that stop an attempt at once (a device-login prompt), the last
+//! lines of each stream for classification and messages, and Claude's
+//! machine-readable result.
 
 use super::attempt::AgentRequest;
+use super::classify::{Class, Said};
+use super::profile::OutputMode;
+use super::text::{Lines, MAX_LINE};
 use super::transcript::Transcript;
+use std::collections::VecDeque;
 use std::io::{self, Write};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-const TAIL: usize = 2048;
+/// Lines of each stream kept for classification and messages.
+const LAST_LINES: usize = 16;
+/// Claude's result line carries the whole final message.
+const JSON_LINE: usize = 1024 * 1024;
+
+/// Follows an echo of the instruction through the output: a line equal to
+/// the instruction's first line starts one, each next line equal to the
+/// instruction's next line continues it.
+struct Echo {
+    lines: Arc<Vec<String>>,
+    pos: Option<usize>,
+}
+
+impl Echo {
+    fn is_echo(&mut self, line: &str) -> bool {
+        if let Some(p) = self.pos {
+            if self.lines.get(p).is_some_and(|l| l == line) {
+                self.pos = Some(p + 1);
+                return true;
+            }
+            self.pos = None;
+        }
+        if self
+            .lines
+            .first()
+            .is_some_and(|first| line == first || line.ends_with(first.as_str()))
+        {
+            self.pos = Some(1);
+            return true;
+        }
+        false
+    }
+}
+
+struct Stream {
+    lines: Lines,
+    last: VecDeque<String>,
+    echo: Echo,
+}
 
 pub struct Output {
     pub bytes_read: u64,
     kept: u64,
     pub bytes_dropped: u64,
-    marker: Option<Vec<u8>>,
+    marker: Option<String>,
     pub marker_seen: bool,
-    carry: [Vec<u8>; 2],
-    tails: [Vec<u8>; 2],
+    streams: [Stream; 2],
+    mode: OutputMode,
+    stop_rules: bool,
+    pub said: Said,
 }
 
 impl Output {
     pub fn new(req: &AgentRequest) -> Output {
+        let stream = |cap| Stream {
+            lines: Lines::with_cap(cap),
+            last: VecDeque::new(),
+            echo: Echo {
+                lines: req.echo.clone(),
+                pos: None,
+            },
+        };
+        let json = req.output_mode == OutputMode::ClaudeStreamJson;
         Output {
             bytes_read: 0,
             kept: 0,
             bytes_dropped: 0,
-            marker: req.output_marker.clone().filter(|m| !m.is_empty()),
+            marker: req
+                .output_marker
+                .as_ref()
+                .map(|m| String::from_utf8_lossy(m).trim().to_string())
+                .filter(|m| !m.is_empty()),
             marker_seen: false,
-            carry: [Vec::new(), Vec::new()],
-            tails: [Vec::new(), Vec::new()],
+            streams: [
+                stream(if json { JSON_LINE } else { MAX_LINE }),
+                stream(MAX_LINE),
+            ],
+            mode: req.output_mode,
+            stop_rules: req.rules.list.iter().any(|r| r.stop),
+            said: Said::default(),
         }
     }
 
     /// A chunk read from stream 0 (stdout) or 1 (stderr): kept within the
-    /// cap (to the transcript, and to our stderr when streaming), searched
-    /// for the marker, remembered for the tail.
+    /// cap (to the transcript, and to our stderr when streaming), read as
+    /// lines.
     pub fn take(
         &mut self,
         stream: usize,
@@ -58,44 +125,118 @@ impl Output {
                 let _ = e.flush();
             }
         }
-        if let Some(m) = &self.marker
-            && !self.marker_seen
+        let mut got = vec![];
+        self.streams[stream]
+            .lines
+            .feed(chunk, |l| got.push(l.to_string()));
+        for l in got {
+            self.line(stream, l, req);
+        }
+        // A prompt waits without ending its line: stop rules see it now.
+        if self.stop_rules
+            && self.said.stopped_by.is_none()
+            && let Some(l) = self.streams[stream].lines.partial()
+            && let Some((class, _)) = req.rules.stop_on(&l)
         {
-            let carry = &mut self.carry[stream];
-            carry.extend_from_slice(chunk);
-            if find(carry, m) {
-                self.marker_seen = true;
+            self.said.stopped_by = Some((class, l));
+        }
+    }
+
+    /// The streams are closed: their last lines without a newline count too.
+    pub fn finish(&mut self, req: &AgentRequest) {
+        for stream in 0..2 {
+            let mut got = vec![];
+            self.streams[stream]
+                .lines
+                .finish(|l| got.push(l.to_string()));
+            for l in got {
+                self.line(stream, l, req);
             }
-            let keep_from = carry.len().saturating_sub(m.len() - 1);
-            carry.drain(..keep_from);
         }
-        let tail = &mut self.tails[stream];
-        tail.extend_from_slice(&chunk[chunk.len().saturating_sub(TAIL)..]);
-        let over = tail.len().saturating_sub(TAIL);
-        tail.drain(..over);
+        let mut lines: Vec<String> = vec![];
+        for s in &self.streams {
+            lines.extend(s.last.iter().cloned());
+        }
+        self.said.lines = lines;
     }
 
-    /// The last bytes of stderr, or of stdout if stderr was silent.
+    fn line(&mut self, stream: usize, line: String, req: &AgentRequest) {
+        if stream == 0 && self.mode == OutputMode::ClaudeStreamJson && line.starts_with('{') {
+            // The conversation itself is not the CLI speaking; only the
+            // result is (its text may hold the marker or an API error).
+            if let Some(text) = self.claude_result(&line) {
+                for l in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                    self.content(stream, l.chars().take(MAX_LINE).collect(), req);
+                }
+            }
+            return;
+        }
+        self.content(stream, line, req);
+    }
+
+    fn content(&mut self, stream: usize, line: String, req: &AgentRequest) {
+        let s = &mut self.streams[stream];
+        let echo = s.echo.is_echo(&line);
+        if !echo && !self.marker_seen && self.marker.as_deref() == Some(line.as_str()) {
+            self.marker_seen = true;
+        }
+        if self.stop_rules
+            && !echo
+            && self.said.stopped_by.is_none()
+            && let Some((class, _)) = req.rules.stop_on(&line)
+        {
+            self.said.stopped_by = Some((class, line.clone()));
+        }
+        if !echo {
+            if s.last.len() == LAST_LINES {
+                s.last.pop_front();
+            }
+            s.last.push_back(line);
+        }
+    }
+
+    /// The text of Claude's `result` line, noting its error fields.
+    fn claude_result(&mut self, line: &str) -> Option<String> {
+        if !line.contains("\"result\"") {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        if v.get("type")?.as_str()? != "result" {
+            return None;
+        }
+        if v.get("is_error").and_then(|e| e.as_bool()) == Some(true) {
+            self.said.reported_error = true;
+        }
+        self.said.api_status = v
+            .get("api_error_status")
+            .and_then(|s| s.as_u64())
+            .and_then(|s| u16::try_from(s).ok());
+        Some(
+            v.get("result")
+                .and_then(|r| r.as_str())
+                .unwrap_or_default()
+                .to_string(),
+        )
+    }
+
+    /// A rule asked to stop the attempt now.
+    pub fn stop_due(&self) -> Option<Class> {
+        self.said.stopped_by.as_ref().map(|(c, _)| *c)
+    }
+
+    /// The last lines of stderr, or of stdout if stderr was silent.
     pub fn tail(&self) -> Vec<u8> {
-        if self.tails[1].iter().any(|b| !b.is_ascii_whitespace()) {
-            self.tails[1].clone()
+        let pick = if self.streams[1].last.is_empty() {
+            &self.streams[0].last
         } else {
-            self.tails[0].clone()
+            &self.streams[1].last
+        };
+        let mut t = pick.iter().cloned().collect::<Vec<_>>().join("\n");
+        if t.len() > 2048 {
+            let cut = t.len() - 2048;
+            let cut = (cut..t.len()).find(|&i| t.is_char_boundary(i)).unwrap_or(0);
+            t.drain(..cut);
         }
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn find_across_chunks() {
-        assert!(find(b"abcLOOP_COMPLETEdef", b"LOOP_COMPLETE"));
-        assert!(!find(b"LOOP_COMPLET", b"LOOP_COMPLETE"));
+        t.into_bytes()
     }
 }

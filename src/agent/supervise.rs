@@ -3,6 +3,7 @@
 //! holds is `output`'s business, where it is written `transcript`'s.
 
 use super::attempt::{AgentOutcome, AgentRequest, CancelReason, Ending};
+use super::classify::{Said, classify};
 use super::group::{group_alive, terminate_group};
 use super::output::Output;
 use super::spawn::{Launcher, SpawnError, Spawned};
@@ -50,6 +51,8 @@ struct Watch {
     /// Why we are stopping the child, and when SIGKILL is due.
     stopping: Option<(Ending, Instant)>,
     killed: bool,
+    /// The output matched a rule that ends the attempt at once.
+    rule_stop: bool,
 }
 
 impl Watch {
@@ -59,6 +62,8 @@ impl Watch {
         if self.stopping.is_none() {
             let why = if let Some(r) = req.cancel.reason() {
                 Some(cancel_ending(r))
+            } else if self.rule_stop {
+                Some(Ending::RuleStopped)
             } else if now >= self.deadline {
                 Some(if req.timeout_is_runtime {
                     Ending::RuntimeExceeded
@@ -145,8 +150,17 @@ impl Supervisor {
             self.buf = vec![0; req.buffer_size.max(1)];
         }
         let started = Instant::now();
-        let finish = |ending: Ending, transcript: &mut Transcript, out: Option<&Output>| {
+        let finish = |ending: Ending, transcript: &mut Transcript, out: Option<&mut Output>| {
+            let none = Said::default();
+            let said = match &out {
+                Some(o) => &o.said,
+                None => &none,
+            };
+            let (class, decided_by) = classify(&ending, said, &req.rules);
+            let out = out.map(|o| &*o);
             let outcome = AgentOutcome {
+                class,
+                decided_by,
                 duration: started.elapsed(),
                 bytes_read: out.map_or(0, |r| r.bytes_read),
                 bytes_dropped: out.map_or(0, |r| r.bytes_dropped),
@@ -180,7 +194,8 @@ impl Supervisor {
         let mut out = Output::new(req);
         let ending = self.supervise(req, &mut child, &mut out, &mut transcript);
         req.progress.pid.store(0, Ordering::Relaxed);
-        finish(ending, &mut transcript, Some(&out))
+        out.finish(req);
+        finish(ending, &mut transcript, Some(&mut out))
     }
 
     fn supervise(
@@ -203,6 +218,11 @@ impl Supervisor {
                 break ending;
             }
             let more = self.read_pipes(&mut w, out, req, transcript);
+            if !w.rule_stop && out.stop_due().is_some() {
+                // Stop now, not at the next timer.
+                w.rule_stop = true;
+                continue;
+            }
             if w.exited.is_some() && w.pipes.iter().all(Option::is_none) {
                 // The last pipe closed after the exit was seen: done now, not
                 // at the end of the drain period.
@@ -269,6 +289,7 @@ impl Supervisor {
             drain_until: None,
             stopping: None,
             killed: false,
+            rule_stop: false,
         }
     }
 

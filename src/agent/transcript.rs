@@ -60,8 +60,13 @@ impl Transcript {
 
     pub fn footer(&mut self, o: &AgentOutcome) {
         let line = format!(
-            "\n=== end: {} after {:.3} s; {} bytes of output{}\n",
+            "\n=== end: {} ({}{}) after {:.3} s; {} bytes of output{}\n",
             o.ending.describe(),
+            o.class.as_str(),
+            o.decided_by
+                .as_ref()
+                .map(|l| format!(", from the line \"{l}\""))
+                .unwrap_or_default(),
             o.duration.as_secs_f64(),
             o.bytes_read,
             if o.truncated() {

@@ -64,10 +64,8 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
         }
         return Ok(exit::OK);
     };
-    match &http {
-        None => http = super::setup::start_http(&cfg, &shared, Some(&state_dir))?,
-        // The directory is ours now: say where our port is.
-        Some(h) => h.write_port_file(&state_dir),
+    if http.is_none() {
+        http = super::setup::start_http(&cfg, &shared, None)?;
     }
 
     let store = TaskStore::new(&state_dir);
@@ -79,6 +77,11 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
         shared.clone(),
     )
     .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start workers: {e}")))?;
+    // The directory is ours and the first snapshot (pauses an earlier run
+    // left included) is published: say where our port is.
+    if let Some(h) = &http {
+        h.write_port_file(&state_dir);
+    }
     let (tasks, problems) = store.load_all();
     for p in &problems {
         log::error!("{p}; that task is left as it is on disk and not run");

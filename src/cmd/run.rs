@@ -239,6 +239,7 @@ fn dry_run(cfg: &Config, s: &Setup) -> Result<String, Failure> {
         stream: false,
         cancel: Default::default(),
         progress: Default::default(),
+        rules: request::rules(cfg),
     });
     let o = &cfg.orchestrator;
     let a = &cfg.adapter;
@@ -263,7 +264,7 @@ fn dry_run(cfg: &Config, s: &Setup) -> Result<String, Failure> {
         o.max_iterations,
         o.max_runtime,
         o.max_consecutive_failures,
-        a.timeout,
+        a.effective_timeout(),
         a.idle_timeout,
         a.max_retries,
         a.retry_delay,

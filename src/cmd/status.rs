@@ -76,8 +76,8 @@ pub fn status(args: StatusArgs) -> Result<i32, Failure> {
     }
     let _ = writeln!(
         out,
-        "{:<24} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<24} LAST ERROR",
-        "ID", "STATUS", "ITER", "OK", "FAILED", "RETRIES", "UPDATED"
+        "{:<24} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<13} {:<24} LAST ERROR",
+        "ID", "STATUS", "ITER", "OK", "FAILED", "RETRIES", "LAST OUTCOME", "UPDATED"
     );
     for t in &tasks {
         let mut status = t.status.as_str().to_string();
@@ -86,19 +86,39 @@ pub fn status(args: StatusArgs) -> Result<i32, Failure> {
         }
         let _ = writeln!(
             out,
-            "{:<24} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<24} {}",
+            "{:<24} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<13} {:<24} {}",
             t.id,
             status,
             t.iteration,
             t.successful_iterations,
             t.failed_iterations,
             t.retries,
+            t.last_class.as_deref().unwrap_or("-"),
             t.updated_at,
             t.last_error.as_deref().unwrap_or("-")
         );
     }
     if tasks.is_empty() {
         let _ = writeln!(out, "(no tasks)");
+    }
+    let (pauses, warning) = crate::store::pauses::load(&state_dir);
+    if let Some(w) = warning {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    let now = crate::engine::account::unix_now();
+    for (profile, p) in pauses {
+        let what = match p.kind {
+            crate::store::pauses::PauseKind::Auth => "not logged in".to_string(),
+            crate::store::pauses::PauseKind::Quota if p.until.is_some_and(|u| u > now) => {
+                format!("out of quota for {} s more", p.until.unwrap_or(now) - now)
+            }
+            crate::store::pauses::PauseKind::Quota => continue,
+        };
+        let _ = writeln!(
+            out,
+            "agent profile {profile} paused, {what}: {}; {}",
+            p.message, p.remedy
+        );
     }
     print!("{out}");
     Ok(exit::OK)

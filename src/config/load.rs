@@ -83,8 +83,18 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// Where a key came from; `adapter.rules[2].match` is where rule 2 is.
     pub fn source_of(&self, key: &str) -> Source {
-        self.sources.get(key).cloned().unwrap_or(Source::Default)
+        let mut k = key;
+        loop {
+            if let Some(s) = self.sources.get(k) {
+                return s.clone();
+            }
+            match k.rsplit_once('.') {
+                Some((head, _)) if head.contains('.') => k = head,
+                _ => return Source::Default,
+            }
+        }
     }
 }
 
@@ -190,7 +200,19 @@ pub fn load(layers: &Layers) -> Result<Loaded, ConfigError> {
     }
     overrides.extend(layers.flags.iter().cloned());
 
-    for o in &overrides {
+    // Repeated --agent-arg flags together replace the profile's arguments.
+    let agent_args: Vec<Value> = overrides
+        .iter()
+        .filter(|o| o.key == "adapter.args")
+        .map(|o| Value::String(o.raw.clone()))
+        .collect();
+    if let Some(o) = overrides.iter().find(|o| o.key == "adapter.args") {
+        if let Some(Value::Table(t)) = merged.get_mut("adapter") {
+            t.insert("args".into(), Value::Array(agent_args));
+        }
+        sources.insert(o.key.clone(), o.source.clone());
+    }
+    for o in overrides.iter().filter(|o| o.key != "adapter.args") {
         let value = typed_value(&defaults, o)?;
         let (section, key) = split_key(&o.key);
         if let Some(Value::Table(t)) = merged.get_mut(section) {
@@ -279,7 +301,35 @@ fn apply_file(
             sources.insert(format!("{section}.{key}"), at(line));
         }
     }
+    rule_lines(text, path, sources);
     Ok(())
+}
+
+/// The line of each `[[adapter.rules]]` table, as `adapter.rules[N]`.
+fn rule_lines(text: &str, path: &Path, sources: &mut BTreeMap<String, Source>) {
+    #[derive(serde::Deserialize)]
+    struct File {
+        adapter: Option<Section>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Section {
+        #[serde(default)]
+        rules: Vec<Spanned<Table>>,
+    }
+    if let Ok(File {
+        adapter: Some(Section { rules }),
+    }) = toml::from_str::<File>(text)
+    {
+        for (i, r) in rules.iter().enumerate() {
+            sources.insert(
+                format!("adapter.rules[{}]", i + 1),
+                Source::File {
+                    path: path.to_path_buf(),
+                    line: line_of(text, r.span().start),
+                },
+            );
+        }
+    }
 }
 
 fn looks_like_yaml(path: &Path, text: &str) -> bool {
@@ -342,7 +392,16 @@ fn typed_value(defaults: &Table, o: &Override) -> Result<Value, ConfigError> {
     if o.key == "adapter.name" {
         return AgentName::parse(raw)
             .map(|n| Value::String(n.as_str().into()))
-            .ok_or_else(|| err(format!("unknown agent {raw:?} (expected q, qchat or kiro)")));
+            .ok_or_else(|| {
+                err(format!(
+                    "unknown agent {raw:?} (expected one of {})",
+                    super::types::AgentName::ALL
+                        .iter()
+                        .map(|n| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            });
     }
     match current {
         Some(Value::Integer(_)) => raw

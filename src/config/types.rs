@@ -3,47 +3,65 @@
 //! Every struct denies unknown keys so a typo in the file is an error that names
 //! the key, never a silently ignored setting.
 
+use crate::agent::classify::RuleSpec;
+use crate::agent::profile::{PROFILES, Profile};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// The agent CLI family; each has its own default command line.
+/// The agent CLI profile (see `agent::profile`): what each runs by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AgentName {
     #[serde(alias = "q")]
     Qchat,
     Kiro,
+    Claude,
+    Codex,
+    Gemini,
+    Custom,
 }
 
 impl AgentName {
+    pub const ALL: &[AgentName] = &[
+        AgentName::Qchat,
+        AgentName::Kiro,
+        AgentName::Claude,
+        AgentName::Codex,
+        AgentName::Gemini,
+        AgentName::Custom,
+    ];
+
     /// Accepts the names an operator types, including the guide's `--agent q`.
     pub fn parse(s: &str) -> Option<AgentName> {
-        match s.to_ascii_lowercase().as_str() {
-            "q" | "qchat" | "q-chat" => Some(AgentName::Qchat),
-            "kiro" | "kiro-cli" => Some(AgentName::Kiro),
-            _ => None,
-        }
+        let p = crate::agent::profile::profile(s)?;
+        AgentName::ALL
+            .iter()
+            .copied()
+            .find(|n| n.as_str() == p.name)
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
             AgentName::Qchat => "qchat",
             AgentName::Kiro => "kiro",
+            AgentName::Claude => "claude",
+            AgentName::Codex => "codex",
+            AgentName::Gemini => "gemini",
+            AgentName::Custom => "custom",
         }
+    }
+
+    pub fn profile(self) -> &'static Profile {
+        // Every name has a profile; a test holds it.
+        crate::agent::profile::profile(self.as_str()).unwrap_or(&PROFILES[0])
     }
 
     pub fn default_command(self) -> &'static str {
-        match self {
-            AgentName::Qchat => "q",
-            AgentName::Kiro => "kiro-cli",
-        }
+        self.profile().command
     }
 
     pub fn default_args(self) -> Vec<String> {
-        ["chat", "--no-interactive", "--trust-all-tools"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        self.profile().args.iter().map(|s| s.to_string()).collect()
     }
 }
 
@@ -56,6 +74,7 @@ pub struct Adapter {
     /// None means the profile's arguments.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub args: Option<Vec<String>>,
+    /// 0 means the profile's timeout.
     pub timeout: f64,
     pub idle_timeout: f64,
     pub max_retries: u32,
@@ -63,6 +82,16 @@ pub struct Adapter {
     pub max_retry_delay: f64,
     pub kill_grace: f64,
     pub env: BTreeMap<String, String>,
+    /// Seconds a quota pause lasts when the message names no reset time.
+    pub quota_pause: f64,
+    /// None means the profile's preflight; `[]` none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preflight: Option<Vec<String>>,
+    pub preflight_timeout: f64,
+    /// Seconds between preflights while the profile is paused for auth.
+    pub preflight_interval: f64,
+    /// The operator's outcome rules, tried before the profile's.
+    pub rules: Vec<RuleSpec>,
 }
 
 impl Default for Adapter {
@@ -71,18 +100,27 @@ impl Default for Adapter {
             name: AgentName::Qchat,
             command: String::new(),
             args: None,
-            timeout: 120.0,
+            timeout: 0.0,
             idle_timeout: 0.0,
             max_retries: 3,
             retry_delay: 1.0,
             max_retry_delay: 60.0,
             kill_grace: 3.0,
             env: BTreeMap::new(),
+            quota_pause: 3600.0,
+            preflight: None,
+            preflight_timeout: 30.0,
+            preflight_interval: 300.0,
+            rules: Vec::new(),
         }
     }
 }
 
 impl Adapter {
+    pub fn profile(&self) -> &'static Profile {
+        self.name.profile()
+    }
+
     pub fn effective_command(&self) -> String {
         if self.command.is_empty() {
             self.name.default_command().to_string()
@@ -103,6 +141,56 @@ impl Adapter {
         self.args
             .clone()
             .unwrap_or_else(|| self.name.default_args())
+    }
+
+    pub fn effective_timeout(&self) -> f64 {
+        if self.timeout > 0.0 {
+            self.timeout
+        } else {
+            self.profile().timeout
+        }
+    }
+
+    /// The preflight argv, if any: the operator's, else the profile's when
+    /// the command is the profile's own program (a wrapper script need not
+    /// understand `whoami`).
+    pub fn effective_preflight(&self) -> Option<Vec<String>> {
+        if let Some(p) = &self.preflight {
+            return (!p.is_empty()).then(|| p.clone());
+        }
+        let prof = self.profile();
+        if prof.preflight.is_empty() {
+            return None;
+        }
+        let cmd = self.effective_command();
+        let base = std::path::Path::new(&cmd)
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or("");
+        if base != prof.command {
+            return None;
+        }
+        let mut v = vec![cmd];
+        v.extend(prof.preflight.iter().map(|s| s.to_string()));
+        Some(v)
+    }
+
+    /// The outcome rules as written, each with where it comes from: the
+    /// operator's first.
+    pub fn rule_specs(&self) -> Vec<(RuleSpec, String)> {
+        let mut v: Vec<(RuleSpec, String)> = self
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.clone(), format!("adapter.rules[{}]", i + 1)))
+            .collect();
+        let prof = self.profile();
+        v.extend(
+            prof.rule_specs()
+                .into_iter()
+                .map(|r| (r, format!("profile {}", prof.name))),
+        );
+        v
     }
 }
 

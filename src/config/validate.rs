@@ -1,7 +1,8 @@
 //! Range checks on a fully merged configuration: pure, so every rule is testable
 //! without files.
 
-use super::types::Config;
+use super::types::{AgentName, Config};
+use crate::agent::classify::Rules;
 
 type Invalid = (String, String);
 
@@ -33,7 +34,25 @@ pub const PLACEHOLDERS: &[&str] = &["{prompt_file}", "{prompt}", "{marker}", "{i
 
 pub fn validate(c: &Config) -> Result<(), Invalid> {
     let a = &c.adapter;
-    positive("adapter.timeout", a.timeout)?;
+    non_negative("adapter.timeout", a.timeout)?;
+    positive("adapter.quota_pause", a.quota_pause)?;
+    positive("adapter.preflight_timeout", a.preflight_timeout)?;
+    positive("adapter.preflight_interval", a.preflight_interval)?;
+    if a.name == AgentName::Custom && a.command.trim().is_empty() {
+        bad(
+            "adapter.command",
+            "the custom profile has no program of its own: set [adapter] command (or --agent-command)",
+        )?;
+    }
+    if let Some(p) = &a.preflight
+        && p.first().is_some_and(|c| c.trim().is_empty())
+    {
+        bad("adapter.preflight", "the first element must name a program")?;
+    }
+    let specs = a.rule_specs();
+    if let Err((origin, message)) = Rules::compile(specs.iter().map(|(r, o)| (r, o.clone()))) {
+        bad(&format!("{origin}.match"), message)?;
+    }
     non_negative("adapter.idle_timeout", a.idle_timeout)?;
     non_negative("adapter.retry_delay", a.retry_delay)?;
     non_negative("adapter.max_retry_delay", a.max_retry_delay)?;

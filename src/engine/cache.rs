@@ -94,6 +94,8 @@ mod tests {
             bytes_dropped: 0,
             marker_seen: false,
             tail: vec![],
+            class: crate::agent::Class::Success,
+            decided_by: None,
         }
     }
 

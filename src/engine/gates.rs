@@ -1,7 +1,9 @@
 //! The dispatch gates, behind one question — may a request go now? — and the
-//! feedback that moves them: the circuit breaker (daemon only), the rate
-//! bucket, and the opt-in response cache.
+//! feedback that moves them: the account's pauses (throttle, quota, auth,
+//! preflight), the circuit breaker (daemon only), the rate bucket, and the
+//! opt-in response cache.
 
+use super::account::{Account, unix_now};
 use super::cache::{self, Cache};
 use super::circuit::Circuit;
 use super::ratelimit::Bucket;
@@ -13,11 +15,14 @@ use std::time::{Duration, Instant};
 /// Why a request may not go now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Closed {
+    /// The account: a preflight runs, a quota or auth pause, a throttle wait.
+    Account,
     Circuit,
     Rate,
 }
 
 pub struct Gates {
+    pub account: Account,
     circuit: Circuit,
     bucket: Bucket,
     cache: Option<Cache>,
@@ -34,9 +39,10 @@ fn cache_for(c: &config::Cache) -> Option<Cache> {
 }
 
 impl Gates {
-    pub fn new(cfg: &Config, circuit_on: bool, now: Instant) -> Gates {
+    pub fn new(cfg: &Config, circuit_on: bool, now: Instant, account: Account) -> Gates {
         let cb = &cfg.circuit_breaker;
         Gates {
+            account,
             circuit: Circuit::new(cb.failure_threshold, Duration::from_secs_f64(cb.cooldown)),
             bucket: Bucket::new(cfg.performance.max_requests_per_minute, now),
             cache: cache_for(&cfg.cache),
@@ -66,6 +72,9 @@ impl Gates {
     /// May a request go now? A closed gate keeps the task at the head of the
     /// queue, unspent.
     pub fn admit(&mut self, now: Instant) -> Result<(), Closed> {
+        if self.account.closed(now, unix_now()).is_some() {
+            return Err(Closed::Account);
+        }
         if self.circuit_on && !self.circuit.allows(now) {
             return Err(Closed::Circuit);
         }
@@ -78,6 +87,9 @@ impl Gates {
 
     /// When a closed gate may open.
     pub fn next_open(&mut self, now: Instant) -> Option<Instant> {
+        if self.account.closed(now, unix_now()).is_some() {
+            return self.account.opens_at(now, unix_now());
+        }
         self.bucket
             .wait(now)
             .into_iter()

@@ -11,6 +11,7 @@
 //!                        └─ Snapshot ─▶ Shared ◀─ http (reads only)
 //! ```
 
+pub mod account;
 pub mod cache;
 pub mod circuit;
 pub mod diagnostics;

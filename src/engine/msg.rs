@@ -7,6 +7,7 @@
 use crate::agent::checkpoint::{CheckpointJob, Done};
 use crate::agent::{AgentOutcome, AgentRequest};
 use crate::config::Config;
+use crate::store::pauses::Pause;
 use crate::store::writer::Written;
 use crate::task::TaskState;
 use std::path::PathBuf;
@@ -82,6 +83,8 @@ pub struct Snapshot {
     pub circuit_reason: Option<String>,
     pub rate_per_minute: u32,
     pub rate_tokens: f64,
+    /// Profiles paused for quota or login, with what to do.
+    pub pauses: Vec<(String, Pause)>,
 }
 
 /// (when, agent command usable, state directory writable).

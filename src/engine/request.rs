@@ -1,6 +1,7 @@
 //! Building an agent request from the configuration and a task: argv, the
 //! environment, and the deadlines that apply.
 
+use crate::agent::classify::Rules;
 use crate::agent::instruction::instruction;
 use crate::agent::{AgentRequest, Cancel, Progress};
 use crate::config::Config;
@@ -24,6 +25,51 @@ pub struct Inputs<'a> {
     pub stream: bool,
     pub cancel: Arc<Cancel>,
     pub progress: Arc<Progress>,
+    pub rules: Arc<Rules>,
+}
+
+/// The profile's and the operator's rules, compiled once per configuration
+/// (validation compiled them already, so this cannot fail on a loaded one).
+pub fn rules(cfg: &Config) -> Arc<Rules> {
+    let specs = cfg.adapter.rule_specs();
+    match Rules::compile(specs.iter().map(|(r, o)| (r, o.clone()))) {
+        Ok(r) => Arc::new(r),
+        Err((origin, e)) => {
+            log::error!("{origin}: {e}; outcome rules are off");
+            Arc::new(Rules::default())
+        }
+    }
+}
+
+/// The environment of every process the profile runs: the profile's
+/// defaults, then the operator's `[adapter] env`, which wins.
+pub fn agent_env(cfg: &Config) -> Vec<(OsString, OsString)> {
+    let a = &cfg.adapter;
+    let prof = a.profile();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut env: Vec<(OsString, OsString)> = vec![];
+    let defaults = prof
+        .env
+        .iter()
+        .chain(if root { prof.root_env } else { &[] });
+    for (k, v) in defaults {
+        if !a.env.contains_key(*k) {
+            env.push((k.into(), v.into()));
+        }
+    }
+    env.extend(a.env.iter().map(|(k, v)| (k.into(), v.into())));
+    env
+}
+
+/// The lines of an instruction as the output's echo of it would read.
+fn echo_lines(text: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(text)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| l.chars().take(crate::agent::text::MAX_LINE).collect())
+        .collect()
 }
 
 /// What the markers of every task of one state directory start with: the
@@ -59,9 +105,8 @@ pub fn build(i: Inputs) -> (AgentRequest, bool) {
         }
     );
     let mut args: Vec<OsString> = fixed_args.into_iter().map(OsString::from).collect();
-    args.push(OsString::from_vec(text));
-    let mut env: Vec<(OsString, OsString)> =
-        a.env.iter().map(|(k, v)| (k.into(), v.into())).collect();
+    args.push(OsString::from_vec(text.clone()));
+    let mut env = agent_env(i.cfg);
     env.push((
         crate::agent::MARKER_VAR.into(),
         format!("{}{}", i.owner, i.task.id).into(),
@@ -75,7 +120,15 @@ pub fn build(i: Inputs) -> (AgentRequest, bool) {
         "RALPH_QCHAT_PROMPT_FILE".into(),
         i.task.prompt_file.clone().into(),
     ));
-    let timeout = a.timeout.min(i.remaining_runtime.max(0.0));
+    let request_timeout = a.effective_timeout();
+    let timeout = request_timeout.min(i.remaining_runtime.max(0.0));
+    let output_marker = (!o.output_completion_marker.is_empty())
+        .then(|| o.output_completion_marker.as_bytes().to_vec());
+    let echo = if output_marker.is_some() {
+        echo_lines(&text)
+    } else {
+        vec![]
+    };
     let req = AgentRequest {
         task_id: i.task.id.clone(),
         iteration: i.task.iteration,
@@ -86,19 +139,58 @@ pub fn build(i: Inputs) -> (AgentRequest, bool) {
         env,
         workdir: PathBuf::from(&i.task.workdir),
         timeout: Duration::from_secs_f64(timeout),
-        timeout_is_runtime: i.remaining_runtime < a.timeout,
+        timeout_is_runtime: i.remaining_runtime < request_timeout,
         idle_timeout: (a.idle_timeout > 0.0).then(|| Duration::from_secs_f64(a.idle_timeout)),
         kill_grace: Duration::from_secs_f64(a.kill_grace),
         poll_interval: Duration::from_secs_f64(i.cfg.performance.poll_interval),
         buffer_size: i.cfg.performance.buffer_size as usize,
         max_output: i.cfg.limits.max_output_size,
         max_memory_mb: i.cfg.limits.max_memory_mb,
-        output_marker: (!o.output_completion_marker.is_empty())
-            .then(|| o.output_completion_marker.as_bytes().to_vec()),
+        output_marker,
+        echo: Arc::new(echo),
+        rules: i.rules,
+        output_mode: a.profile().output,
         transcript: i.transcript,
         stream: i.stream,
         cancel: i.cancel,
         progress: i.progress,
     };
     (req, by_reference)
+}
+
+/// The profile's preflight (`q whoami`) as a request: supervised like an
+/// agent (timeout, process group, output rules), without a transcript.
+pub fn preflight(
+    cfg: &Config,
+    argv: &[String],
+    state_dir: &Path,
+    rules: Arc<Rules>,
+) -> AgentRequest {
+    let a = &cfg.adapter;
+    AgentRequest {
+        task_id: "preflight".into(),
+        iteration: 0,
+        attempt: 1,
+        program: argv.first().cloned().unwrap_or_default().into(),
+        args: argv.iter().skip(1).map(OsString::from).collect(),
+        shown: argv.join(" "),
+        env: agent_env(cfg),
+        workdir: state_dir.to_path_buf(),
+        timeout: Duration::from_secs_f64(a.preflight_timeout),
+        timeout_is_runtime: false,
+        idle_timeout: None,
+        kill_grace: Duration::from_secs_f64(a.kill_grace),
+        poll_interval: Duration::from_secs_f64(cfg.performance.poll_interval),
+        buffer_size: cfg.performance.buffer_size as usize,
+        max_output: 64 * 1024,
+        max_memory_mb: cfg.limits.max_memory_mb,
+        output_marker: None,
+        echo: Arc::new(vec![]),
+        rules,
+        output_mode: crate::agent::profile::OutputMode::Text,
+        transcript: None,
+        stream: false,
+        cancel: Arc::new(Cancel::default()),
+        progress: Arc::new(Progress::default()),
+    }
 }

@@ -3,6 +3,7 @@
 //! judges their results and keeps the timers. Whether a request may go is the
 //! gates' question; what is written when is `persist`'s.
 
+use super::account::{Account, MAX_PAUSE, unix_now};
 use super::diagnostics::{self, TaskView, Throttle, View};
 use super::gates::{Closed, Gates};
 use super::msg::{Control, Event, Job, JobResult, Shared, Snapshot};
@@ -13,11 +14,13 @@ use super::request::{self, Inputs};
 use super::slot::{Phase, Slot};
 use super::stats::{self, Stats};
 use crate::agent::checkpoint::{CheckpointJob, Done};
+use crate::agent::classify::Rules;
 use crate::agent::instruction::{self, Prompt};
-use crate::agent::{AgentOutcome, Cancel, CancelReason};
+use crate::agent::{AgentOutcome, Cancel, CancelReason, Class};
 use crate::config::Config;
 use crate::metrics::METRICS;
 use crate::store::TaskStore;
+use crate::store::pauses::{self, Pause, PauseKind};
 use crate::task::completion::prompt_complete;
 use crate::task::rules::{self, Limits, Verdict};
 use crate::task::{Status, TaskState};
@@ -85,7 +88,14 @@ pub struct Scheduler {
     rng: u64,
     /// What this state directory's agents carry in `RALPH_QCHAT_OWNER`.
     owner: String,
+    /// The profile's and the operator's outcome rules.
+    rules: Arc<Rules>,
+    /// The sequence number of the running preflight.
+    preflight_seq: Option<u64>,
 }
+
+/// The pool's tag of a preflight job: no task has an empty id.
+const PREFLIGHT: &str = "";
 
 /// The limits that apply to a task: its own where its spec set them.
 fn limits(cfg: &Config, s: &TaskState) -> Limits {
@@ -110,8 +120,23 @@ impl Scheduler {
         let interval = cfg.monitoring.metrics_interval;
         let owner = request::owner_prefix(store.state_dir());
         let persist = Persist::start(&store, events_tx.clone())?;
+        let (saved, warning) = pauses::load(store.state_dir());
+        if let Some(w) = warning {
+            log::warn!("{w}");
+        }
+        let account = Account::new(cfg.adapter.name.as_str(), saved);
+        if let Some(p) = account.paused(unix_now()) {
+            log::warn!(
+                "agent profile {} is paused since an earlier run: {} ({})",
+                cfg.adapter.name.as_str(),
+                p.message,
+                p.remedy
+            );
+        }
         let mut s = Scheduler {
-            gates: Gates::new(&cfg, mode == Mode::Daemon, Instant::now()),
+            rules: request::rules(&cfg),
+            preflight_seq: None,
+            gates: Gates::new(&cfg, mode == Mode::Daemon, Instant::now(), account),
             pool: Pool::new(events_tx.clone()),
             persist,
             notifier,
@@ -141,6 +166,9 @@ impl Scheduler {
         s.end_leftovers();
         s.pool.resize(s.cfg.performance.max_concurrent as usize)?;
         s.persist.restore_metrics();
+        s.preflight();
+        // /health tells a pause an earlier run left from the first request on.
+        s.publish();
         Ok(s)
     }
 
@@ -302,6 +330,7 @@ impl Scheduler {
         next.extend(self.notifier.next_watchdog);
         next.extend(self.dumps.due());
         next.extend(self.persist.retry_at());
+        next.extend(self.gates.account.preflight_at);
         next.into_iter().min()
     }
 
@@ -332,6 +361,20 @@ impl Scheduler {
         if self.dumps.take_due(now) {
             self.dump();
         }
+        let ended = self.gates.account.expire(unix_now());
+        if !ended.is_empty() {
+            for (profile, p) in &ended {
+                log::info!(
+                    "agent profile {profile}: quota pause over ({}); resuming",
+                    p.message
+                );
+            }
+            self.save_pauses();
+        }
+        if self.gates.account.preflight_at.is_some_and(|t| t <= now) {
+            self.gates.account.preflight_at = None;
+            self.preflight();
+        }
         for id in self.persist.retry_due(now) {
             if let Some(s) = self.slots.get_mut(&id) {
                 s.dirty = true;
@@ -351,6 +394,14 @@ impl Scheduler {
             Event::Control(Control::Cancel { id, request }) => self.cancel(&id, request),
             Event::Control(Control::Reload(cfg)) => self.reload(*cfg),
             Event::Written(w) => self.persist.written(w, &self.shared),
+            Event::Done { task, seq, result } if task == PREFLIGHT => {
+                if self.preflight_seq == Some(seq) {
+                    self.pool.done();
+                    if let JobResult::Agent(o) = result {
+                        self.preflight_done(o);
+                    }
+                }
+            }
             Event::Done { task, seq, result } => {
                 if self.slots.get(&task).and_then(|s| s.phase.job()) != Some(seq) {
                     return;
@@ -413,7 +464,7 @@ impl Scheduler {
                     self.stats.paused_by_circuit += 1;
                     break;
                 }
-                Err(Closed::Rate) => break,
+                Err(Closed::Rate | Closed::Account) => break,
                 Ok(()) => {}
             }
             self.ready.pop_front();
@@ -545,6 +596,7 @@ impl Scheduler {
             stream: self.stream_output,
             cancel,
             progress: slot.progress.clone(),
+            rules: self.rules.clone(),
         });
         let key = self.gates.key(&req, &a.prompt.text);
         slot.cache_key = key;
@@ -575,8 +627,8 @@ impl Scheduler {
         self.pool.send(id, seq, Job::Agent(Box::new(req)));
     }
 
-    /// What an agent run means for its task: success, retry, failure, or
-    /// the end of the task.
+    /// What an agent run means for its task: success, retry, failure, a
+    /// wait for the account, or the end of the task.
     fn agent_done(&mut self, id: &str, o: AgentOutcome) {
         self.stats.record_request(&o);
         let delay_base = self.cfg.adapter.retry_delay;
@@ -588,7 +640,7 @@ impl Scheduler {
         let limits = limits(&self.cfg, &slot.state);
         slot.cancel = None;
         let it = slot.state.iteration;
-        let verdict = rules::judge(&o.ending, slot.retries_now, limits.max_retries);
+        let verdict = rules::judge(o.class, &o.ending, slot.retries_now, limits.max_retries);
         let detail = describe(&o);
         let now = Instant::now();
         self.gates
@@ -596,11 +648,15 @@ impl Scheduler {
         if o.truncated() {
             log::warn!(task = id, iteration = it; "agent output over limits.max_output_size: {} bytes dropped", o.bytes_dropped);
         }
+        if o.class != Class::Stopped {
+            slot.state.last_class = Some(o.class.as_str().to_string());
+        }
         slot.dirty = true;
         match verdict {
             Verdict::Success => {
                 log::info!(task = id, iteration = it; "agent finished in {:.2} s ({} bytes of output)", o.duration.as_secs_f64(), o.bytes_read);
                 slot.succeeded();
+                self.gates.account.succeeded();
                 self.stats.iterations += 1;
                 self.stats.successes += 1;
                 METRICS.iterations_success.fetch_add(1, Ordering::Relaxed);
@@ -614,7 +670,7 @@ impl Scheduler {
                 slot.retrying(&detail);
                 self.stats.retries += 1;
                 let delay = rules::retry_delay(delay_base, slot.retries_now, delay_cap, jitter);
-                log::warn!(task = id, iteration = it; "agent failed: {detail}; retry {} of {} in {:.2} s", slot.retries_now, limits.max_retries, delay.as_secs_f64());
+                log::warn!(task = id, iteration = it; "agent {}: {detail}; retry {} of {} in {:.2} s", o.class.as_str(), slot.retries_now, limits.max_retries, delay.as_secs_f64());
                 slot.phase = Phase::Waiting(Instant::now() + delay);
             }
             Verdict::Failed => {
@@ -622,7 +678,11 @@ impl Scheduler {
                 self.stats.iterations += 1;
                 self.stats.failures += 1;
                 METRICS.iterations_failure.fetch_add(1, Ordering::Relaxed);
-                log::error!(task = id, iteration = it; "iteration failed after {} retries: {detail} ({n} in a row, limit {})", limits.max_retries, limits.max_consecutive_failures);
+                if o.class == Class::ContextLimit {
+                    log::error!(task = id, iteration = it; "iteration failed: {detail} (the conversation is too large; not retried; {n} in a row, limit {})", limits.max_consecutive_failures);
+                } else {
+                    log::error!(task = id, iteration = it; "iteration failed after {} retries: {detail} ({n} in a row, limit {})", limits.max_retries, limits.max_consecutive_failures);
+                }
                 if n >= limits.max_consecutive_failures {
                     return self.finish(
                         id,
@@ -633,10 +693,38 @@ impl Scheduler {
                 }
                 self.after_iteration(id);
             }
+            Verdict::Throttled => {
+                slot.throttled(&detail);
+                let hinted = crate::agent::classify::wait_hint(
+                    &String::from_utf8_lossy(&o.tail),
+                    unix_now(),
+                );
+                let n = self.gates.account.throttles_in_row + 1;
+                let delay = match hinted {
+                    Some(h) => h.min(Duration::from_secs(3600)),
+                    None => rules::retry_delay(delay_base.max(0.1), n, delay_cap.max(0.1), jitter),
+                };
+                self.gates.account.throttle(now, delay);
+                log::warn!(task = id, iteration = it; "agent throttled: {detail}; every task waits {:.1} s{} (throttled {n} time(s) in a row); the iteration runs again and is not counted as failed", delay.as_secs_f64(), if hinted.is_some() { " as the message asks" } else { "" });
+                slot.phase = Phase::Waiting(now + delay);
+            }
+            Verdict::Quota | Verdict::Auth => {
+                slot.not_counted(&detail);
+                slot.phase = Phase::Ready;
+                self.ready.push_front(id.to_string());
+                let line = o.decided_by.clone().unwrap_or_else(|| detail.clone());
+                if verdict == Verdict::Quota {
+                    let hint = crate::agent::classify::wait_hint(
+                        &String::from_utf8_lossy(&o.tail),
+                        unix_now(),
+                    );
+                    self.pause_quota(&line, hint);
+                } else {
+                    self.pause_auth(&line);
+                }
+            }
             Verdict::Unavailable => {
-                slot.state.in_progress = None;
-                slot.state.iteration = slot.state.iteration.saturating_sub(1);
-                slot.state.last_error = Some(detail.clone());
+                slot.not_counted(&detail);
                 if self.mode == Mode::Daemon {
                     // Not the task's fault: it keeps its place and waits.
                     slot.phase = Phase::Ready;
@@ -659,6 +747,161 @@ impl Scheduler {
             Verdict::Interrupted => {
                 log::warn!(task = id, iteration = it; "agent stopped by shutdown; iteration {it} will run again on the next start");
                 slot.phase = Phase::Waiting(Instant::now());
+            }
+        }
+    }
+
+    /// The account is out of requests: every task of the profile waits for
+    /// the reset the message names, or `[adapter] quota_pause`.
+    fn pause_quota(&mut self, message: &str, hint: Option<Duration>) {
+        let a = &self.cfg.adapter;
+        let wait = hint
+            .unwrap_or_else(|| Duration::from_secs_f64(a.quota_pause))
+            .min(MAX_PAUSE);
+        let until = unix_now() + wait.as_secs().max(1) as i64;
+        let remedy = format!(
+            "waiting until {} ({}); `systemctl reload ralph-qchat` does not end it, removing {} and restarting does",
+            crate::sys::time::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(until as u64)),
+            if hint.is_some() {
+                "the reset the message names"
+            } else {
+                "adapter.quota_pause"
+            },
+            pauses::path(self.store.state_dir()).display()
+        );
+        let new = self.gates.account.pause(Pause {
+            kind: PauseKind::Quota,
+            until: Some(until),
+            message: message.to_string(),
+            remedy: remedy.clone(),
+            since: unix_now(),
+        });
+        if new {
+            log::warn!(
+                "agent profile {}: out of quota: {message}; every task of the profile pauses, {remedy}",
+                a.name.as_str()
+            );
+        }
+        self.save_pauses();
+        self.publish_due = true;
+    }
+
+    /// The agent is not logged in: not retried. `run` ends (an operator is
+    /// at the terminal); the daemon pauses the profile until its preflight
+    /// passes, checked every preflight_interval and at once on SIGHUP.
+    fn pause_auth(&mut self, message: &str) {
+        let a = &self.cfg.adapter;
+        let hint = a.profile().login_hint;
+        let user = crate::sys::proc::user_name().unwrap_or_else(|| "ralph-qchat".into());
+        let remedy = format!(
+            "run `sudo -u {user} -H {hint}`, then `systemctl reload ralph-qchat` (or wait: checked every {:.0} s)",
+            a.preflight_interval
+        );
+        if self.mode == Mode::Run {
+            self.unavailable = true;
+            let msg =
+                format!("the agent is not logged in: {message}; log in ({hint}) and run again");
+            let ids: Vec<String> = self
+                .slots
+                .iter()
+                .filter(|(_, s)| matches!(s.phase, Phase::Ready | Phase::Waiting(_)))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in ids {
+                self.ready.retain(|r| r != &id);
+                self.finish(&id, Status::Failed, "auth", Some(msg.clone()));
+            }
+            return;
+        }
+        let new = self.gates.account.pause(Pause {
+            kind: PauseKind::Auth,
+            until: None,
+            message: message.to_string(),
+            remedy: remedy.clone(),
+            since: unix_now(),
+        });
+        self.gates.account.preflight_at =
+            Some(Instant::now() + Duration::from_secs_f64(a.preflight_interval));
+        if new {
+            log::error!(
+                "agent profile {}: not logged in: {message}; every task of the profile pauses; {remedy}",
+                a.name.as_str()
+            );
+        }
+        self.save_pauses();
+        self.publish_due = true;
+    }
+
+    fn save_pauses(&mut self) {
+        if let Err(e) = pauses::save(self.store.state_dir(), &self.gates.account.pauses) {
+            log::error!(
+                "cannot write {}: {e}; the pause holds until this process ends",
+                pauses::path(self.store.state_dir()).display()
+            );
+        }
+        self.publish_due = true;
+    }
+
+    /// Runs the profile's preflight (`q whoami`) when it has one; without one,
+    /// an auth pause ends and the next attempt is the probe.
+    fn preflight(&mut self) {
+        let Some(argv) = self.cfg.adapter.effective_preflight() else {
+            if self
+                .gates
+                .account
+                .paused(unix_now())
+                .is_some_and(|p| p.kind == PauseKind::Auth)
+            {
+                log::info!(
+                    "agent profile {}: no preflight; the next attempt tells whether the login works again",
+                    self.cfg.adapter.name.as_str()
+                );
+                self.gates.account.resume();
+                self.save_pauses();
+            }
+            return;
+        };
+        if self.preflight_seq.is_some() {
+            return;
+        }
+        let seq = self.next_seq();
+        let req = request::preflight(&self.cfg, &argv, self.store.state_dir(), self.rules.clone());
+        log::info!("preflight: {}", argv.join(" "));
+        self.preflight_seq = Some(seq);
+        self.gates.account.preflight_running = true;
+        self.pool.send(PREFLIGHT, seq, Job::Agent(Box::new(req)));
+    }
+
+    fn preflight_done(&mut self, o: AgentOutcome) {
+        self.preflight_seq = None;
+        self.gates.account.preflight_running = false;
+        let a = &self.cfg.adapter;
+        match o.class {
+            Class::Success => {
+                let auth = self
+                    .gates
+                    .account
+                    .paused(unix_now())
+                    .is_some_and(|p| p.kind == PauseKind::Auth);
+                if auth && let Some(p) = self.gates.account.resume() {
+                    log::info!(
+                        "agent profile {}: preflight passed; the login pause ({}) is over, tasks resume",
+                        a.name.as_str(),
+                        p.message
+                    );
+                    self.save_pauses();
+                } else {
+                    log::info!("preflight passed");
+                }
+            }
+            Class::Unavailable => {
+                // The agent's own start will say so, through the circuit or run's exit.
+                log::warn!("preflight cannot run: {}", o.ending.describe());
+            }
+            Class::Stopped => {}
+            _ => {
+                let line = o.decided_by.clone().unwrap_or_else(|| describe(&o));
+                self.pause_auth(&format!("preflight failed: {line}"));
             }
         }
     }
@@ -802,6 +1045,15 @@ impl Scheduler {
             circuit_reason: circuit.reason.clone(),
             rate_per_minute: bucket.per_minute(),
             rate_tokens: bucket.tokens(),
+            pauses: {
+                let now = unix_now();
+                let a = &self.gates.account;
+                a.pauses
+                    .iter()
+                    .filter(|(k, _)| **k == a.profile && a.paused(now).is_some())
+                    .map(|(k, p)| (k.clone(), p.clone()))
+                    .collect()
+            },
         });
     }
 
@@ -898,6 +1150,8 @@ impl Scheduler {
         }
         self.stream_output = cfg.logging.verbose;
         self.gates.configure(&cfg);
+        self.rules = request::rules(&cfg);
+        self.gates.account.profile = cfg.adapter.name.as_str().to_string();
         self.max_prompt
             .store(cfg.limits.max_prompt_size, Ordering::Relaxed);
         self.shared.set_command(&cfg.adapter.effective_command());
@@ -923,6 +1177,15 @@ impl Scheduler {
             self.pool.size()
         );
         self.notifier.ready(&self.status_line());
+        if self
+            .gates
+            .account
+            .paused(unix_now())
+            .is_some_and(|p| p.kind == PauseKind::Auth)
+        {
+            log::info!("reload: checking the login now");
+            self.preflight();
+        }
     }
 
     fn next_seq(&mut self) -> u64 {

@@ -128,12 +128,39 @@ impl Slot {
         self.dirty = true;
     }
 
+    /// The iteration succeeded: an earlier error is history, not the
+    /// task's state (a completed task does not show an old failure).
     pub fn succeeded(&mut self) {
         let st = &mut self.state;
         st.successful_iterations += 1;
         st.consecutive_failures = 0;
         st.in_progress = None;
+        st.last_error = None;
         self.retries_now = 0;
+    }
+
+    /// The API asked to slow down: the same iteration runs again later;
+    /// neither its retries nor the failures in a row move.
+    pub fn throttled(&mut self, detail: &str) {
+        let st = &mut self.state;
+        st.throttled += 1;
+        st.in_progress = None;
+        st.last_error = Some(detail.to_string());
+        if self.retries_now == 0 && !self.rerun {
+            // The next start counts this iteration's number again.
+            st.iteration = st.iteration.saturating_sub(1);
+        }
+    }
+
+    /// The attempt could not work at all (agent missing, no quota, no
+    /// login): the iteration is not counted and starts afresh later.
+    pub fn not_counted(&mut self, detail: &str) {
+        let st = &mut self.state;
+        st.in_progress = None;
+        st.iteration = st.iteration.saturating_sub(1);
+        st.last_error = Some(detail.to_string());
+        self.retries_now = 0;
+        self.rerun = false;
     }
 
     pub fn retrying(&mut self, detail: &str) {

@@ -1,7 +1,7 @@
 //! Counting what agent runs did: the totals of the periodic summary line,
 //! and the Prometheus counters each ending bumps.
 
-use crate::agent::{AgentOutcome, Ending};
+use crate::agent::{AgentOutcome, Class, Ending};
 use crate::metrics::METRICS;
 use std::time::Duration;
 
@@ -43,18 +43,15 @@ impl Stats {
     }
 }
 
-/// An agent run's duration and, when it went wrong, its error type.
+/// An agent run's duration and, when it went wrong, its class as the
+/// error type.
 pub fn count_in_metrics(o: &AgentOutcome) {
     METRICS.request_done(o.duration.as_secs_f64());
-    let kind = match &o.ending {
-        Ending::TimedOut => Some("timeout"),
-        Ending::IdleTimedOut => Some("idle_timeout"),
-        Ending::Exited(0) => None,
-        Ending::Exited(_) => Some("nonzero_exit"),
-        Ending::Signaled(_) => Some("signaled"),
-        Ending::SpawnFailed(_) | Ending::Unavailable(_) => Some("spawn_failed"),
-        Ending::Cancelled => Some("cancelled"),
-        Ending::RuntimeExceeded | Ending::ShutDown => None,
+    let kind = match o.class {
+        Class::Success => None,
+        Class::Stopped if o.ending == Ending::Cancelled => Some("cancelled"),
+        Class::Stopped => None,
+        c => Some(c.as_str()),
     };
     if let Some(k) = kind {
         METRICS.error(k);

@@ -3,6 +3,7 @@
 use super::allow::{Cidr, allowed};
 use crate::engine::{Shared, Snapshot};
 use crate::metrics::{self, Gauges, METRICS};
+use crate::store::pauses::PauseKind;
 use crate::sys::proc::{self, CpuMeter};
 use crate::task::valid_id;
 use serde_json::{Value, json};
@@ -208,6 +209,16 @@ pub(super) fn health(shared: &Shared) -> (u16, Value) {
                 .unwrap_or_default()
         ));
     }
+    for (profile, p) in &snap.pauses {
+        let what = match p.kind {
+            PauseKind::Quota => "out of quota",
+            PauseKind::Auth => "not logged in",
+        };
+        degraded.push(format!(
+            "agent profile {profile} paused, {what}: {}; {}",
+            p.message, p.remedy
+        ));
+    }
     if !command_ok {
         degraded.push(format!(
             "agent command `{}` not found or not executable",
@@ -260,6 +271,13 @@ fn detailed(shared: &Shared, cpu: &CpuMeter, v: &mut Value) {
     v["queue_depth"] = json!(snap.queue_depth);
     v["tasks"] = Value::Object(tasks);
     v["circuit"] = json!({ "state": snap.circuit, "reason": snap.circuit_reason });
+    v["pauses"] = json!(snap.pauses.iter().map(|(profile, p)| json!({
+        "profile": profile,
+        "kind": p.kind,
+        "until": p.until.map(|u| crate::sys::time::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(u.max(0) as u64))),
+        "message": p.message,
+        "remedy": p.remedy,
+    })).collect::<Vec<_>>());
     v["rate_limit"] = json!({ "per_minute": snap.rate_per_minute, "tokens": snap.rate_tokens });
     v["environment"] = json!(std::env::var("ENVIRONMENT").ok());
 }

@@ -3,6 +3,7 @@
 
 pub mod atomic;
 pub mod lock;
+pub mod pauses;
 pub mod spool;
 pub mod tasks;
 pub mod writer;

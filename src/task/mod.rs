@@ -73,6 +73,12 @@ pub struct TaskState {
     /// The spool entry the task came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// The class of the last agent attempt (success, throttled, auth, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_class: Option<String>,
+    /// Attempts the API throttled (run again, not counted as failures).
+    #[serde(default)]
+    pub throttled: u64,
 }
 
 impl TaskState {
@@ -101,6 +107,8 @@ impl TaskState {
             max_runtime: None,
             submitted_at: Some(now),
             source: None,
+            last_class: None,
+            throttled: 0,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The loop's decisions as plain functions: limits, retry delays, and what an
 //! agent run's ending means for the iteration.
 
-use crate::agent::Ending;
+use crate::agent::{Class, Ending};
 use std::time::Duration;
 
 /// The limits that apply to one task.
@@ -46,18 +46,35 @@ pub enum Verdict {
     Cancelled,
     /// Stopped by our shutdown: the iteration is interrupted, not failed.
     Interrupted,
+    /// The API asked us to slow down: the same iteration again after a
+    /// shared wait; neither a retry nor a failure.
+    Throttled,
+    /// The account is out of requests: every task of the profile pauses.
+    Quota,
+    /// The agent is not logged in: not retried; the profile pauses.
+    Auth,
 }
 
-/// What an ending means, given that `retries_done` retries were already made.
-pub fn judge(ending: &Ending, retries_done: u32, max_retries: u32) -> Verdict {
-    match ending {
-        Ending::Exited(0) => Verdict::Success,
-        Ending::Unavailable(_) => Verdict::Unavailable,
-        Ending::RuntimeExceeded => Verdict::RuntimeOut,
-        Ending::Cancelled => Verdict::Cancelled,
-        Ending::ShutDown => Verdict::Interrupted,
-        _ if retries_done < max_retries => Verdict::Retry,
-        _ => Verdict::Failed,
+/// What an attempt's class means, given that `retries_done` retries were
+/// already made; the ending tells apart the ways we stopped it.
+pub fn judge(class: Class, ending: &Ending, retries_done: u32, max_retries: u32) -> Verdict {
+    match class {
+        Class::Success => Verdict::Success,
+        Class::Unavailable => Verdict::Unavailable,
+        Class::Throttled => Verdict::Throttled,
+        Class::Quota => Verdict::Quota,
+        Class::Auth => Verdict::Auth,
+        // The same conversation would overflow again: no retries.
+        Class::ContextLimit => Verdict::Failed,
+        Class::Stopped => match ending {
+            Ending::RuntimeExceeded => Verdict::RuntimeOut,
+            Ending::Cancelled => Verdict::Cancelled,
+            _ => Verdict::Interrupted,
+        },
+        Class::Failed | Class::Timeout | Class::IdleTimeout if retries_done < max_retries => {
+            Verdict::Retry
+        }
+        Class::Failed | Class::Timeout | Class::IdleTimeout => Verdict::Failed,
     }
 }
 
@@ -94,17 +111,30 @@ mod tests {
 
     #[test]
     fn verdicts() {
-        assert_eq!(judge(&Ending::Exited(0), 0, 2), Verdict::Success);
-        assert_eq!(judge(&Ending::Exited(1), 0, 2), Verdict::Retry);
-        assert_eq!(judge(&Ending::TimedOut, 2, 2), Verdict::Failed);
+        let e = Ending::Exited(0);
+        assert_eq!(judge(Class::Success, &e, 0, 2), Verdict::Success);
+        assert_eq!(judge(Class::Failed, &e, 0, 2), Verdict::Retry);
         assert_eq!(
-            judge(&Ending::Unavailable("x".into()), 0, 2),
-            Verdict::Unavailable
+            judge(Class::Timeout, &Ending::TimedOut, 2, 2),
+            Verdict::Failed
         );
-        assert_eq!(judge(&Ending::ShutDown, 0, 2), Verdict::Interrupted);
+        assert_eq!(judge(Class::Unavailable, &e, 0, 2), Verdict::Unavailable);
         assert_eq!(
-            judge(&Ending::SpawnFailed("EMFILE".into()), 0, 2),
-            Verdict::Retry
+            judge(Class::Stopped, &Ending::ShutDown, 0, 2),
+            Verdict::Interrupted
         );
+        assert_eq!(
+            judge(Class::Stopped, &Ending::Cancelled, 0, 2),
+            Verdict::Cancelled
+        );
+        assert_eq!(
+            judge(Class::Stopped, &Ending::RuntimeExceeded, 0, 2),
+            Verdict::RuntimeOut
+        );
+        // Throttling is neither a retry nor a failure, however often.
+        assert_eq!(judge(Class::Throttled, &e, 2, 2), Verdict::Throttled);
+        assert_eq!(judge(Class::ContextLimit, &e, 0, 2), Verdict::Failed);
+        assert_eq!(judge(Class::Auth, &e, 0, 2), Verdict::Auth);
+        assert_eq!(judge(Class::Quota, &e, 0, 2), Verdict::Quota);
     }
 }
