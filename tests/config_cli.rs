@@ -349,3 +349,139 @@ fn syslog_receives_the_log() {
         "{got:?}"
     );
 }
+
+#[test]
+fn a_bad_outcome_rule_is_refused_naming_the_rule_and_its_line() {
+    let sb = Sandbox::new("cfgrule");
+    sb.write(
+        "r.toml",
+        "[adapter]\nname = \"kiro\"\n\n[[adapter.rules]]\nmatch = \"^Fine$\"\nclass = \"success\"\n\n[[adapter.rules]]\nmatch = \"^Quota (reached\"\nclass = \"quota\"\n",
+    );
+    let r = run(sb.cmd(&["check-config", "--config", "r.toml"]));
+    assert_eq!(r.code(), 78, "{}", r.stderr);
+    assert!(r.stderr.contains("r.toml line 8"), "{}", r.stderr);
+    assert!(r.stderr.contains("adapter.rules[2].match"), "{}", r.stderr);
+    assert!(r.stderr.contains("regular expression"), "{}", r.stderr);
+    sb.write(
+        "c.toml",
+        "[[adapter.rules]]\nmatch = \"x\"\nclass = \"timeout\"\n",
+    );
+    let r = run(sb.cmd(&["check-config", "--config", "c.toml"]));
+    assert_eq!(r.code(), 78, "{}", r.stderr);
+    assert!(r.stderr.contains("c.toml line 1"), "{}", r.stderr);
+    assert!(r.stderr.contains("\"timeout\""), "{}", r.stderr);
+    // A good rule is accepted and shown.
+    sb.write(
+        "g.toml",
+        "[[adapter.rules]]\nmatch = \"^Service quota reached\"\nclass = \"quota\"\n",
+    );
+    let r = run(sb.cmd(&["check-config", "--config", "g.toml"]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert!(r.stdout.contains("Service quota reached"), "{}", r.stdout);
+}
+
+#[test]
+fn every_profile_runs_from_the_command_line_without_a_config_file() {
+    let sb = Sandbox::new("profiles");
+    let cases = [
+        ("q", "q", "chat --no-interactive --trust-all-tools"),
+        ("qchat", "q", "chat --no-interactive --trust-all-tools"),
+        (
+            "kiro",
+            "kiro-cli",
+            "chat --no-interactive --trust-all-tools --wrap never",
+        ),
+        (
+            "claude",
+            "claude",
+            "-p --dangerously-skip-permissions --output-format stream-json --verbose",
+        ),
+        (
+            "codex",
+            "codex",
+            "exec --skip-git-repo-check --dangerously-bypass-approvals-and-sandbox",
+        ),
+        ("gemini", "gemini", "--yolo -p"),
+    ];
+    for (name, program, args) in cases {
+        let r = run(sb.cmd(&["run", "--agent", name, "--dry-run"]));
+        assert_eq!(r.code(), 0, "{name}: {}", r.stderr);
+        assert!(
+            r.stdout.contains(&format!("argv[0]: {program}\n")),
+            "{name}: {}",
+            r.stdout
+        );
+        let shown: Vec<String> = args
+            .split(' ')
+            .enumerate()
+            .map(|(i, a)| format!("argv[{}]: {a}\n", i + 1))
+            .collect();
+        for s in &shown {
+            assert!(
+                r.stdout.contains(s.as_str()),
+                "{name}: {s} not in {}",
+                r.stdout
+            );
+        }
+        // The instruction comes last, after the profile's arguments.
+        let n = shown.len() + 1;
+        assert!(
+            r.stdout
+                .contains(&format!("argv[{n}]: You are one iteration")),
+            "{name}: {}",
+            r.stdout
+        );
+    }
+    // The custom profile has no program of its own.
+    let r = run(sb.cmd(&["run", "--agent", "custom", "--dry-run"]));
+    assert_eq!(r.code(), 78, "{}", r.stderr);
+    assert!(r.stderr.contains("adapter.command"), "{}", r.stderr);
+    let r = run(sb.cmd(&[
+        "run",
+        "--agent",
+        "custom",
+        "--agent-command",
+        "/bin/my-agent",
+        "--dry-run",
+    ]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("argv[0]: /bin/my-agent\nargv[1]: You are one iteration"),
+        "{}",
+        r.stdout
+    );
+    // An unknown profile names the known ones.
+    let r = run(sb.cmd(&["run", "--agent", "copilot", "--dry-run"]));
+    assert_eq!(r.code(), 78, "{}", r.stderr);
+    assert!(r.stderr.contains("claude"), "{}", r.stderr);
+}
+
+#[test]
+fn repeated_agent_arg_replaces_the_profile_arguments() {
+    let sb = Sandbox::new("agentargs");
+    let r = run(sb.cmd(&[
+        "run",
+        "--agent",
+        "kiro",
+        "--agent-arg",
+        "chat",
+        "--agent-arg",
+        "--model",
+        "--agent-arg",
+        "fast one",
+        "--dry-run",
+    ]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("argv[0]: kiro-cli\nargv[1]: chat\nargv[2]: --model\nargv[3]: fast one\nargv[4]: You are one iteration"),
+        "{}",
+        r.stdout
+    );
+    let r = run(sb.cmd(&["check-config", "--agent-arg", "x"]));
+    assert!(
+        r.stdout.contains("args = [\"x\"]  # from flag --agent-arg"),
+        "{}",
+        r.stdout
+    );
+}

@@ -210,3 +210,44 @@ fn readme_cargo_run_lines_pick_the_daemon_binary() {
         );
     }
 }
+
+/// Every profile is in ralph-qchat.toml(5)'s PROFILES section, with the
+/// command line it runs.
+#[test]
+fn every_profile_is_documented_with_what_it_runs() {
+    let man = root("man/ralph-qchat.toml.5");
+    let start = man.find(".SH PROFILES").expect("a PROFILES section");
+    let end = man[start..]
+        .find(".SH \"OUTCOME")
+        .map_or(man.len(), |e| start + e);
+    let section = man[start..end].replace("\\-", "-").replace("\n", " ");
+    for p in ralph_qchat::agent::profile::PROFILES {
+        assert!(
+            section.contains(&format!(".B {} ", p.name)),
+            "profile {} is not in PROFILES",
+            p.name
+        );
+        if !p.command.is_empty() {
+            let line = format!("{} {}", p.command, p.args.join(" "));
+            assert!(
+                section.contains(&line),
+                "PROFILES does not show `{line}` for {}",
+                p.name
+            );
+        }
+        for (k, v) in p.env.iter().chain(p.root_env) {
+            assert!(
+                section.contains(&format!("{k}={v}")),
+                "PROFILES does not show {k}={v} for {}",
+                p.name
+            );
+        }
+        if !p.preflight.is_empty() {
+            let pre = format!("{} {}", p.command, p.preflight.join(" "));
+            assert!(
+                section.contains(&pre),
+                "PROFILES does not show the preflight `{pre}`"
+            );
+        }
+    }
+}

@@ -342,3 +342,64 @@ fn a_login_that_expires_mid_run_pauses_the_daemon_without_retries() {
     assert_eq!(sb.task("a")["failed_iterations"], 0);
     d.stop();
 }
+
+/// (task, start time) of each run the fake q logged.
+fn run_times(sb: &Sandbox) -> Vec<(String, f64)> {
+    sb.read("fake-runs.log")
+        .lines()
+        .map(|l| {
+            let field = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|f| f.strip_prefix(k))
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            (field("task="), field("t=").parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn one_throttled_task_makes_every_task_wait() {
+    let sb = Sandbox::new("d-shared-wait");
+    sb.write("cfg.toml", "[performance]\nmax_concurrent = 1\n");
+    sb.submit("# a\n", "a", &[]);
+    sb.submit("# b\n", "b", &[]);
+    let d = daemon(
+        &sb,
+        "q",
+        &["throttle", "complete", "complete"],
+        &["--config", "cfg.toml", "--retry-delay", "1.5"],
+    );
+    await_finished(&sb, &["a".to_string(), "b".to_string()], 20);
+    let runs = run_times(&sb);
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    // The second run is the other task's (or the same task's again): either
+    // way it waited for the shared pause the first run's throttle began.
+    let gap = runs[1].1 - runs[0].1;
+    assert!(
+        gap >= 1.4,
+        "the next request went {gap:.2} s after a throttle: {runs:?}"
+    );
+    d.stop();
+}
+
+#[test]
+fn status_and_tasks_show_the_last_outcome_class() {
+    let sb = Sandbox::new("d-class-shown");
+    sb.submit("# a\n", "a", &[]);
+    let d = daemon(&sb, "q", &["throttle", "complete"], &[]);
+    await_status(&sb, "a", "completed", 20);
+    let addr = port(&sb);
+    let (_, body) =
+        ralph_qchat::http::client::get(&format!("http://{addr}/tasks"), Duration::from_secs(2))
+            .unwrap();
+    assert!(body.contains("\"last_class\":\"success\""), "{body}");
+    assert!(body.contains("\"throttled\":1"), "{body}");
+    let sd = sb.state_dir().display().to_string();
+    let r = run(sb.cmd(&["status", "--state-dir", &sd]));
+    assert!(r.stdout.contains("LAST OUTCOME"), "{}", r.stdout);
+    let line = r.stdout.lines().find(|l| l.starts_with("a ")).unwrap();
+    assert!(line.contains("success"), "{line}");
+    d.stop();
+}

@@ -211,3 +211,85 @@ proptest! {
         prop_assert_eq!(exchange(addr, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"), Some(200));
     }
 }
+
+mod agent_output {
+    use proptest::prelude::*;
+    use ralph_qchat::agent::Ending;
+    use ralph_qchat::agent::classify::{RuleSpec, Rules, Said, classify, wait_hint};
+    use ralph_qchat::agent::text::{Lines, Strip, rule_text, strip};
+
+    /// Bytes like agent output: text, escape sequences (whole, cut, broken),
+    /// newlines, carriage returns, invalid UTF-8.
+    fn output() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..40),
+            Just(b"\x1b[38;5;141m".to_vec()),
+            Just(b"\x1b[0m".to_vec()),
+            Just(b"\x1b]0;title\x07".to_vec()),
+            Just(b"\x1b]8;;http://x\x1b\\".to_vec()),
+            Just(b"\x1b[".to_vec()),
+            Just(b"\x1b".to_vec()),
+            Just(b"\r\n".to_vec()),
+            Just("⚠️  Amazon Q rate limit reached:".as_bytes().to_vec()),
+            Just(b"\xff\xfe".to_vec()),
+        ];
+        proptest::collection::vec(piece, 0..30).prop_map(|v| v.concat())
+    }
+
+    fn all_lines(chunks: &[&[u8]]) -> Vec<String> {
+        let mut l = Lines::default();
+        let mut got = vec![];
+        for c in chunks {
+            l.feed(c, |s| got.push(s.to_string()));
+        }
+        l.finish(|s| got.push(s.to_string()));
+        got
+    }
+
+    proptest! {
+        #[test]
+        fn stripping_is_idempotent_and_leaves_no_escape(b in output()) {
+            let once = strip(&b);
+            prop_assert!(!once.contains(&0x1b));
+            prop_assert_eq!(strip(&once), once);
+        }
+
+        #[test]
+        fn where_a_read_ends_does_not_change_the_text(b in output(), cuts in proptest::collection::vec(0usize..400, 0..6)) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(b.len())).collect();
+            cuts.sort();
+            let mut chunks: Vec<&[u8]> = vec![];
+            let mut at = 0;
+            for c in cuts {
+                chunks.push(&b[at..c]);
+                at = c;
+            }
+            chunks.push(&b[at..]);
+            let mut streamed = vec![];
+            let mut s = Strip::default();
+            for c in &chunks {
+                s.feed(c, &mut streamed);
+            }
+            prop_assert_eq!(&streamed, &strip(&b));
+            prop_assert_eq!(all_lines(&chunks), all_lines(&[&b]));
+        }
+
+        #[test]
+        fn classifying_any_output_never_panics(b in output(), code in -1i32..256, hint in ".{0,80}") {
+            let specs: Vec<RuleSpec> = [("^Amazon Q rate limit reached", "throttled"), ("(?i)quota", "quota")]
+                .iter()
+                .map(|(p, c)| RuleSpec { pattern: p.to_string(), class: c.to_string(), stop: false })
+                .collect();
+            let rules = Rules::compile(specs.iter().map(|s| (s, "p".to_string()))).unwrap();
+            let lines = all_lines(&[&b]);
+            for l in &lines {
+                let _ = rule_text(l);
+                let _ = rules.stop_on(l);
+            }
+            let said = Said { lines, ..Said::default() };
+            let _ = classify(&Ending::Exited(code), &said, &rules);
+            let _ = wait_hint(&String::from_utf8_lossy(&b), 1_764_547_200);
+            let _ = wait_hint(&hint, 1_764_547_200);
+        }
+    }
+}

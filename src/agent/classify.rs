@@ -264,7 +264,8 @@ pub fn wait_hint(text: &str, now: i64) -> Option<Duration> {
                 _ => 1.0,
             };
         }
-        return Some(Duration::from_secs_f64(secs));
+        // Beyond any real reset; also keeps from_secs_f64 from overflowing.
+        return Some(Duration::from_secs_f64(secs.min(1e10)));
     }
     if let Some(c) = ON.captures(text) {
         let month: u32 = c[1].parse().ok()?;
@@ -412,6 +413,7 @@ mod tests {
         assert_eq!(h("The limits reset on 12/01."), Some(365 * 86400));
         assert_eq!(h("Please wait a moment and try again."), None);
         assert_eq!(h("resets 1pm (Europe/Lisbon)"), None);
+        assert!(h("try again in 99999999999999999999999 days").is_some());
     }
 
     #[test]

@@ -63,6 +63,29 @@ pub fn kill_leftovers(prefix: &str) -> Vec<(String, i32)> {
     killed
 }
 
+/// Kills the processes that carry exactly `marker`: what an attempt started
+/// outside its process group (a tool shell in a session of its own).
+/// Returns how many were signalled.
+pub fn kill_marked(marker: &str) -> usize {
+    let mut n = 0;
+    for _ in 0..10 {
+        let fresh: Vec<i32> = marked_processes(marker)
+            .into_iter()
+            .filter(|(rest, _)| rest.is_empty())
+            .map(|(_, pid)| pid)
+            .collect();
+        if fresh.is_empty() {
+            break;
+        }
+        for pid in &fresh {
+            // SAFETY: SIGKILL to a process that carries the attempt's marker.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+        n += fresh.len();
+    }
+    n
+}
+
 /// Processes (not zombies, not this one) whose marker variable starts with
 /// `prefix`, with what follows the prefix.
 fn marked_processes(prefix: &str) -> Vec<(String, i32)> {

@@ -240,3 +240,110 @@ impl Output {
         t.into_bytes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::classify::{RuleSpec, Rules};
+    use crate::agent::{Cancel, Progress};
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    fn request(mode: OutputMode, marker: Option<&str>, echo: &[&str]) -> AgentRequest {
+        let spec = RuleSpec {
+            pattern: r"^Logging in\.\.\.".into(),
+            class: "auth".into(),
+            stop: true,
+        };
+        AgentRequest {
+            task_id: "t".into(),
+            iteration: 1,
+            attempt: 1,
+            program: "x".into(),
+            args: vec![],
+            shown: String::new(),
+            env: vec![],
+            workdir: ".".into(),
+            timeout: Duration::from_secs(1),
+            timeout_is_runtime: false,
+            idle_timeout: None,
+            kill_grace: Duration::from_secs(1),
+            poll_interval: Duration::from_millis(10),
+            buffer_size: 64,
+            max_output: 1024,
+            max_memory_mb: 0,
+            output_marker: marker.map(|m| m.as_bytes().to_vec()),
+            echo: Arc::new(echo.iter().map(|s| s.to_string()).collect()),
+            rules: Arc::new(Rules::compile([(&spec, "t".to_string())]).unwrap()),
+            output_mode: mode,
+            transcript: None,
+            stream: false,
+            cancel: Arc::new(Cancel::default()),
+            progress: Arc::new(Progress::default()),
+        }
+    }
+
+    fn feed(req: &AgentRequest, chunks: &[(usize, &[u8])]) -> Output {
+        let mut t = Transcript::open(req);
+        let mut o = Output::new(req);
+        for (s, c) in chunks {
+            o.take(*s, c, req, &mut t);
+        }
+        o.finish(req);
+        o
+    }
+
+    #[test]
+    fn the_marker_counts_as_a_whole_line_outside_the_echo() {
+        let echo = ["Do the task.", "DONE", "Print DONE when finished."];
+        let req = request(OutputMode::Text, Some("DONE"), &echo);
+        let echoed = b"user\nDo the task.\nDONE\nPrint DONE when finished.\ncodex\n";
+        assert!(!feed(&req, &[(0, echoed)]).marker_seen);
+        assert!(!feed(&req, &[(0, b"not DONE yet\nDONE.\n")]).marker_seen);
+        assert!(feed(&req, &[(0, echoed), (0, b"\x1b[32mDONE\x1b[0m\n")]).marker_seen);
+        // Split across reads, without a final newline.
+        assert!(feed(&req, &[(0, b"work\nDO"), (0, b"NE")]).marker_seen);
+    }
+
+    #[test]
+    fn a_waiting_prompt_stops_the_attempt_before_its_line_ends() {
+        let req = request(OutputMode::Text, None, &[]);
+        let o = feed(
+            &req,
+            &[(0, b"Code: AB-CD\n\x1b[?25l\xe2\xa0\x8b Logging in...")],
+        );
+        assert_eq!(o.stop_due(), Some(crate::agent::Class::Auth));
+    }
+
+    #[test]
+    fn claude_counts_its_result_not_the_conversation() {
+        let req = request(OutputMode::ClaudeStreamJson, Some("DONE"), &[]);
+        let convo = br#"{"type":"assistant","message":{"content":[{"type":"text","text":"DONE"}]}}
+{"type":"result","subtype":"success","is_error":true,"api_error_status":529,"result":"API Error: 529 overloaded"}
+"#;
+        let o = feed(&req, &[(0, convo)]);
+        assert!(!o.marker_seen, "the marker was only in the conversation");
+        assert!(o.said.reported_error);
+        assert_eq!(o.said.api_status, Some(529));
+        assert_eq!(o.said.lines, vec!["API Error: 529 overloaded".to_string()]);
+        let done = br#"{"type":"result","is_error":false,"result":"All finished.\nDONE"}"#;
+        assert!(feed(&req, &[(0, done)]).marker_seen);
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_in_any_reads_never_panic(
+            chunks in proptest::collection::vec((0usize..2, proptest::collection::vec(any::<u8>(), 0..300)), 0..20),
+            json in any::<bool>(),
+        ) {
+            let mode = if json { OutputMode::ClaudeStreamJson } else { OutputMode::Text };
+            let req = request(mode, Some("DONE"), &["x"]);
+            let c: Vec<(usize, &[u8])> = chunks.iter().map(|(s, b)| (*s, b.as_slice())).collect();
+            let o = feed(&req, &c);
+            let total: usize = chunks.iter().map(|(_, b)| b.len()).sum();
+            prop_assert_eq!(o.bytes_read as usize, total);
+            prop_assert!(o.tail().len() <= 2048 + 4);
+            prop_assert!(o.said.lines.len() <= 2 * LAST_LINES);
+        }
+    }
+}

@@ -371,6 +371,16 @@ impl Supervisor {
             terminate_group(pid, req.kill_grace);
         }
         if let Some(e) = ending {
+            // We stopped the attempt: nothing it started may outlive it,
+            // also what left its group (agents run tools in new sessions).
+            // An attempt that ends by itself is not searched for: that costs
+            // a /proc scan per request.
+            if let Some(marker) = marker_of(req) {
+                let n = super::group::kill_marked(&marker);
+                if n > 0 {
+                    log::warn!(task = req.task_id.as_str(); "killed {n} process(es) the agent had started outside its process group");
+                }
+            }
             return e;
         }
         use std::os::unix::process::ExitStatusExt;
@@ -416,6 +426,14 @@ enum ReadState {
     More,
     Drained(bool),
     Closed,
+}
+
+/// The attempt's mark in its environment, which its descendants inherit.
+fn marker_of(req: &AgentRequest) -> Option<String> {
+    req.env
+        .iter()
+        .find(|(k, _)| k == super::spawn::MARKER_VAR)
+        .map(|(_, v)| v.to_string_lossy().into_owned())
 }
 
 fn cancel_ending(r: CancelReason) -> Ending {

@@ -104,11 +104,15 @@ impl Sandbox {
 
     /// `run` with a fake agent, fast defaults (no delays), and extra args.
     pub fn run_cmd(&self, agent: &str, extra: &[&str]) -> Command {
-        let a = Sandbox::agent(agent);
+        self.run_program(&Sandbox::agent(agent), extra)
+    }
+
+    /// `run` with any agent program (a real CLI), fast defaults, extra args.
+    pub fn run_program(&self, program: &str, extra: &[&str]) -> Command {
         let mut args = vec![
             "run",
             "--agent-command",
-            a.as_str(),
+            program,
             "--iteration-delay",
             "0",
             "--retry-delay",
