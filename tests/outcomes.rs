@@ -298,6 +298,17 @@ fn auth_pause_says_what_to_run_and_resumes_after_login_and_sighup() {
         Duration::from_secs(10),
         || sb.task("a")["status"] == "queued"
     ));
+    // The diagnostics dump says why nothing runs.
+    d.signal(libc::SIGUSR1);
+    let dumps = sb.state_dir().join("diagnostics");
+    assert!(
+        wait_until(Duration::from_secs(10), || std::fs::read_dir(&dumps)
+            .map(|rd| rd.flatten().any(|e| std::fs::read_to_string(e.path())
+                .is_ok_and(|t| t.contains("paused (Auth)") && t.contains("Not logged in"))))
+            .unwrap_or(false)),
+        "{}",
+        log_of(&sb)
+    );
     let whoamis = sb.read("fake-whoami.log").lines().count();
     // The operator logs in and reloads: checked at once, not in 5 minutes.
     std::fs::remove_file(sb.path("fake-logged-out")).unwrap();

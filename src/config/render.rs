@@ -31,6 +31,13 @@ pub fn render(loaded: &Loaded) -> String {
     let adapter = &loaded.config.adapter;
     if let Some(Value::Table(t)) = table.get_mut("adapter") {
         t.insert("command".into(), Value::String(adapter.effective_command()));
+        t.insert("timeout".into(), Value::Float(adapter.effective_timeout()));
+        if let Some(p) = adapter.effective_preflight() {
+            t.insert(
+                "preflight".into(),
+                Value::Array(p.into_iter().map(Value::String).collect()),
+            );
+        }
         t.insert(
             "args".into(),
             Value::Array(
@@ -59,6 +66,12 @@ pub fn render(loaded: &Loaded) -> String {
                     format!("  # default of the {} profile", adapter.name.as_str())
                 }
                 Source::Default if path == "adapter.args" && adapter.args.is_none() => {
+                    format!("  # default of the {} profile", adapter.name.as_str())
+                }
+                Source::Default if path == "adapter.timeout" && adapter.timeout == 0.0 => {
+                    format!("  # default of the {} profile", adapter.name.as_str())
+                }
+                Source::Default if path == "adapter.preflight" && adapter.preflight.is_none() => {
                     format!("  # default of the {} profile", adapter.name.as_str())
                 }
                 Source::Default => String::new(),

@@ -2,6 +2,7 @@
 //! circuit and rate limit, totals, and the process's own memory, descriptors
 //! and threads; as text for the log and JSON for the file.
 
+use super::account::{Account, unix_now};
 use super::circuit::Circuit;
 use super::ratelimit::Bucket;
 use super::stats::Stats;
@@ -80,6 +81,7 @@ pub struct View<'a> {
     pub stats: &'a Stats,
     pub circuit: &'a Circuit,
     pub bucket: &'a Bucket,
+    pub account: &'a Account,
     pub cache_entries: Option<usize>,
     pub tasks: Vec<TaskView<'a>>,
 }
@@ -154,6 +156,7 @@ pub fn render(v: &View) -> String {
         v.cache_entries
             .map_or("off".into(), |n| format!("{n} entries"))
     );
+    let _ = writeln!(s, "account: {}", account_line(v.account));
     let _ = writeln!(s, "{}", v.stats.summary());
     for t in &v.tasks {
         let st = t.state;
@@ -221,6 +224,12 @@ pub fn to_json(v: &View) -> String {
         "circuit": {"state": v.circuit.label(), "reason": v.circuit.reason, "opened_total": v.circuit.opened_total},
         "rate_limit": {"per_minute": v.bucket.per_minute(), "tokens": v.bucket.tokens(), "waits": v.bucket.limited_total},
         "cache_entries": v.cache_entries,
+        "account": {
+            "profile": v.account.profile,
+            "state": account_line(v.account),
+            "throttled_in_row": v.account.throttles_in_row,
+            "pauses": v.account.pauses,
+        },
         "totals": {
             "requests": v.stats.requests,
             "iterations": v.stats.iterations,
@@ -265,5 +274,30 @@ fn prune_dir(dir: &Path, keep: usize) {
     names.sort();
     for p in &names[..names.len() - keep] {
         let _ = std::fs::remove_file(p);
+    }
+}
+
+/// The account gate in one phrase: open, throttled, paused (why), checking.
+fn account_line(a: &Account) -> String {
+    let now = std::time::Instant::now();
+    match a.closed(now, unix_now()) {
+        None => format!("profile {}: open", a.profile),
+        Some("paused") => match a.paused(unix_now()) {
+            Some(p) => format!(
+                "profile {} paused ({:?}): {}; {}",
+                a.profile, p.kind, p.message, p.remedy
+            ),
+            None => format!("profile {} paused", a.profile),
+        },
+        Some(why) => format!(
+            "profile {}: {why}{}",
+            a.profile,
+            a.opens_at(now, unix_now())
+                .map(|t| format!(
+                    " for {:.1} s",
+                    t.saturating_duration_since(now).as_secs_f64()
+                ))
+                .unwrap_or_default()
+        ),
     }
 }

@@ -1067,6 +1067,7 @@ impl Scheduler {
             stats: &self.stats,
             circuit: self.gates.circuit(),
             bucket: self.gates.bucket(),
+            account: &self.gates.account,
             cache_entries: self.gates.cache_entries(),
             tasks: self
                 .slots

@@ -155,6 +155,11 @@ impl Slot {
     /// The attempt could not work at all (agent missing, no quota, no
     /// login): the iteration is not counted and starts afresh later.
     pub fn not_counted(&mut self, detail: &str) {
+        // Waiting for the account is not running: the clock of max_runtime
+        // stops until the next attempt starts.
+        if let Some(t) = self.active_since.take() {
+            self.state.runtime_secs += t.elapsed().as_secs_f64();
+        }
         let st = &mut self.state;
         st.in_progress = None;
         st.iteration = st.iteration.saturating_sub(1);
@@ -205,5 +210,43 @@ impl Slot {
                 .map(|e| format!("; last error: {e}"))
                 .unwrap_or_default()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn an_attempt_that_could_not_work_is_not_counted_and_stops_the_clock() {
+        let mut s = Slot::adopt(TaskState::new("t", "/w/P.md", "/w"));
+        s.active_since = Some(Instant::now() - Duration::from_secs(5));
+        s.begin(true, 1);
+        s.not_counted("out of quota");
+        assert_eq!(s.state.iteration, 0);
+        assert_eq!(s.state.in_progress, None);
+        assert!(s.active_since.is_none());
+        let ran = s.runtime();
+        assert!((5.0..6.0).contains(&ran), "{ran}");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(s.runtime(), ran, "a paused task's runtime does not grow");
+        // Its next start counts iteration 1 again.
+        s.begin(true, s.state.iteration + 1);
+        assert_eq!(s.state.iteration, 1);
+    }
+
+    #[test]
+    fn a_throttled_attempt_runs_its_iteration_again() {
+        let mut s = Slot::adopt(TaskState::new("t", "/w/P.md", "/w"));
+        s.begin(true, 1);
+        s.succeeded();
+        s.begin(true, 2);
+        s.throttled("rate limit");
+        assert_eq!(s.state.throttled, 1);
+        assert_eq!(s.state.iteration, 1);
+        assert_eq!(s.state.failed_iterations, 0);
+        assert_eq!(s.state.consecutive_failures, 0);
+        assert_eq!(s.retries_now, 0);
     }
 }
