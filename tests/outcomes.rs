@@ -414,3 +414,74 @@ fn status_and_tasks_show_the_last_outcome_class() {
     assert!(line.contains("success"), "{line}");
     d.stop();
 }
+
+#[test]
+fn a_hanging_preflight_holds_no_task_and_no_shutdown() {
+    let sb = Sandbox::new("d-preflight-hang");
+    sb.submit("# a\n", "a", &[]);
+    let mut c = sb.daemon_cmd("cli/q", &["--log-file", "daemon.log"]);
+    cli_env(&sb, &mut c, &["complete"]);
+    c.env("FAKE_WHOAMI_HANG", "1");
+    let d = start(c);
+    assert!(wait_until(Duration::from_secs(10), || sb
+        .read("fake-whoami.log")
+        .contains("whoami")));
+    // Nothing is dispatched while the preflight has not answered.
+    assert!(wait_until(Duration::from_secs(5), || log_of(&sb)
+        .contains("task accepted from the spool")));
+    assert_eq!(sb.runs(), 0);
+    d.signal(libc::SIGTERM);
+    let f = d.finish(Duration::from_secs(5));
+    assert_eq!(f.code(), 0, "{}", f.stderr);
+    sb.assert_nothing_left();
+}
+
+#[test]
+fn q_quota_pauses_until_the_reset_date_it_names() {
+    let sb = Sandbox::new("d-q-quota");
+    sb.submit("# a\n", "a", &[]);
+    let d = daemon(&sb, "q", &["quota"], &[]);
+    let pauses = sb.state_dir().join("pauses.json");
+    assert!(
+        wait_until(Duration::from_secs(10), || pauses.is_file()),
+        "{}",
+        log_of(&sb)
+    );
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&pauses).unwrap()).unwrap();
+    let until = p["qchat"]["until"].as_i64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // "The limits reset on 01/01.": the next 1 January, midnight UTC.
+    assert_eq!(until % 86400, 0, "{p}");
+    assert!(until > now && until - now <= 366 * 86400, "{p}");
+    let addr = port(&sb);
+    let (_, body) = ralph_qchat::http::client::get(
+        &format!("http://{addr}/health/detailed"),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert!(body.contains("-01-01T00:00:00"), "{body}");
+    assert!(body.contains("Monthly request limit reached"), "{body}");
+    let sd = sb.state_dir().display().to_string();
+    let r = run(sb.cmd(&["status", "--state-dir", &sd]));
+    assert!(
+        r.stdout
+            .contains("agent profile qchat paused, out of quota for"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(sb.runs(), 1);
+    assert!(
+        wait_until(Duration::from_secs(5), || sb.task("a")["iteration"] == 0),
+        "the quota attempt is not an iteration: {}",
+        sb.task("a")
+    );
+    let t = sb.task("a");
+    assert_eq!(t["last_class"], "quota");
+    let e = t["last_error"].as_str().unwrap();
+    assert!(e.contains("(quota): Monthly request limit reached"), "{e}");
+    d.stop();
+}

@@ -116,6 +116,9 @@ pub struct AgentOutcome {
     pub class: Class,
     /// The output line that decided the class, when a rule did.
     pub decided_by: Option<String>,
+    /// How long the output asked to wait (a throttle or quota reset), read
+    /// from the last lines of both streams.
+    pub wait: Option<Duration>,
 }
 
 impl AgentOutcome {

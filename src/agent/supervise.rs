@@ -3,7 +3,7 @@
 //! holds is `output`'s business, where it is written `transcript`'s.
 
 use super::attempt::{AgentOutcome, AgentRequest, CancelReason, Ending};
-use super::classify::{Said, classify};
+use super::classify::{Class, Said, classify, wait_hint};
 use super::group::{group_alive, terminate_group};
 use super::output::Output;
 use super::spawn::{Launcher, SpawnError, Spawned};
@@ -157,10 +157,14 @@ impl Supervisor {
                 None => &none,
             };
             let (class, decided_by) = classify(&ending, said, &req.rules);
+            let wait = matches!(class, Class::Throttled | Class::Quota)
+                .then(|| wait_hint(&said.lines.join("\n"), unix_seconds()))
+                .flatten();
             let out = out.map(|o| &*o);
             let outcome = AgentOutcome {
                 class,
                 decided_by,
+                wait,
                 duration: started.elapsed(),
                 bytes_read: out.map_or(0, |r| r.bytes_read),
                 bytes_dropped: out.map_or(0, |r| r.bytes_dropped),
@@ -426,6 +430,12 @@ enum ReadState {
     More,
     Drained(bool),
     Closed,
+}
+
+fn unix_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The attempt's mark in its environment, which its descendants inherit.

@@ -96,6 +96,7 @@ mod tests {
             tail: vec![],
             class: crate::agent::Class::Success,
             decided_by: None,
+            wait: None,
         }
     }
 

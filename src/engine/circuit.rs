@@ -67,6 +67,16 @@ impl Circuit {
         }
     }
 
+    /// The probe came back saying nothing about the agent's health (it was
+    /// cancelled, throttled, out of quota): another request may probe.
+    pub fn undecided(&mut self) {
+        if let State::HalfOpen { .. } = self.state {
+            self.state = State::HalfOpen {
+                probe_in_flight: false,
+            };
+        }
+    }
+
     pub fn success(&mut self) {
         self.failures = 0;
         self.state = State::Closed;
@@ -144,6 +154,22 @@ mod tests {
         c.success();
         assert_eq!(c.state, State::Closed);
         assert!(!c.failure(t0, "x"), "the count starts again");
+    }
+
+    #[test]
+    fn an_undecided_probe_lets_the_next_one_go() {
+        let t0 = Instant::now();
+        let mut c = Circuit::new(1, Duration::from_secs(1));
+        c.failure(t0, "x");
+        let later = t0 + Duration::from_secs(2);
+        assert!(c.allows(later));
+        c.dispatched();
+        assert!(!c.allows(later));
+        c.undecided();
+        assert!(
+            c.allows(later),
+            "a cancelled probe must not stop dispatch for good"
+        );
     }
 
     #[test]

@@ -136,14 +136,18 @@ impl Gates {
                     }
                     self.circuit.success();
                 }
-                Verdict::Retry | Verdict::Failed if self.circuit.failure(now, detail) => {
-                    log::warn!(
-                        "circuit breaker open after {} failed requests in a row (last: {detail}); no requests for {:.0} s",
-                        self.threshold,
-                        self.cooldown
-                    );
+                Verdict::Retry | Verdict::Failed => {
+                    if self.circuit.failure(now, detail) {
+                        log::warn!(
+                            "circuit breaker open after {} failed requests in a row (last: {detail}); no requests for {:.0} s",
+                            self.threshold,
+                            self.cooldown
+                        );
+                    }
                 }
-                _ => {}
+                // Unavailable trips the circuit itself (`unavailable`).
+                Verdict::Unavailable => {}
+                _ => self.circuit.undecided(),
             }
         }
         if let (Verdict::Success, Some(c), Some(k)) = (verdict, self.cache.as_mut(), key) {

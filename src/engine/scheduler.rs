@@ -90,8 +90,9 @@ pub struct Scheduler {
     owner: String,
     /// The profile's and the operator's outcome rules.
     rules: Arc<Rules>,
-    /// The sequence number of the running preflight.
+    /// The sequence number of the running preflight, and its cancel.
     preflight_seq: Option<u64>,
+    preflight_cancel: Option<Arc<Cancel>>,
 }
 
 /// The pool's tag of a preflight job: no task has an empty id.
@@ -136,6 +137,7 @@ impl Scheduler {
         let mut s = Scheduler {
             rules: request::rules(&cfg),
             preflight_seq: None,
+            preflight_cancel: None,
             gates: Gates::new(&cfg, mode == Mode::Daemon, Instant::now(), account),
             pool: Pool::new(events_tx.clone()),
             persist,
@@ -436,12 +438,19 @@ impl Scheduler {
         self.notifier.stopping();
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.ready.clear();
+        // A preflight is no work of a task's: it need not finish.
+        if let Some(c) = &self.preflight_cancel {
+            c.request(CancelReason::Shutdown);
+        }
         if grace.is_zero() {
             self.cancel_all(CancelReason::Shutdown);
         }
     }
 
     fn cancel_all(&mut self, reason: CancelReason) {
+        if let Some(c) = &self.preflight_cancel {
+            c.request(reason);
+        }
         for s in self.slots.values() {
             if let (Phase::Running { .. }, Some(c)) = (s.phase, &s.cancel) {
                 c.request(reason);
@@ -695,10 +704,7 @@ impl Scheduler {
             }
             Verdict::Throttled => {
                 slot.throttled(&detail);
-                let hinted = crate::agent::classify::wait_hint(
-                    &String::from_utf8_lossy(&o.tail),
-                    unix_now(),
-                );
+                let hinted = o.wait;
                 let n = self.gates.account.throttles_in_row + 1;
                 let delay = match hinted {
                     Some(h) => h.min(Duration::from_secs(3600)),
@@ -714,11 +720,7 @@ impl Scheduler {
                 self.ready.push_front(id.to_string());
                 let line = o.decided_by.clone().unwrap_or_else(|| detail.clone());
                 if verdict == Verdict::Quota {
-                    let hint = crate::agent::classify::wait_hint(
-                        &String::from_utf8_lossy(&o.tail),
-                        unix_now(),
-                    );
-                    self.pause_quota(&line, hint);
+                    self.pause_quota(&line, o.wait);
                 } else {
                     self.pause_auth(&line);
                 }
@@ -866,6 +868,7 @@ impl Scheduler {
         }
         let seq = self.next_seq();
         let req = request::preflight(&self.cfg, &argv, self.store.state_dir(), self.rules.clone());
+        self.preflight_cancel = Some(req.cancel.clone());
         log::info!("preflight: {}", argv.join(" "));
         self.preflight_seq = Some(seq);
         self.gates.account.preflight_running = true;
@@ -874,6 +877,7 @@ impl Scheduler {
 
     fn preflight_done(&mut self, o: AgentOutcome) {
         self.preflight_seq = None;
+        self.preflight_cancel = None;
         self.gates.account.preflight_running = false;
         let a = &self.cfg.adapter;
         match o.class {
@@ -1203,8 +1207,13 @@ impl Scheduler {
     }
 }
 
-/// The ending, and the agent's last words when it went wrong.
+/// The ending, and the agent's words that decided its class (or its last
+/// words when it went wrong).
 fn describe(o: &AgentOutcome) -> String {
+    if let Some(line) = &o.decided_by {
+        let line: String = line.chars().take(300).collect();
+        return format!("{} ({}): {line}", o.ending.describe(), o.class.as_str());
+    }
     let tail = String::from_utf8_lossy(&o.tail);
     let last = tail
         .lines()
@@ -1213,8 +1222,11 @@ fn describe(o: &AgentOutcome) -> String {
         .unwrap_or("")
         .trim();
     let last: String = last.chars().take(300).collect();
-    if last.is_empty() || o.ending.is_success() {
+    if last.is_empty() || o.class == Class::Success {
         o.ending.describe()
+    } else if o.ending.is_success() {
+        // Exit 0 that is not a success: say why.
+        format!("exit status 0 ({}): {last}", o.class.as_str())
     } else {
         format!("{}: {last}", o.ending.describe())
     }
