@@ -51,10 +51,24 @@ impl Echo {
 }
 
 struct Stream {
-    lines: Lines,
-    last: VecDeque<String>,
+    /// Lines as they arrive, only where something must see each one (the
+    /// marker, stop rules, Claude's result): most runs need none, and pay
+    /// for nothing but the tail below.
+    lines: Option<Lines>,
+    /// The last raw bytes, read as lines only when the run is over.
+    tail: Vec<u8>,
+    /// Bytes ever cut from the front of `tail`.
+    cut: bool,
+    /// Claude's result text, for stdout in stream-json mode.
+    result_lines: VecDeque<String>,
+    /// Length of the unfinished line when stop rules last saw it.
+    checked: usize,
     echo: Echo,
 }
+
+/// Raw bytes kept per stream for the last lines (16 lines of 2 KiB at most
+/// are read from them).
+const TAIL_BYTES: usize = 8192;
 
 pub struct Output {
     pub bytes_read: u64,
@@ -66,42 +80,52 @@ pub struct Output {
     mode: OutputMode,
     stop_rules: bool,
     pub said: Said,
+    /// The last lines of stdout and of stderr, once finished.
+    last: [Vec<String>; 2],
 }
 
 impl Output {
     pub fn new(req: &AgentRequest) -> Output {
-        let stream = |cap| Stream {
-            lines: Lines::with_cap(cap),
-            last: VecDeque::new(),
-            echo: Echo {
-                lines: req.echo.clone(),
-                pos: None,
-            },
-        };
+        let marker = req
+            .output_marker
+            .as_ref()
+            .map(|m| String::from_utf8_lossy(m).trim().to_string())
+            .filter(|m| !m.is_empty());
+        let stop_rules = req.rules.list.iter().any(|r| r.stop);
         let json = req.output_mode == OutputMode::ClaudeStreamJson;
+        let has_marker = marker.is_some();
+        let stream = |i: usize| {
+            let json_here = json && i == 0;
+            Stream {
+                lines: (has_marker || stop_rules || json_here)
+                    .then(|| Lines::with_cap(if json_here { JSON_LINE } else { MAX_LINE })),
+                tail: Vec::new(),
+                cut: false,
+                result_lines: VecDeque::new(),
+                checked: 0,
+                echo: Echo {
+                    lines: req.echo.clone(),
+                    pos: None,
+                },
+            }
+        };
         Output {
             bytes_read: 0,
             kept: 0,
             bytes_dropped: 0,
-            marker: req
-                .output_marker
-                .as_ref()
-                .map(|m| String::from_utf8_lossy(m).trim().to_string())
-                .filter(|m| !m.is_empty()),
+            marker,
             marker_seen: false,
-            streams: [
-                stream(if json { JSON_LINE } else { MAX_LINE }),
-                stream(MAX_LINE),
-            ],
+            streams: [stream(0), stream(1)],
             mode: req.output_mode,
-            stop_rules: req.rules.list.iter().any(|r| r.stop),
+            stop_rules,
             said: Said::default(),
+            last: [Vec::new(), Vec::new()],
         }
     }
 
     /// A chunk read from stream 0 (stdout) or 1 (stderr): kept within the
-    /// cap (to the transcript, and to our stderr when streaming), read as
-    /// lines.
+    /// cap (to the transcript, and to our stderr when streaming), remembered
+    /// for the last lines, and read line by line where that is needed.
     pub fn take(
         &mut self,
         stream: usize,
@@ -125,73 +149,118 @@ impl Output {
                 let _ = e.flush();
             }
         }
-        let mut got = vec![];
-        self.streams[stream]
-            .lines
-            .feed(chunk, |l| got.push(l.to_string()));
-        for l in got {
-            self.line(stream, l, req);
+        let s = &mut self.streams[stream];
+        if chunk.len() >= TAIL_BYTES {
+            s.tail.clear();
+            s.tail.extend_from_slice(&chunk[chunk.len() - TAIL_BYTES..]);
+            s.cut = true;
+        } else {
+            s.tail.extend_from_slice(chunk);
+            // Amortised: cut only when twice the size.
+            if s.tail.len() > 2 * TAIL_BYTES {
+                let over = s.tail.len() - TAIL_BYTES;
+                s.tail.drain(..over);
+                s.cut = true;
+            }
         }
-        // A prompt waits without ending its line: stop rules see it now.
-        if self.stop_rules
-            && self.said.stopped_by.is_none()
-            && let Some(l) = self.streams[stream].lines.partial()
-            && let Some((class, _)) = req.rules.stop_on(&l)
-        {
-            self.said.stopped_by = Some((class, l));
+        if let Some(mut lines) = self.streams[stream].lines.take() {
+            lines.feed(chunk, |l| self.line(stream, l, req));
+            // A prompt waits without ending its line: stop rules see it now
+            // (once per change: a capped endless line is not looked at again).
+            let pending = lines.pending();
+            let grown = std::mem::replace(&mut self.streams[stream].checked, pending) != pending;
+            if self.stop_rules
+                && grown
+                && self.said.stopped_by.is_none()
+                && let Some(l) = lines.partial()
+                && let Some((class, _)) = req.rules.stop_on(&l)
+            {
+                self.said.stopped_by = Some((class, l));
+            }
+            self.streams[stream].lines = Some(lines);
         }
     }
 
-    /// The streams are closed: their last lines without a newline count too.
+    /// The streams are closed: their last lines without a newline count too,
+    /// and the last lines of each are read for classification.
     pub fn finish(&mut self, req: &AgentRequest) {
         for stream in 0..2 {
-            let mut got = vec![];
-            self.streams[stream]
-                .lines
-                .finish(|l| got.push(l.to_string()));
-            for l in got {
-                self.line(stream, l, req);
+            if let Some(mut lines) = self.streams[stream].lines.take() {
+                lines.finish(|l| self.line(stream, l, req));
             }
+            let s = &self.streams[stream];
+            if self.mode == OutputMode::ClaudeStreamJson && stream == 0 {
+                self.last[0] = s.result_lines.iter().cloned().collect();
+                continue;
+            }
+            let mut raw: &[u8] = &s.tail;
+            if s.cut {
+                // The first line is a piece of one: skip it.
+                let at = raw
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(raw.len(), |i| i + 1);
+                raw = &raw[at..];
+            }
+            let mut last: VecDeque<String> = VecDeque::new();
+            let mut l = Lines::default();
+            let mut push = |t: &str| {
+                if last.len() == LAST_LINES {
+                    last.pop_front();
+                }
+                last.push_back(t.to_string());
+            };
+            l.feed(raw, &mut push);
+            l.finish(&mut push);
+            self.last[stream] = last.into();
         }
-        let mut lines: Vec<String> = vec![];
-        for s in &self.streams {
-            lines.extend(s.last.iter().cloned());
-        }
-        self.said.lines = lines;
+        self.said.lines = self.last.concat();
     }
 
-    fn line(&mut self, stream: usize, line: String, req: &AgentRequest) {
-        if stream == 0 && self.mode == OutputMode::ClaudeStreamJson && line.starts_with('{') {
+    fn line(&mut self, stream: usize, line: &str, req: &AgentRequest) {
+        if stream == 0 && self.mode == OutputMode::ClaudeStreamJson {
             // The conversation itself is not the CLI speaking; only the
             // result is (its text may hold the marker or an API error).
-            if let Some(text) = self.claude_result(&line) {
-                for l in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-                    self.content(stream, l.chars().take(MAX_LINE).collect(), req);
+            if line.starts_with('{') {
+                if let Some(text) = self.claude_result(line) {
+                    for l in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                        let l: String = l.chars().take(MAX_LINE).collect();
+                        self.content(stream, &l, req);
+                        let r = &mut self.streams[0].result_lines;
+                        if r.len() == LAST_LINES {
+                            r.pop_front();
+                        }
+                        r.push_back(l);
+                    }
                 }
+                return;
             }
-            return;
+            let r = &mut self.streams[0].result_lines;
+            if r.len() == LAST_LINES {
+                r.pop_front();
+            }
+            r.push_back(line.to_string());
         }
         self.content(stream, line, req);
     }
 
-    fn content(&mut self, stream: usize, line: String, req: &AgentRequest) {
-        let s = &mut self.streams[stream];
-        let echo = s.echo.is_echo(&line);
-        if !echo && !self.marker_seen && self.marker.as_deref() == Some(line.as_str()) {
-            self.marker_seen = true;
+    /// A line of what the agent said: the marker, unless it is our echo;
+    /// a rule that stops the attempt.
+    fn content(&mut self, stream: usize, line: &str, req: &AgentRequest) {
+        if self.marker.is_some() {
+            let echo = self.streams[stream].echo.is_echo(line);
+            if !echo && !self.marker_seen && self.marker.as_deref() == Some(line) {
+                self.marker_seen = true;
+            }
+            if echo {
+                return;
+            }
         }
         if self.stop_rules
-            && !echo
             && self.said.stopped_by.is_none()
-            && let Some((class, _)) = req.rules.stop_on(&line)
+            && let Some((class, _)) = req.rules.stop_on(line)
         {
-            self.said.stopped_by = Some((class, line.clone()));
-        }
-        if !echo {
-            if s.last.len() == LAST_LINES {
-                s.last.pop_front();
-            }
-            s.last.push_back(line);
+            self.said.stopped_by = Some((class, line.to_string()));
         }
     }
 
@@ -224,14 +293,15 @@ impl Output {
         self.said.stopped_by.as_ref().map(|(c, _)| *c)
     }
 
-    /// The last lines of stderr, or of stdout if stderr was silent.
+    /// The last lines of stderr, or of stdout if stderr was silent (after
+    /// `finish`).
     pub fn tail(&self) -> Vec<u8> {
-        let pick = if self.streams[1].last.is_empty() {
-            &self.streams[0].last
+        let pick = if self.last[1].is_empty() {
+            &self.last[0]
         } else {
-            &self.streams[1].last
+            &self.last[1]
         };
-        let mut t = pick.iter().cloned().collect::<Vec<_>>().join("\n");
+        let mut t = pick.join("\n");
         if t.len() > 2048 {
             let cut = t.len() - 2048;
             let cut = (cut..t.len()).find(|&i| t.is_char_boundary(i)).unwrap_or(0);

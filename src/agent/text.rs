@@ -36,8 +36,19 @@ pub struct Strip {
 
 impl Strip {
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        for &b in input {
-            self.byte(b, out);
+        let mut rest = input;
+        while !rest.is_empty() {
+            if self.state == State::Text {
+                // Plain text up to the next ESC is copied as it is.
+                let n = memchr::memchr(0x1b, rest).unwrap_or(rest.len());
+                out.extend_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                if rest.is_empty() {
+                    break;
+                }
+            }
+            self.byte(rest[0], out);
+            rest = &rest[1..];
         }
     }
 
@@ -112,13 +123,25 @@ impl Lines {
     pub fn feed(&mut self, chunk: &[u8], mut each: impl FnMut(&str)) {
         self.stripped.clear();
         self.strip.feed(chunk, &mut self.stripped);
-        for &b in &self.stripped {
-            if b == b'\n' || b == b'\r' {
-                emit(&mut self.line, &mut each);
-            } else if self.line.len() < self.cap {
-                self.line.push(b);
+        let mut rest = &self.stripped[..];
+        while !rest.is_empty() {
+            let end = memchr::memchr2(b'\n', b'\r', rest);
+            let piece = &rest[..end.unwrap_or(rest.len())];
+            let room = self.cap.saturating_sub(self.line.len());
+            self.line.extend_from_slice(&piece[..piece.len().min(room)]);
+            match end {
+                Some(i) => {
+                    emit(&mut self.line, &mut each);
+                    rest = &rest[i + 1..];
+                }
+                None => break,
             }
         }
+    }
+
+    /// Bytes of the line read so far.
+    pub fn pending(&self) -> usize {
+        self.line.len()
     }
 
     /// The line read so far, before its end arrived (a prompt that waits).
