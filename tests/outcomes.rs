@@ -90,7 +90,10 @@ fn q_throttling_with_exit_0_is_retried_and_not_a_failure() {
         t.contains("\x1b[33m ⚠️  Amazon Q rate limit reached:"),
         "{t}"
     );
-    assert!(t.contains("(throttled, from the line"), "{t}");
+    assert!(
+        t.contains("(throttled: ⚠️  Amazon Q rate limit reached:)"),
+        "{t}"
+    );
 }
 
 #[test]
@@ -125,6 +128,15 @@ fn kiro_messages_with_exit_0_are_classified() {
     assert_eq!(s["throttled"], 2, "{s}");
     assert_eq!(s["iteration"], 2, "{s}");
     assert_eq!(s["failed_iterations"], 0, "{s}");
+
+    // A silent exit 0 ran no turn (no credits line): failed, retried.
+    let sb = Sandbox::new("kiro-silent");
+    let r = run_cli(&sb, "kiro-cli", &["silent", "complete"], &[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let s = sb.state();
+    assert_eq!(s["retries"], 1, "{s}");
+    assert_eq!(s["iteration"], 1, "{s}");
+    assert!(r.stderr.contains("the CLI ran no turn"), "{}", r.stderr);
 
     let sb = Sandbox::new("kiro-badkey");
     let r = run_cli(&sb, "kiro-cli", &["invalid-key"], &[]);

@@ -103,6 +103,8 @@ pub struct Rule {
 #[derive(Debug, Clone, Default)]
 pub struct Rules {
     pub list: Vec<Rule>,
+    /// A line a real turn always prints; exit 0 without it failed.
+    pub proof: Option<Regex>,
 }
 
 /// A rule as written (the operator's, or a profile's table).
@@ -153,7 +155,7 @@ impl Rules {
                 origin,
             });
         }
-        Ok(Rules { list })
+        Ok(Rules { list, proof: None })
     }
 
     /// A line that ends the attempt while it runs.
@@ -216,7 +218,22 @@ pub fn classify(ending: &Ending, said: &Said, rules: &Rules) -> (Class, Option<S
     match ending {
         Ending::TimedOut => (Class::Timeout, None),
         Ending::IdleTimedOut => (Class::IdleTimeout, None),
-        Ending::Exited(0) if !said.reported_error => (Class::Success, None),
+        Ending::Exited(0) if !said.reported_error => match &rules.proof {
+            Some(p)
+                if !said
+                    .lines
+                    .iter()
+                    .any(|l| p.is_match(super::text::rule_text(l))) =>
+            {
+                (
+                    Class::Failed,
+                    Some(format!(
+                        "exit 0 without a line matching `{p}`: the CLI ran no turn"
+                    )),
+                )
+            }
+            _ => (Class::Success, None),
+        },
         _ => (Class::Failed, None),
     }
 }
@@ -375,6 +392,19 @@ mod tests {
         assert_eq!(classify(&Ending::Exited(1), &s, &r).0, Class::Auth);
         s.api_status = Some(529);
         assert_eq!(classify(&Ending::Exited(1), &s, &r).0, Class::Throttled);
+    }
+
+    #[test]
+    fn exit_0_without_the_proof_line_is_a_failure() {
+        let r = Rules {
+            proof: Some(Regex::new("^Credits: ").unwrap()),
+            ..Rules::default()
+        };
+        let ok = said(&["> PONG", "▸ Credits: 0.01 • Time: 1s"]);
+        assert_eq!(classify(&Ending::Exited(0), &ok, &r).0, Class::Success);
+        let (c, why) = classify(&Ending::Exited(0), &said(&[]), &r);
+        assert_eq!(c, Class::Failed);
+        assert!(why.unwrap().contains("ran no turn"));
     }
 
     #[test]

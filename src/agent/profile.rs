@@ -47,6 +47,9 @@ pub struct Profile {
     /// What an operator runs to log the service's account in.
     pub login_hint: &'static str,
     pub reports: &'static [Report],
+    /// A line every real turn prints (Kiro's credits line): exit 0 without
+    /// it is a run that did nothing (a silent exit, an empty pipe).
+    pub proof: Option<&'static str>,
 }
 
 const Q_RULES: &[BuiltinRule] = &[
@@ -206,6 +209,7 @@ pub const PROFILES: &[Profile] = &[
         timeout: 120.0,
         login_hint: "q login",
         reports: &[],
+        proof: None,
     },
     Profile {
         name: "kiro",
@@ -225,6 +229,7 @@ pub const PROFILES: &[Profile] = &[
         timeout: 300.0,
         login_hint: "kiro-cli login (or set KIRO_API_KEY in [adapter] env)",
         reports: &[Report::Credits],
+        proof: Some(r"^Credits: "),
     },
     Profile {
         name: "claude",
@@ -251,6 +256,7 @@ pub const PROFILES: &[Profile] = &[
         timeout: 900.0,
         login_hint: "set ANTHROPIC_API_KEY in [adapter] env (or log in with `claude` as the service user)",
         reports: &[Report::CostAndTokens],
+        proof: None,
     },
     Profile {
         name: "codex",
@@ -268,6 +274,7 @@ pub const PROFILES: &[Profile] = &[
         timeout: 900.0,
         login_hint: "codex login (or set OPENAI_API_KEY in [adapter] env)",
         reports: &[],
+        proof: None,
     },
     Profile {
         name: "gemini",
@@ -281,6 +288,7 @@ pub const PROFILES: &[Profile] = &[
         timeout: 900.0,
         login_hint: "set GEMINI_API_KEY in [adapter] env",
         reports: &[],
+        proof: None,
     },
     Profile {
         name: "custom",
@@ -294,6 +302,7 @@ pub const PROFILES: &[Profile] = &[
         timeout: 120.0,
         login_hint: "log the agent in as the service user",
         reports: &[],
+        proof: None,
     },
 ];
 

@@ -65,7 +65,7 @@ impl Transcript {
             o.class.as_str(),
             o.decided_by
                 .as_ref()
-                .map(|l| format!(", from the line \"{l}\""))
+                .map(|l| format!(": {l}"))
                 .unwrap_or_default(),
             o.duration.as_secs_f64(),
             o.bytes_read,

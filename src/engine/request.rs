@@ -33,7 +33,14 @@ pub struct Inputs<'a> {
 pub fn rules(cfg: &Config) -> Arc<Rules> {
     let specs = cfg.adapter.rule_specs();
     match Rules::compile(specs.iter().map(|(r, o)| (r, o.clone()))) {
-        Ok(r) => Arc::new(r),
+        Ok(mut r) => {
+            r.proof = cfg
+                .adapter
+                .profile()
+                .proof
+                .and_then(|p| regex::Regex::new(p).ok());
+            Arc::new(r)
+        }
         Err((origin, e)) => {
             log::error!("{origin}: {e}; outcome rules are off");
             Arc::new(Rules::default())
@@ -167,6 +174,11 @@ pub fn preflight(
     rules: Arc<Rules>,
 ) -> AgentRequest {
     let a = &cfg.adapter;
+    // `whoami` runs no turn: the proof line of a turn does not apply.
+    let rules = Arc::new(Rules {
+        proof: None,
+        ..(*rules).clone()
+    });
     AgentRequest {
         task_id: "preflight".into(),
         iteration: 0,
