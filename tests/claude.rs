@@ -1,5 +1,5 @@
 //! The real Claude Code CLI (from the npm registry, pinned in
-//! tests/claude-code.sh) driven by `ralph-qchat run --agent claude` against
+//! tests/agent-cli.sh) driven by `ralph-qchat run --agent claude` against
 //! a scripted model server on 127.0.0.1: real tool calls, real retries,
 //! real exit codes. Without the CLI these tests fail under CI=true and say
 //! so loudly elsewhere; they never pass by skipping quietly.
@@ -10,38 +10,10 @@ mod scripted_model;
 use common::*;
 use scripted_model::{ModelServer, Script};
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 fn claude() -> Option<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let found = BIN.get_or_init(|| {
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/claude-code.sh");
-        let out = std::process::Command::new("bash")
-            .arg(&script)
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-        if !out.status.success() {
-            return Err(format!(
-                "{} failed: {}",
-                script.display(),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-    });
-    match found {
-        Ok(p) => Some(p.clone()),
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => {
-            panic!("Claude Code is not installed and cannot be: {e}")
-        }
-        Err(e) => {
-            eprintln!(
-                "\n!!!!!!!! NOT TESTED against the real Claude Code CLI: {e}\n!!!!!!!! (under CI=true this is a failure)\n"
-            );
-            None
-        }
-    }
+    scripted_model::real_cli("claude")
 }
 
 fn claude_run(

@@ -1,8 +1,10 @@
-//! A scripted model server: enough of the Anthropic Messages API, streamed
-//! as server-sent events, for Claude Code to run a real tool call, on
-//! 127.0.0.1 port 0. What it answers is the test's script: do the work
-//! (a Bash command that edits the prompt file, the last launch adding the
-//! completion marker), a long-running tool, an HTTP error status, or never.
+//! The real agent CLIs and a scripted model server for them, on 127.0.0.1
+//! port 0: enough of the Anthropic Messages API, streamed as server-sent
+//! events, for Claude Code to run a real tool call, and of the OpenAI
+//! Responses API for Codex to answer. What it answers is the test's script:
+//! do the work (a Bash command that edits the prompt file, the last launch
+//! adding the completion marker), a long-running tool, say given texts, an
+//! HTTP error status, or never.
 
 #![allow(dead_code)]
 
@@ -25,6 +27,50 @@ pub enum Script {
     Status(u16),
     /// Requests are read and never answered.
     Hang,
+    /// Responses API: launch N says text N (the last repeats).
+    Say(Vec<String>),
+}
+
+/// The pinned real CLI `name` (claude, codex), installed by
+/// tests/agent-cli.sh when missing. None, said loudly, where it cannot be
+/// installed; under CI=true that is a failure.
+pub fn real_cli(name: &str) -> Option<std::path::PathBuf> {
+    use std::sync::OnceLock;
+    static FOUND: OnceLock<
+        Mutex<std::collections::HashMap<String, Result<std::path::PathBuf, String>>>,
+    > = OnceLock::new();
+    let map = FOUND.get_or_init(Default::default);
+    let mut map = map.lock().unwrap();
+    let found = map.entry(name.to_string()).or_insert_with(|| {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/agent-cli.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .arg(name)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{} {name} failed: {}",
+                script.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(std::path::PathBuf::from(
+            String::from_utf8_lossy(&out.stdout).trim(),
+        ))
+    });
+    match found {
+        Ok(p) => Some(p.clone()),
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => {
+            panic!("the real {name} CLI is not installed and cannot be: {e}")
+        }
+        Err(e) => {
+            eprintln!(
+                "\n!!!!!!!! NOT TESTED against the real {name} CLI: {e}\n!!!!!!!! (under CI=true this is a failure)\n"
+            );
+            None
+        }
+    }
 }
 
 #[derive(Default)]
@@ -34,6 +80,8 @@ struct Seen {
     sessions: BTreeSet<String>,
     /// First turns (launches) that were offered the Bash tool.
     launches: usize,
+    /// Responses API requests.
+    responses: usize,
 }
 
 pub struct ModelServer {
@@ -86,6 +134,10 @@ impl ModelServer {
     pub fn launches(&self) -> usize {
         self.seen.lock().unwrap().launches
     }
+
+    pub fn responses(&self) -> usize {
+        self.seen.lock().unwrap().responses
+    }
 }
 
 impl Drop for ModelServer {
@@ -108,6 +160,25 @@ fn serve(conn: TcpStream, script: &Mutex<Script>, seen: &Mutex<Seen>, stop: &Ato
         };
         if method == "HEAD" || method == "GET" {
             let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+            continue;
+        }
+        if path.starts_with("/v1/responses") {
+            let n = {
+                let mut s = seen.lock().unwrap();
+                s.posts += 1;
+                s.responses += 1;
+                s.responses
+            };
+            let reply = match script.lock().unwrap().clone() {
+                Script::Say(texts) if !texts.is_empty() => {
+                    responses_sse(&texts[(n - 1).min(texts.len() - 1)])
+                }
+                Script::Status(code) => error_reply(code),
+                _ => responses_sse("Nothing to do."),
+            };
+            if w.write_all(&reply).is_err() {
+                return;
+            }
             continue;
         }
         if !path.starts_with("/v1/messages") || path.contains("count_tokens") {
@@ -153,6 +224,7 @@ fn serve(conn: TcpStream, script: &Mutex<Script>, seen: &Mutex<Seen>, stop: &Ato
                 sse(&model, Some(&command), "")
             }
             Script::Tool(command) => sse(&model, Some(&command), ""),
+            Script::Say(_) => sse(&model, None, "Done."),
         };
         if w.write_all(&reply).is_err() {
             return;
@@ -328,6 +400,29 @@ fn sse(model: &str, bash: Option<&str>, text: &str) -> Vec<u8> {
     event(&mut s, "message_stop", json!({"type":"message_stop"}));
     let mut out = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ncontent-length: {}\r\n\r\n",
+        s.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(s.as_bytes());
+    out
+}
+
+/// A streamed Responses API answer: one assistant message.
+fn responses_sse(text: &str) -> Vec<u8> {
+    let mut s = String::new();
+    let mut ev = |d: Value| {
+        let kind = d["type"].as_str().unwrap_or_default().to_string();
+        s.push_str(&format!("event: {kind}\ndata: {d}\n\n"));
+    };
+    ev(json!({"type":"response.created","response":{"id":"resp_scripted"}}));
+    ev(
+        json!({"type":"response.output_item.done","output_index":0,"item":{"type":"message","role":"assistant","id":"msg_scripted","content":[{"type":"output_text","text":text}]}}),
+    );
+    ev(
+        json!({"type":"response.completed","response":{"id":"resp_scripted","usage":{"input_tokens":10,"input_tokens_details":null,"output_tokens":5,"output_tokens_details":null,"total_tokens":15}}}),
+    );
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n",
         s.len()
     )
     .into_bytes();
