@@ -204,7 +204,15 @@ impl Output {
             }
             let mut last: VecDeque<String> = VecDeque::new();
             let mut l = Lines::default();
+            // The echo of our instruction is not what the CLI said.
+            let mut echo = Echo {
+                lines: req.echo.clone(),
+                pos: None,
+            };
             let mut push = |t: &str| {
+                if echo.is_echo(t) {
+                    return;
+                }
                 if last.len() == LAST_LINES {
                     last.pop_front();
                 }
@@ -373,6 +381,20 @@ mod tests {
         assert!(feed(&req, &[(0, echoed), (0, b"\x1b[32mDONE\x1b[0m\n")]).marker_seen);
         // Split across reads, without a final newline.
         assert!(feed(&req, &[(0, b"work\nDO"), (0, b"NE")]).marker_seen);
+    }
+
+    #[test]
+    fn rules_do_not_read_the_echo_of_the_instruction() {
+        let echo = ["Fix the handling of:", "401 Unauthorized", "in src/auth.rs"];
+        let req = request(OutputMode::Text, None, &echo);
+        let o = feed(
+            &req,
+            &[(
+                1,
+                b"user\nFix the handling of:\n401 Unauthorized\nin src/auth.rs\ncodex\nFixed.\n",
+            )],
+        );
+        assert_eq!(o.said.lines, vec!["user", "codex", "Fixed."]);
     }
 
     #[test]

@@ -131,11 +131,8 @@ pub fn build(i: Inputs) -> (AgentRequest, bool) {
     let timeout = request_timeout.min(i.remaining_runtime.max(0.0));
     let output_marker = (!o.output_completion_marker.is_empty())
         .then(|| o.output_completion_marker.as_bytes().to_vec());
-    let echo = if output_marker.is_some() {
-        echo_lines(&text)
-    } else {
-        vec![]
-    };
+    // Also keeps rules from reading the instruction back as the CLI's words.
+    let echo = echo_lines(&text);
     let req = AgentRequest {
         task_id: i.task.id.clone(),
         iteration: i.task.iteration,
