@@ -3,6 +3,8 @@
 //! reset them.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Upper bounds of the request-duration histogram, in seconds.
@@ -57,6 +59,17 @@ pub struct Metrics {
     pub active: AtomicU64,
     pub queue_depth: AtomicU64,
     pub circuit_open: AtomicU64,
+    /// What agents reported spending, per profile (a few updates per
+    /// request: a lock is cheap enough).
+    pub spent: Mutex<BTreeMap<String, Spent>>,
+}
+
+/// Credits, US dollars and tokens one profile's agents reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Spent {
+    pub credits: f64,
+    pub cost_usd: f64,
+    pub tokens: u64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -78,6 +91,19 @@ impl Metrics {
             active: ZERO,
             queue_depth: ZERO,
             circuit_open: ZERO,
+            spent: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn spent(&self, profile: &str, u: &crate::agent::Usage) {
+        if u.is_zero() {
+            return;
+        }
+        if let Ok(mut m) = self.spent.lock() {
+            let e = m.entry(profile.to_string()).or_default();
+            e.credits += u.credits;
+            e.cost_usd += u.cost_usd;
+            e.tokens += u.tokens;
         }
     }
 
@@ -116,6 +142,7 @@ impl Metrics {
                 .collect(),
             buckets: self.buckets.iter().map(|a| a.load(Relaxed)).collect(),
             duration_micros: self.duration_micros.load(Relaxed),
+            spent: self.spent.lock().map(|m| m.clone()).unwrap_or_default(),
         }
     }
 
@@ -137,6 +164,14 @@ impl Metrics {
             a.fetch_add(*v, Relaxed);
         }
         self.duration_micros.fetch_add(t.duration_micros, Relaxed);
+        if let Ok(mut m) = self.spent.lock() {
+            for (p, v) in &t.spent {
+                let e = m.entry(p.clone()).or_default();
+                e.credits += v.credits;
+                e.cost_usd += v.cost_usd;
+                e.tokens += v.tokens;
+            }
+        }
     }
 }
 
@@ -161,10 +196,15 @@ pub struct Totals {
     pub error_types: std::collections::BTreeMap<String, u64>,
     pub buckets: Vec<u64>,
     pub duration_micros: u64,
+    /// Per profile.
+    #[serde(default)]
+    pub spent: BTreeMap<String, Spent>,
 }
 
 /// What the exposition needs besides the counters.
 pub struct Gauges<'a> {
+    /// The configured profile: always shown in the spending families.
+    pub profile: &'a str,
     pub tasks_by_status: &'a [(&'static str, u64)],
     pub rss_bytes: Option<u64>,
     pub cpu_seconds: Option<f64>,
@@ -272,6 +312,44 @@ pub fn render(m: &Metrics, g: &Gauges) -> String {
         "ralph_iterations_total{{result=\"failure\"}} {}\n",
         m.iterations_failure.load(Relaxed)
     ));
+    let mut spent = m.spent.lock().map(|s| s.clone()).unwrap_or_default();
+    spent.entry(g.profile.to_string()).or_default();
+    family(
+        &mut o,
+        "ralph_agent_credits_total",
+        "counter",
+        "Credits agents reported (Kiro), by profile.",
+    );
+    for (p, v) in &spent {
+        o.push_str(&format!(
+            "ralph_agent_credits_total{{profile=\"{p}\"}} {}\n",
+            v.credits
+        ));
+    }
+    family(
+        &mut o,
+        "ralph_agent_cost_usd_total",
+        "counter",
+        "US dollars agents reported (Claude), by profile.",
+    );
+    for (p, v) in &spent {
+        o.push_str(&format!(
+            "ralph_agent_cost_usd_total{{profile=\"{p}\"}} {}\n",
+            v.cost_usd
+        ));
+    }
+    family(
+        &mut o,
+        "ralph_agent_tokens_total",
+        "counter",
+        "Tokens agents reported (Claude, Codex), by profile.",
+    );
+    for (p, v) in &spent {
+        o.push_str(&format!(
+            "ralph_agent_tokens_total{{profile=\"{p}\"}} {}\n",
+            v.tokens
+        ));
+    }
     let open = m.circuit_open.load(Relaxed);
     single(
         &mut o,
@@ -343,6 +421,7 @@ mod tests {
         let text = render(
             &m,
             &Gauges {
+                profile: "qchat",
                 tasks_by_status: &[("queued", 2)],
                 rss_bytes: None,
                 cpu_seconds: None,
@@ -353,6 +432,7 @@ mod tests {
         assert!(text.contains("qchat_request_duration_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("qchat_request_duration_seconds_count 3\n"));
         assert!(text.contains("ralph_tasks{status=\"queued\"} 2\n"));
+        assert!(text.contains("ralph_agent_credits_total{profile=\"qchat\"} 0\n"));
         m.restore(&t);
         assert_eq!(m.totals().requests, 6);
         assert_eq!(m.totals().error_types["timeout"], 2);

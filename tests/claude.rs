@@ -141,3 +141,60 @@ fn sigterm_while_a_tool_runs_exits_143_with_nothing_left_running() {
     assert_eq!(r.code(), 143, "{}", r.stderr);
     sb.assert_nothing_left();
 }
+
+/// `total_cost_usd` of each result line in a task's transcripts.
+fn reported_costs(sb: &Sandbox) -> Vec<f64> {
+    let dir = sb.path(".ralph-qchat/tasks/PROMPT/iterations");
+    let mut costs = vec![];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        for l in std::fs::read_to_string(e.path()).unwrap().lines() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(l)
+                && v["type"] == "result"
+            {
+                costs.push(v["total_cost_usd"].as_f64().unwrap());
+            }
+        }
+    }
+    costs
+}
+
+#[test]
+fn claude_cost_and_tokens_are_summed_and_max_cost_usd_ends_the_task() {
+    let Some(bin) = claude() else { return };
+    let sb = Sandbox::new("claude-cost");
+    let prompt = sb.path("PROMPT.md").display().to_string();
+    let server = ModelServer::start(Script::Work {
+        prompt,
+        complete_on: 99,
+    });
+    let r = start(claude_run(&sb, &bin, &server, &["--max-iterations", "2"]))
+        .finish(Duration::from_secs(90));
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    let s = sb.state();
+    let costs = reported_costs(&sb);
+    assert_eq!(costs.len(), 2);
+    let sum: f64 = costs.iter().sum();
+    assert!(sum > 0.0);
+    assert!(
+        (s["cost_usd"].as_f64().unwrap() - sum).abs() < 1e-12,
+        "{s} vs {costs:?}"
+    );
+    assert!(s["tokens"].as_u64().unwrap() > 0, "{s}");
+    // A cap below what was spent ends the task before its next attempt.
+    sb.write(
+        "cfg.toml",
+        format!("[orchestrator]\nmax_cost_usd = {sum}\n"),
+    );
+    let r = start(claude_run(
+        &sb,
+        &bin,
+        &server,
+        &["--config", "cfg.toml", "--max-iterations", "10"],
+    ))
+    .finish(Duration::from_secs(90));
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    let s = sb.state();
+    assert_eq!(s["reason"], "max_cost_usd", "{s}");
+    assert_eq!(s["iteration"], 2, "no attempt after the cap: {s}");
+    assert_eq!(server.launches(), 2);
+}

@@ -51,6 +51,8 @@ fn codex_echoing_the_marker_does_not_complete_the_task() {
     assert_eq!(s["reason"], "output_marker", "{s}");
     assert_eq!(s["iteration"], 3, "the echo completed the task early: {s}");
     assert_eq!(server.responses(), 3);
+    // Codex's `tokens used` line (15 per scripted answer) is summed.
+    assert_eq!(s["tokens"], 45, "{s}");
     // The echo is really there: the instruction's marker line in Codex's output.
     let t = sb.read(".ralph-qchat/tasks/PROMPT/iterations/000001.log");
     assert!(t.contains("user\n") && t.contains("\nLOOP_DONE\n"), "{t}");

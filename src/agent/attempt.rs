@@ -3,7 +3,7 @@
 //! watch it from another thread.
 
 use super::classify::{Class, Rules};
-use super::profile::OutputMode;
+use super::profile::{OutputMode, Report};
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
@@ -39,11 +39,36 @@ pub struct AgentRequest {
     /// The profile's and the operator's outcome rules.
     pub rules: Arc<Rules>,
     pub output_mode: OutputMode,
+    /// What the profile's CLI reports of its cost (read from its output).
+    pub reports: &'static [Report],
     pub transcript: Option<PathBuf>,
     /// Echo the agent's output to our stderr as it arrives (verbose).
     pub stream: bool,
     pub cancel: Arc<Cancel>,
     pub progress: Arc<Progress>,
+}
+
+/// What an attempt cost, as far as the CLI reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    /// Kiro's `▸ Credits:` figures, summed over the attempt's turns.
+    pub credits: f64,
+    /// Claude's `total_cost_usd`.
+    pub cost_usd: f64,
+    /// Tokens in and out (Claude's usage, Codex's `tokens used`).
+    pub tokens: u64,
+}
+
+impl Usage {
+    pub fn add(&mut self, o: &Usage) {
+        self.credits += o.credits;
+        self.cost_usd += o.cost_usd;
+        self.tokens += o.tokens;
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == Usage::default()
+    }
 }
 
 /// How an agent run ended.
@@ -119,6 +144,7 @@ pub struct AgentOutcome {
     /// How long the output asked to wait (a throttle or quota reset), read
     /// from the last lines of both streams.
     pub wait: Option<Duration>,
+    pub usage: Usage,
 }
 
 impl AgentOutcome {

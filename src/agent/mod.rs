@@ -15,7 +15,7 @@ mod supervise;
 pub mod text;
 mod transcript;
 
-pub use attempt::{AgentOutcome, AgentRequest, Cancel, CancelReason, Ending, Progress};
+pub use attempt::{AgentOutcome, AgentRequest, Cancel, CancelReason, Ending, Progress, Usage};
 pub use classify::Class;
 pub use group::{group_alive, kill_leftovers};
 pub use spawn::MARKER_VAR;

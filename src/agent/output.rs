@@ -6,9 +6,10 @@
 //! lines of each stream for classification and messages, and Claude's
 //! machine-readable result.
 
-use super::attempt::AgentRequest;
+use super::attempt::{AgentRequest, Usage};
 use super::classify::{Class, Said};
 use super::profile::OutputMode;
+use super::profile::Report;
 use super::text::{Lines, MAX_LINE};
 use super::transcript::Transcript;
 use std::collections::VecDeque;
@@ -82,6 +83,10 @@ pub struct Output {
     pub said: Said,
     /// The last lines of stdout and of stderr, once finished.
     last: [Vec<String>; 2],
+    pub usage: Usage,
+    reports: &'static [Report],
+    /// The previous line was Codex's `tokens used`.
+    tokens_next: bool,
 }
 
 impl Output {
@@ -94,10 +99,15 @@ impl Output {
         let stop_rules = req.rules.list.iter().any(|r| r.stop);
         let json = req.output_mode == OutputMode::ClaudeStreamJson;
         let has_marker = marker.is_some();
+        // Kiro's credits and Codex's tokens are lines of stderr.
+        let counts = req
+            .reports
+            .iter()
+            .any(|r| matches!(r, Report::Credits | Report::Tokens));
         let stream = |i: usize| {
             let json_here = json && i == 0;
             Stream {
-                lines: (has_marker || stop_rules || json_here)
+                lines: (has_marker || stop_rules || json_here || (counts && i == 1))
                     .then(|| Lines::with_cap(if json_here { JSON_LINE } else { MAX_LINE })),
                 tail: Vec::new(),
                 cut: false,
@@ -120,6 +130,9 @@ impl Output {
             stop_rules,
             said: Said::default(),
             last: [Vec::new(), Vec::new()],
+            usage: Usage::default(),
+            reports: req.reports,
+            tokens_next: false,
         }
     }
 
@@ -255,6 +268,9 @@ impl Output {
     /// A line of what the agent said: the marker, unless it is our echo;
     /// a rule that stops the attempt.
     fn content(&mut self, stream: usize, line: &str, req: &AgentRequest) {
+        if !self.reports.is_empty() {
+            self.count(line);
+        }
         if self.marker.is_some() {
             let echo = self.streams[stream].echo.is_echo(line);
             if !echo && !self.marker_seen && self.marker.as_deref() == Some(line) {
@@ -272,6 +288,31 @@ impl Output {
         }
     }
 
+    /// Kiro's `▸ Credits: 0.25 • Time: 1s`; Codex's `tokens used` and the
+    /// number on the next line.
+    fn count(&mut self, line: &str) {
+        let t = super::text::rule_text(line);
+        if self.tokens_next {
+            self.tokens_next = false;
+            if let Ok(n) = t.replace(',', "").trim().parse::<u64>() {
+                self.usage.tokens += n;
+                return;
+            }
+        }
+        if self.reports.contains(&Report::Credits)
+            && let Some(rest) = t.strip_prefix("Credits:")
+            && let Some(n) = rest.split_whitespace().next()
+            && let Ok(v) = n.parse::<f64>()
+            && v.is_finite()
+            && v >= 0.0
+        {
+            self.usage.credits += v;
+        }
+        if self.reports.contains(&Report::Tokens) && t == "tokens used" {
+            self.tokens_next = true;
+        }
+    }
+
     /// The text of Claude's `result` line, noting its error fields.
     fn claude_result(&mut self, line: &str) -> Option<String> {
         if !line.contains("\"result\"") {
@@ -283,6 +324,19 @@ impl Output {
         }
         if v.get("is_error").and_then(|e| e.as_bool()) == Some(true) {
             self.said.reported_error = true;
+        }
+        if let Some(c) = v.get("total_cost_usd").and_then(|c| c.as_f64())
+            && c.is_finite()
+            && c >= 0.0
+        {
+            self.usage.cost_usd += c;
+        }
+        if let Some(u) = v.get("usage") {
+            let n = |k: &str| u.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+            self.usage.tokens += n("input_tokens")
+                + n("cache_creation_input_tokens")
+                + n("cache_read_input_tokens")
+                + n("output_tokens");
         }
         self.said.api_status = v
             .get("api_error_status")
@@ -354,6 +408,7 @@ mod tests {
             echo: Arc::new(echo.iter().map(|s| s.to_string()).collect()),
             rules: Arc::new(Rules::compile([(&spec, "t".to_string())]).unwrap()),
             output_mode: mode,
+            reports: &[Report::Credits, Report::CostAndTokens, Report::Tokens],
             transcript: None,
             stream: false,
             cancel: Arc::new(Cancel::default()),
@@ -381,6 +436,32 @@ mod tests {
         assert!(feed(&req, &[(0, echoed), (0, b"\x1b[32mDONE\x1b[0m\n")]).marker_seen);
         // Split across reads, without a final newline.
         assert!(feed(&req, &[(0, b"work\nDO"), (0, b"NE")]).marker_seen);
+    }
+
+    #[test]
+    fn credits_cost_and_tokens_are_read_and_summed() {
+        let req = request(OutputMode::Text, None, &[]);
+        let o = feed(
+            &req,
+            &[
+                (
+                    1,
+                    "\x1b[38;5;8m▸ Credits: 0.25 • Time: 1s\x1b[0m\n".as_bytes(),
+                ),
+                (
+                    1,
+                    "▸ Credits: 0.5 • Time: 3s\ntokens used\n1,234\n".as_bytes(),
+                ),
+                (0, "I spent Credits: 99 on nothing\n".as_bytes()),
+            ],
+        );
+        assert_eq!(o.usage.credits, 0.75);
+        assert_eq!(o.usage.tokens, 1234);
+        let req = request(OutputMode::ClaudeStreamJson, None, &[]);
+        let line = br#"{"type":"result","is_error":false,"result":"ok","total_cost_usd":0.0035,"usage":{"input_tokens":20,"cache_creation_input_tokens":5,"cache_read_input_tokens":0,"output_tokens":10}}"#;
+        let o = feed(&req, &[(0, line)]);
+        assert_eq!(o.usage.cost_usd, 0.0035);
+        assert_eq!(o.usage.tokens, 35);
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub enum Report {
     Credits,
     /// Claude's result line: `total_cost_usd`, `usage`.
     CostAndTokens,
+    /// Codex's `tokens used` line and the number after it.
+    Tokens,
 }
 
 /// One line-rule of a profile: (regex, class, stop at once).
@@ -273,7 +275,7 @@ pub const PROFILES: &[Profile] = &[
         preflight: &[],
         timeout: 900.0,
         login_hint: "codex login (or set OPENAI_API_KEY in [adapter] env)",
-        reports: &[],
+        reports: &[Report::Tokens],
         proof: None,
     },
     Profile {

@@ -165,6 +165,7 @@ impl Supervisor {
                 class,
                 decided_by,
                 wait,
+                usage: out.map(|o| o.usage).unwrap_or_default(),
                 duration: started.elapsed(),
                 bytes_read: out.map_or(0, |r| r.bytes_read),
                 bytes_dropped: out.map_or(0, |r| r.bytes_dropped),

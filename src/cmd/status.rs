@@ -76,8 +76,8 @@ pub fn status(args: StatusArgs) -> Result<i32, Failure> {
     }
     let _ = writeln!(
         out,
-        "{:<24} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<13} {:<24} LAST ERROR",
-        "ID", "STATUS", "ITER", "OK", "FAILED", "RETRIES", "LAST OUTCOME", "UPDATED"
+        "{:<24} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<13} {:<16} {:<24} LAST ERROR",
+        "ID", "STATUS", "ITER", "OK", "FAILED", "RETRIES", "LAST OUTCOME", "SPENT", "UPDATED"
     );
     for t in &tasks {
         let mut status = t.status.as_str().to_string();
@@ -86,7 +86,7 @@ pub fn status(args: StatusArgs) -> Result<i32, Failure> {
         }
         let _ = writeln!(
             out,
-            "{:<24} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<13} {:<24} {}",
+            "{:<24} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<13} {:<16} {:<24} {}",
             t.id,
             status,
             t.iteration,
@@ -94,6 +94,7 @@ pub fn status(args: StatusArgs) -> Result<i32, Failure> {
             t.failed_iterations,
             t.retries,
             t.last_class.as_deref().unwrap_or("-"),
+            spent(t),
             t.updated_at,
             t.last_error.as_deref().unwrap_or("-")
         );
@@ -122,4 +123,24 @@ pub fn status(args: StatusArgs) -> Result<i32, Failure> {
     }
     print!("{out}");
     Ok(exit::OK)
+}
+
+/// What a task's agent reported spending, shortly: `$0.0123`, `1.25 cr`,
+/// `12345 tok`, the ones it reports.
+fn spent(t: &crate::task::TaskState) -> String {
+    let mut parts = vec![];
+    if t.cost_usd > 0.0 {
+        parts.push(format!("${:.4}", t.cost_usd));
+    }
+    if t.credits > 0.0 {
+        parts.push(format!("{:.2} cr", t.credits));
+    }
+    if t.tokens > 0 {
+        parts.push(format!("{} tok", t.tokens));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(" ")
+    }
 }

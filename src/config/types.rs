@@ -218,6 +218,10 @@ pub struct Orchestrator {
     pub prompt_template: String,
     pub keep_transcripts: u32,
     pub shutdown_grace: f64,
+    /// A task ends as limit_reached once its agent reported this many
+    /// credits (Kiro) or this many US dollars (Claude); 0 = no cap.
+    pub max_credits: f64,
+    pub max_cost_usd: f64,
 }
 
 impl Default for Orchestrator {
@@ -236,6 +240,8 @@ impl Default for Orchestrator {
             prompt_template: DEFAULT_PROMPT_TEMPLATE.into(),
             keep_transcripts: 20,
             shutdown_grace: 30.0,
+            max_credits: 0.0,
+            max_cost_usd: 0.0,
         }
     }
 }

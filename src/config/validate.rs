@@ -91,6 +91,24 @@ pub fn validate(c: &Config) -> Result<(), Invalid> {
     }
     non_negative("orchestrator.iteration_delay", o.iteration_delay)?;
     non_negative("orchestrator.shutdown_grace", o.shutdown_grace)?;
+    if !(o.max_credits.is_finite() && o.max_credits >= 0.0) {
+        bad(
+            "orchestrator.max_credits",
+            format!(
+                "must be 0 (no cap) or more credits, found {}",
+                o.max_credits
+            ),
+        )?;
+    }
+    if !(o.max_cost_usd.is_finite() && o.max_cost_usd >= 0.0) {
+        bad(
+            "orchestrator.max_cost_usd",
+            format!(
+                "must be 0 (no cap) or more US dollars, found {}",
+                o.max_cost_usd
+            ),
+        )?;
+    }
     let marker = o.completion_marker.trim();
     if marker.is_empty() || marker.contains(char::is_whitespace) || marker.len() > 200 {
         bad(

@@ -97,6 +97,7 @@ mod tests {
             class: crate::agent::Class::Success,
             decided_by: None,
             wait: None,
+            usage: Default::default(),
         }
     }
 

@@ -106,6 +106,8 @@ fn limits(cfg: &Config, s: &TaskState) -> Limits {
         max_runtime: s.max_runtime.unwrap_or(o.max_runtime),
         max_consecutive_failures: o.max_consecutive_failures,
         max_retries: cfg.adapter.max_retries,
+        max_credits: o.max_credits,
+        max_cost_usd: o.max_cost_usd,
     }
 }
 
@@ -553,9 +555,12 @@ impl Scheduler {
         let limits = limits(cfg, &slot.state);
         let next = slot.state.iteration + u64::from(new_iteration);
         let runtime = slot.runtime();
-        if let Some(which) =
-            rules::limit_before(if new_iteration { next } else { 0 }, runtime, &limits)
-        {
+        if let Some(which) = rules::limit_before(
+            if new_iteration { next } else { 0 },
+            runtime,
+            &slot.state.spent(),
+            &limits,
+        ) {
             self.finish(id, Status::LimitReached, which, None);
             return None;
         }
@@ -618,7 +623,9 @@ impl Scheduler {
             seq,
             since: Instant::now(),
         };
-        if let Some(hit) = self.gates.take(key, Instant::now()) {
+        if let Some(mut hit) = self.gates.take(key, Instant::now()) {
+            // No agent ran: nothing was spent.
+            hit.usage = Default::default();
             log::info!(task = id, iteration = it; "identical request answered from the cache (cache.enabled); no agent started");
             if let Some(path) = &req.transcript {
                 let note = format!(
@@ -660,6 +667,9 @@ impl Scheduler {
         if o.class != Class::Stopped {
             slot.state.last_class = Some(o.class.as_str().to_string());
         }
+        // Every attempt's cost counts, failed and throttled ones too.
+        slot.state.add_spent(&o.usage);
+        METRICS.spent(self.cfg.adapter.name.as_str(), &o.usage);
         slot.dirty = true;
         match verdict {
             Verdict::Success => {

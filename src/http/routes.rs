@@ -288,6 +288,7 @@ fn metrics_text(shared: &Shared) -> String {
     metrics::render(
         &METRICS,
         &Gauges {
+            profile: &shared.adapter,
             tasks_by_status: &by,
             rss_bytes: proc::rss_bytes(),
             cpu_seconds: proc::cpu_seconds(),

@@ -79,9 +79,31 @@ pub struct TaskState {
     /// Attempts the API throttled (run again, not counted as failures).
     #[serde(default)]
     pub throttled: u64,
+    /// What the agent reported spending, summed over every attempt.
+    #[serde(default)]
+    pub credits: f64,
+    #[serde(default)]
+    pub cost_usd: f64,
+    #[serde(default)]
+    pub tokens: u64,
 }
 
 impl TaskState {
+    /// What the task has spent so far.
+    pub fn spent(&self) -> crate::agent::Usage {
+        crate::agent::Usage {
+            credits: self.credits,
+            cost_usd: self.cost_usd,
+            tokens: self.tokens,
+        }
+    }
+
+    pub fn add_spent(&mut self, u: &crate::agent::Usage) {
+        self.credits += u.credits;
+        self.cost_usd += u.cost_usd;
+        self.tokens += u.tokens;
+    }
+
     pub fn new(id: &str, prompt_file: &str, workdir: &str) -> TaskState {
         let now = crate::sys::time::now_rfc3339();
         TaskState {
@@ -109,6 +131,9 @@ impl TaskState {
             source: None,
             last_class: None,
             throttled: 0,
+            credits: 0.0,
+            cost_usd: 0.0,
+            tokens: 0,
         }
     }
 }

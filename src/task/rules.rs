@@ -1,7 +1,7 @@
 //! The loop's decisions as plain functions: limits, retry delays, and what an
 //! agent run's ending means for the iteration.
 
-use crate::agent::{Class, Ending};
+use crate::agent::{Class, Ending, Usage};
 use std::time::Duration;
 
 /// The limits that apply to one task.
@@ -11,14 +11,27 @@ pub struct Limits {
     pub max_runtime: f64,
     pub max_consecutive_failures: u32,
     pub max_retries: u32,
+    /// 0 = no cap.
+    pub max_credits: f64,
+    pub max_cost_usd: f64,
 }
 
-/// Which limit, if any, stops the task before iteration `next` starts.
-pub fn limit_before(next: u64, runtime_secs: f64, l: &Limits) -> Option<&'static str> {
+/// Which limit, if any, stops the task before iteration `next` starts,
+/// given what it has spent so far.
+pub fn limit_before(
+    next: u64,
+    runtime_secs: f64,
+    spent: &Usage,
+    l: &Limits,
+) -> Option<&'static str> {
     if next > l.max_iterations {
         Some("max_iterations")
     } else if runtime_secs >= l.max_runtime {
         Some("max_runtime")
+    } else if l.max_credits > 0.0 && spent.credits >= l.max_credits {
+        Some("max_credits")
+    } else if l.max_cost_usd > 0.0 && spent.cost_usd >= l.max_cost_usd {
+        Some("max_cost_usd")
     } else {
         None
     }
@@ -87,13 +100,35 @@ mod tests {
         max_runtime: 10.0,
         max_consecutive_failures: 2,
         max_retries: 2,
+        max_credits: 1.0,
+        max_cost_usd: 0.0,
     };
 
     #[test]
     fn limits() {
-        assert_eq!(limit_before(3, 0.0, &L), None);
-        assert_eq!(limit_before(4, 0.0, &L), Some("max_iterations"));
-        assert_eq!(limit_before(1, 10.0, &L), Some("max_runtime"));
+        let none = Usage::default();
+        assert_eq!(limit_before(3, 0.0, &none, &L), None);
+        assert_eq!(limit_before(4, 0.0, &none, &L), Some("max_iterations"));
+        assert_eq!(limit_before(1, 10.0, &none, &L), Some("max_runtime"));
+        let spent = Usage {
+            credits: 1.0,
+            cost_usd: 50.0,
+            tokens: 9,
+        };
+        assert_eq!(limit_before(1, 0.0, &spent, &L), Some("max_credits"));
+        // 0 means no cap: any cost goes.
+        let l = Limits {
+            max_credits: 0.0,
+            max_cost_usd: 0.0,
+            ..L
+        };
+        assert_eq!(limit_before(1, 0.0, &spent, &l), None);
+        let l = Limits {
+            max_credits: 0.0,
+            max_cost_usd: 50.0,
+            ..L
+        };
+        assert_eq!(limit_before(1, 0.0, &spent, &l), Some("max_cost_usd"));
     }
 
     #[test]
