@@ -109,3 +109,134 @@ fn the_daemon_caps_credits_and_shows_the_sums_in_status_tasks_and_metrics() {
     assert_eq!(sb.runs(), 2);
     d.stop();
 }
+
+/// A hook that appends what it was told to `hook.out` (one line per run).
+fn hook_script(sb: &Sandbox, extra: &str) -> String {
+    let out = sb.path("hook.out").display().to_string();
+    sb.write_exec(
+        "hook.sh",
+        format!(
+            "#!/bin/bash\necho \"$RALPH_QCHAT_TASK_ID $RALPH_QCHAT_STATUS $RALPH_QCHAT_REASON it=$RALPH_QCHAT_ITERATIONS ok=$RALPH_QCHAT_SUCCESSFUL_ITERATIONS cr=$RALPH_QCHAT_CREDITS\" >> '{out}'\n{extra}\n"
+        ),
+    )
+    .display()
+    .to_string()
+}
+
+#[test]
+fn the_hook_runs_once_when_a_run_ends_with_the_task_in_its_environment() {
+    let sb = Sandbox::new("hook-run");
+    let hook = hook_script(&sb, "");
+    sb.write("cfg.toml", format!("[hooks]\non_task_end = [\"{hook}\"]\n"));
+    let mut c = sb.run_cmd("complete-after.sh", &["--config", "cfg.toml"]);
+    c.env("FAKE_N", "2");
+    let r = run(c);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert_eq!(
+        sb.read("hook.out"),
+        "PROMPT completed completion_marker it=2 ok=2 cr=0\n"
+    );
+    assert_eq!(sb.state()["hook"], "done");
+    // The task is complete: running again does nothing, the hook included.
+    let r = run(sb.run_cmd("complete-after.sh", &["--config", "cfg.toml"]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert_eq!(sb.read("hook.out").lines().count(), 1);
+}
+
+#[test]
+fn a_failing_or_hanging_hook_is_logged_and_killed_not_fatal() {
+    let sb = Sandbox::new("hook-fail");
+    let hook = hook_script(&sb, "echo 'mail server down' >&2; exit 3");
+    sb.write("cfg.toml", format!("[hooks]\non_task_end = [\"{hook}\"]\n"));
+    let r = run(sb.run_cmd("complete-after.sh", &["--config", "cfg.toml"]));
+    assert_eq!(r.code(), 0, "the task completed: {}", r.stderr);
+    let s = sb.state();
+    assert_eq!(s["status"], "completed");
+    let h = s["hook"].as_str().unwrap();
+    assert!(
+        h.starts_with("failed: exit status 3") && h.contains("mail server down"),
+        "{h}"
+    );
+    assert!(r.stderr.contains("on_task_end hook failed"), "{}", r.stderr);
+
+    let sb = Sandbox::new("hook-hang");
+    let hook = hook_script(&sb, "sleep 300");
+    sb.write(
+        "cfg.toml",
+        format!("[hooks]\non_task_end = [\"{hook}\"]\ntimeout = 1.0\n"),
+    );
+    let r = run(sb.run_cmd("complete-after.sh", &["--config", "cfg.toml"]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert!(r.elapsed < Duration::from_secs(15), "{:?}", r.elapsed);
+    assert!(sb.state()["hook"].as_str().unwrap().contains("timed out"));
+    sb.assert_nothing_left();
+}
+
+#[test]
+fn the_daemon_runs_each_hook_exactly_once_across_restarts() {
+    let sb = Sandbox::new("hook-daemon");
+    let hook = hook_script(&sb, "");
+    sb.write("cfg.toml", format!("[hooks]\non_task_end = [\"{hook}\"]\n"));
+    sb.submit("# a\n", "a", &[]);
+    sb.submit("# b\n", "b", &["--max-iterations", "1"]);
+    let daemon = || {
+        let mut c = sb.daemon_cmd(
+            "complete-after.sh",
+            &["--config", "cfg.toml", "--log-file", "daemon.log"],
+        );
+        c.env("FAKE_N", "2");
+        start(c)
+    };
+    let d = daemon();
+    let ids = ["a".to_string(), "b".to_string()];
+    assert!(
+        wait_until(Duration::from_secs(20), || ids
+            .iter()
+            .all(|id| sb.task(id)["hook"] == "done")),
+        "{}",
+        log_of(&sb)
+    );
+    d.stop();
+    let mut lines: Vec<String> = sb.read("hook.out").lines().map(String::from).collect();
+    lines.sort();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[0].starts_with("a completed completion_marker"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with("b limit_reached max_iterations it=1"),
+        "{lines:?}"
+    );
+    // A restart runs no hook again.
+    let d = daemon();
+    assert!(wait_until(Duration::from_secs(10), || start_lines(&sb) == 2));
+    d.stop();
+    assert_eq!(sb.read("hook.out").lines().count(), 2);
+
+    // A task that ended while no hook could run (the process died between
+    // its last record and the hook) gets its hook on the next start, once.
+    let p = sb.state_dir().join("tasks/a/state.json");
+    let mut a: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    a["hook"] = "pending".into();
+    std::fs::write(&p, serde_json::to_vec(&a).unwrap()).unwrap();
+    // And one whose hook was running then is not run a second time.
+    let p = sb.state_dir().join("tasks/b/state.json");
+    let mut b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    b["hook"] = "running".into();
+    std::fs::write(&p, serde_json::to_vec(&b).unwrap()).unwrap();
+    let d = daemon();
+    assert!(wait_until(Duration::from_secs(10), || sb.task("a")["hook"] == "done"));
+    assert!(wait_until(Duration::from_secs(10), || sb.task("b")["hook"]
+        == "interrupted"));
+    d.stop();
+    let out = sb.read("hook.out");
+    assert_eq!(out.lines().count(), 3, "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("b ")).count(),
+        1,
+        "{out}"
+    );
+}

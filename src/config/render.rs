@@ -14,6 +14,7 @@ const SECTIONS: &[&str] = &[
     "monitoring",
     "circuit_breaker",
     "cache",
+    "hooks",
     "paths",
 ];
 

@@ -406,5 +406,24 @@ pub struct Config {
     pub monitoring: Monitoring,
     pub circuit_breaker: CircuitBreaker,
     pub cache: Cache,
+    pub hooks: Hooks,
     pub paths: Paths,
+}
+
+/// Commands run when something happens to a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Hooks {
+    /// argv run once when a task ends; empty = none.
+    pub on_task_end: Vec<String>,
+    pub timeout: f64,
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Hooks {
+            on_task_end: Vec::new(),
+            timeout: 60.0,
+        }
+    }
 }

@@ -75,6 +75,14 @@ pub fn validate(c: &Config) -> Result<(), Invalid> {
         }
     }
 
+    positive("hooks.timeout", c.hooks.timeout)?;
+    if c.hooks
+        .on_task_end
+        .first()
+        .is_some_and(|p| p.trim().is_empty())
+    {
+        bad("hooks.on_task_end", "the first element must name a program")?;
+    }
     let o = &c.orchestrator;
     if o.prompt_file.is_empty() {
         bad("orchestrator.prompt_file", "must name a file")?;

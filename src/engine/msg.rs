@@ -54,6 +54,8 @@ pub enum Event {
 
 pub enum Job {
     Agent(Box<AgentRequest>),
+    /// A command run under the same supervision, for the engine (a hook).
+    Command(Box<AgentRequest>),
     Checkpoint(CheckpointJob),
     /// The worker that takes this exits (the pool shrank on reload).
     Retire,
@@ -68,6 +70,7 @@ pub struct JobMsg {
 
 pub enum JobResult {
     Agent(AgentOutcome),
+    Command(AgentOutcome),
     Checkpoint(Done),
 }
 

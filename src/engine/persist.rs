@@ -53,7 +53,8 @@ impl Persist {
             urgent |= s.state.status != s.published.status;
             if let Some(t) = s.active_since {
                 s.state.runtime_secs += now.duration_since(t).as_secs_f64();
-                s.active_since = (s.phase != Phase::Finished).then_some(now);
+                s.active_since =
+                    (!matches!(s.phase, Phase::Finished | Phase::Hook { .. })).then_some(now);
             }
             s.state.updated_at = now_rfc3339();
             match serde_json::to_vec_pretty(&s.state) {

@@ -205,3 +205,86 @@ pub fn preflight(
         progress: Arc::new(Progress::default()),
     }
 }
+
+/// The on_task_end hook of an ended task: its argv with the task's id,
+/// status, reason and counters in the environment, in the task's working
+/// directory (the state directory when that is gone), supervised like an
+/// agent, its output in `log`.
+pub fn hook(
+    cfg: &Config,
+    owner: &str,
+    task: &TaskState,
+    state_dir: &Path,
+    log: PathBuf,
+) -> AgentRequest {
+    let argv = &cfg.hooks.on_task_end;
+    let workdir = PathBuf::from(&task.workdir);
+    let workdir = if workdir.is_dir() {
+        workdir
+    } else {
+        state_dir.to_path_buf()
+    };
+    let vars: Vec<(&str, String)> = vec![
+        ("RALPH_QCHAT_TASK_ID", task.id.clone()),
+        ("RALPH_QCHAT_STATUS", task.status.as_str().to_string()),
+        (
+            "RALPH_QCHAT_REASON",
+            task.reason.clone().unwrap_or_default(),
+        ),
+        ("RALPH_QCHAT_ITERATIONS", task.iteration.to_string()),
+        (
+            "RALPH_QCHAT_SUCCESSFUL_ITERATIONS",
+            task.successful_iterations.to_string(),
+        ),
+        (
+            "RALPH_QCHAT_FAILED_ITERATIONS",
+            task.failed_iterations.to_string(),
+        ),
+        ("RALPH_QCHAT_RETRIES", task.retries.to_string()),
+        ("RALPH_QCHAT_THROTTLED", task.throttled.to_string()),
+        (
+            "RALPH_QCHAT_RUNTIME_SECS",
+            format!("{:.0}", task.runtime_secs),
+        ),
+        ("RALPH_QCHAT_CREDITS", task.credits.to_string()),
+        ("RALPH_QCHAT_COST_USD", task.cost_usd.to_string()),
+        ("RALPH_QCHAT_TOKENS", task.tokens.to_string()),
+        (
+            "RALPH_QCHAT_LAST_ERROR",
+            task.last_error.clone().unwrap_or_default(),
+        ),
+        ("RALPH_QCHAT_PROMPT_FILE", task.prompt_file.clone()),
+        ("RALPH_QCHAT_WORKDIR", task.workdir.clone()),
+        (crate::agent::MARKER_VAR, format!("{owner}{}", task.id)),
+    ];
+    AgentRequest {
+        task_id: task.id.clone(),
+        iteration: task.iteration,
+        attempt: 1,
+        program: argv.first().cloned().unwrap_or_default().into(),
+        args: argv.iter().skip(1).map(OsString::from).collect(),
+        shown: format!("on_task_end hook {}", argv.join(" ")),
+        env: vars
+            .into_iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect(),
+        workdir,
+        timeout: Duration::from_secs_f64(cfg.hooks.timeout),
+        timeout_is_runtime: false,
+        idle_timeout: None,
+        kill_grace: Duration::from_secs_f64(cfg.adapter.kill_grace),
+        poll_interval: Duration::from_secs_f64(cfg.performance.poll_interval),
+        buffer_size: cfg.performance.buffer_size as usize,
+        max_output: 1024 * 1024,
+        max_memory_mb: 0,
+        output_marker: None,
+        echo: Arc::new(vec![]),
+        rules: Arc::new(Rules::default()),
+        output_mode: crate::agent::profile::OutputMode::Text,
+        reports: &[],
+        transcript: Some(log),
+        stream: false,
+        cancel: Arc::new(Cancel::default()),
+        progress: Arc::new(Progress::default()),
+    }
+}

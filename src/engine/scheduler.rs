@@ -205,11 +205,20 @@ impl Scheduler {
     /// Takes over a task as found on disk (see `Slot::adopt`).
     pub fn adopt(&mut self, state: TaskState) {
         let id = state.id.clone();
-        let slot = Slot::adopt(state);
+        let mut slot = Slot::adopt(state);
         if slot.phase == Phase::Ready {
             self.ready.push_back(id.clone());
         }
-        self.slots.insert(id, slot);
+        let hook = slot.state.hook.clone();
+        if hook.as_deref() == Some("running") {
+            log::warn!(task = id.as_str(); "the on_task_end hook was running when the last process ended; it is not run again");
+            slot.state.hook = Some("interrupted".into());
+            slot.dirty = true;
+        }
+        self.slots.insert(id.clone(), slot);
+        if hook.as_deref() == Some("pending") {
+            self.ended(&id);
+        }
     }
 
     /// One line for systemd's STATUS= and logs.
@@ -418,6 +427,7 @@ impl Scheduler {
                         self.agent_done(&task, o)
                     }
                     JobResult::Checkpoint(d) => self.checkpoint_done(&task, d),
+                    JobResult::Command(o) => self.hook_done(&task, o),
                 }
             }
         }
@@ -454,7 +464,7 @@ impl Scheduler {
             c.request(reason);
         }
         for s in self.slots.values() {
-            if let (Phase::Running { .. }, Some(c)) = (s.phase, &s.cancel) {
+            if let (Phase::Running { .. } | Phase::Hook { .. }, Some(c)) = (s.phase, &s.cancel) {
                 c.request(reason);
             }
         }
@@ -991,11 +1001,10 @@ impl Scheduler {
             slot.phase = Phase::Waiting(Instant::now());
             return self.finish(id, Status::Cancelled, "cancelled", None);
         }
-        slot.phase = if finishing {
-            Phase::Finished
-        } else {
-            Phase::Waiting(Instant::now() + delay)
-        };
+        if finishing {
+            return self.ended(id);
+        }
+        slot.phase = Phase::Waiting(Instant::now() + delay);
     }
 
     /// Ends a task, with a last checkpoint when it ran since the previous one.
@@ -1004,6 +1013,11 @@ impl Scheduler {
             return;
         };
         let msg = slot.end(status, reason, error);
+        if !self.cfg.hooks.on_task_end.is_empty() && slot.state.hook.is_none() {
+            // Written with the end itself: a crash before the hook ran
+            // leaves it to the next start.
+            slot.state.hook = Some("pending".into());
+        }
         match status {
             Status::Completed | Status::Cancelled => log::info!(task = id; "{msg}"),
             Status::LimitReached => log::warn!(task = id; "{msg}"),
@@ -1018,8 +1032,79 @@ impl Scheduler {
         {
             self.checkpoint(id, true);
         } else {
-            slot.phase = Phase::Finished;
+            self.ended(id);
         }
+    }
+
+    /// The task's end is recorded (and its last checkpoint made): its hook
+    /// runs, or it is finished.
+    fn ended(&mut self, id: &str) {
+        let Some(slot) = self.slots.get_mut(id) else {
+            return;
+        };
+        if slot.state.hook.as_deref() == Some("pending") && !self.cfg.hooks.on_task_end.is_empty() {
+            return self.start_hook(id);
+        }
+        slot.phase = Phase::Finished;
+    }
+
+    /// Runs the on_task_end hook, once: "running" is on disk before it
+    /// starts, so neither a crash nor a restart runs it a second time.
+    fn start_hook(&mut self, id: &str) {
+        let seq = self.next_seq();
+        let Some(slot) = self.slots.get_mut(id) else {
+            return;
+        };
+        slot.state.hook = Some("running".into());
+        slot.state.updated_at = crate::sys::time::now_rfc3339();
+        if let Err(e) = self.store.save(&slot.state) {
+            log::error!(task = id; "cannot record that the on_task_end hook starts: {e}; running it anyway");
+        }
+        slot.dirty = true;
+        let log_path = self.store.task_dir(id).join("hook.log");
+        let req = request::hook(
+            &self.cfg,
+            &self.owner,
+            &slot.state,
+            self.store.state_dir(),
+            log_path,
+        );
+        log::info!(task = id; "running {}", req.shown);
+        slot.cancel = Some(req.cancel.clone());
+        slot.phase = Phase::Hook { seq };
+        self.pool.send(id, seq, Job::Command(Box::new(req)));
+    }
+
+    fn hook_done(&mut self, id: &str, o: AgentOutcome) {
+        let timeout = self.cfg.hooks.timeout;
+        let log_path = self.store.task_dir(id).join("hook.log");
+        let Some(slot) = self.slots.get_mut(id) else {
+            return;
+        };
+        slot.cancel = None;
+        let result = match o.class {
+            Class::Success => {
+                log::info!(task = id; "on_task_end hook done in {:.2} s", o.duration.as_secs_f64());
+                "done".to_string()
+            }
+            Class::Stopped => {
+                log::warn!(task = id; "on_task_end hook stopped by shutdown; it is not run again");
+                "interrupted".to_string()
+            }
+            Class::Timeout => {
+                let m = format!("failed: timed out after {timeout:.0} s (hooks.timeout)");
+                log::warn!(task = id; "on_task_end hook {m}; its output is in {}", log_path.display());
+                m
+            }
+            _ => {
+                let m = format!("failed: {}", describe(&o));
+                log::warn!(task = id; "on_task_end hook {m}; its output is in {}", log_path.display());
+                m
+            }
+        };
+        slot.state.hook = Some(result);
+        slot.dirty = true;
+        slot.phase = Phase::Finished;
     }
 
     /// Hands every changed record to the writer as one batch.
@@ -1150,6 +1235,9 @@ impl Scheduler {
                 }
             }
             Phase::Checkpointing { .. } => slot.cancel_pending = true,
+            Phase::Hook { .. } => {
+                log::info!(task = id; "cancel request ignored: the task already ended {}; its on_task_end hook runs", slot.state.status.as_str())
+            }
             Phase::Ready | Phase::Waiting(_) => {
                 slot.state.in_progress = None;
                 self.finish(id, Status::Cancelled, "cancelled", None);

@@ -22,6 +22,10 @@ pub enum Phase {
         seq: u64,
         finishing: bool,
     },
+    /// Ended; its on_task_end hook runs.
+    Hook {
+        seq: u64,
+    },
     Finished,
 }
 
@@ -29,7 +33,9 @@ impl Phase {
     /// The job this phase waits for, if any.
     pub fn job(self) -> Option<u64> {
         match self {
-            Phase::Running { seq, .. } | Phase::Checkpointing { seq, .. } => Some(seq),
+            Phase::Running { seq, .. } | Phase::Checkpointing { seq, .. } | Phase::Hook { seq } => {
+                Some(seq)
+            }
             _ => None,
         }
     }
@@ -43,6 +49,7 @@ impl Phase {
             ),
             Phase::Running { .. } => "running agent".into(),
             Phase::Checkpointing { .. } => "checkpointing".into(),
+            Phase::Hook { .. } => "running on_task_end hook".into(),
             Phase::Finished => "finished".into(),
         }
     }

@@ -41,6 +41,10 @@ pub fn spawn_worker(
                         )));
                         JobResult::Agent(supervisor.run(req))
                     }
+                    Job::Command(req) => {
+                        set(Some(format!("{} of task {}", req.shown, req.task_id)));
+                        JobResult::Command(supervisor.run(req))
+                    }
                     Job::Checkpoint(job) => {
                         set(Some(format!("checkpoint of task {}", job.task_id)));
                         JobResult::Checkpoint(checkpoint(job))

@@ -86,6 +86,11 @@ pub struct TaskState {
     pub cost_usd: f64,
     #[serde(default)]
     pub tokens: u64,
+    /// The on_task_end hook: pending (the task ended), running, done,
+    /// failed: …, interrupted. Written before the hook starts, so it never
+    /// runs twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
 }
 
 impl TaskState {
@@ -134,6 +139,7 @@ impl TaskState {
             credits: 0.0,
             cost_usd: 0.0,
             tokens: 0,
+            hook: None,
         }
     }
 }
