@@ -147,9 +147,10 @@ Options (each overrides the configuration file and the environment):
   --dry-run                  print the agent command line and limits, run nothing
   -h, --help                 this help
 
-Exit status: 0 completed, 1 failed, 2 limit reached, 64 usage, 65 prompt refused,
-66 prompt file missing, 69 agent unavailable, 73 state directory not writable,
-75 state directory in use, 78 configuration error, 130/143 interrupted.
+Exit status: 0 completed, 1 failed, 2 limit reached or stalled, 64 usage,
+65 prompt refused, 66 prompt file missing, 69 agent unavailable or not logged
+in, 73 state directory not writable, 75 state directory in use, 78
+configuration error, 130/143 interrupted.
 ";
 
 pub const DAEMON_HELP: &str = "\

@@ -240,3 +240,89 @@ fn the_daemon_runs_each_hook_exactly_once_across_restarts() {
         "{out}"
     );
 }
+
+fn git(dir: &std::path::Path, args: &[&str]) {
+    let ok = std::process::Command::new("git")
+        .current_dir(dir)
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .output()
+        .unwrap()
+        .status
+        .success();
+    assert!(ok, "git {args:?}");
+}
+
+#[test]
+fn an_agent_that_changes_nothing_stalls_after_exactly_max_stalled_iterations() {
+    let sb = Sandbox::new("stall");
+    let log = std::env::temp_dir().join(format!("{}-outside.log", sb.tag));
+    let mut c = sb.run_cmd("idle.sh", &["--max-iterations", "20"]);
+    c.env("FAKE_LOG", &log);
+    let r = run(c);
+    let _ = std::fs::remove_file(&log);
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    let s = sb.state();
+    assert_eq!(s["status"], "stalled", "{s}");
+    assert_eq!(s["reason"], "max_stalled_iterations");
+    assert_eq!(s["iteration"], 5, "the default is 5: {s}");
+    assert!(
+        s["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("changed neither"),
+        "{s}"
+    );
+    // In a git work tree too, with a limit of 3; the state directory inside
+    // the tree (run's .ralph-qchat, its transcripts changing) does not count.
+    let sb = Sandbox::new("stall-git");
+    git(&sb.dir, &["init", "-q"]);
+    git(&sb.dir, &["add", "PROMPT.md"]);
+    git(&sb.dir, &["commit", "-q", "-m", "task"]);
+    sb.write("cfg.toml", "[orchestrator]\nmax_stalled_iterations = 3\n");
+    let mut c = sb.run_cmd("idle.sh", &["--config", "cfg.toml", "--no-git"]);
+    let log = std::env::temp_dir().join(format!("{}-outside.log", sb.tag));
+    c.env("FAKE_LOG", &log);
+    let r = run(c);
+    let _ = std::fs::remove_file(&log);
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    let s = sb.state();
+    assert_eq!(s["status"], "stalled", "{s}");
+    assert_eq!(s["iteration"], 3, "{s}");
+}
+
+#[test]
+fn an_agent_that_commits_its_work_each_iteration_is_not_stalled() {
+    let sb = Sandbox::new("commits");
+    git(&sb.dir, &["init", "-q"]);
+    git(&sb.dir, &["add", "PROMPT.md"]);
+    git(&sb.dir, &["commit", "-q", "-m", "task"]);
+    sb.write("cfg.toml", "[orchestrator]\nmax_stalled_iterations = 2\n");
+    let mut c = sb.run_cmd(
+        "idle.sh",
+        &["--config", "cfg.toml", "--no-git", "--max-iterations", "6"],
+    );
+    let log = std::env::temp_dir().join(format!("{}-outside.log", sb.tag));
+    c.env("FAKE_LOG", &log)
+        .env("FAKE_COMMIT", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null");
+    let r = run(c);
+    let _ = std::fs::remove_file(&log);
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    let s = sb.state();
+    assert_eq!(
+        s["reason"], "max_iterations",
+        "a committing agent is progressing: {s}"
+    );
+    assert_eq!(s["iteration"], 6);
+    assert_eq!(s["stalled_iterations"], 0);
+}

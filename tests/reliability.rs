@@ -74,9 +74,10 @@ fn soak_20000_requests_keeps_fds_and_memory_flat() {
     let sb = Sandbox::new("soak");
     sb.write(
         "cfg.toml",
-        "[orchestrator]\ncheckpoint_interval = 0\nkeep_transcripts = 2\n[performance]\nmax_concurrent = 20\n",
+        "[orchestrator]\ncheckpoint_interval = 0\nkeep_transcripts = 2\nmax_stalled_iterations = 0\n[performance]\nmax_concurrent = 20\n",
     );
-    // /bin/true: the cheapest agent there is, so the daemon's own costs show.
+    // /bin/true: the cheapest agent there is, so the daemon's own costs show
+    // (it changes nothing, so stall detection is off).
     let mut c = sb.cmd(&[
         "daemon",
         "--state-dir",

@@ -41,6 +41,8 @@ pub struct AgentRequest {
     pub output_mode: OutputMode,
     /// What the profile's CLI reports of its cost (read from its output).
     pub reports: &'static [Report],
+    /// Fingerprint the working tree around the attempt (stall detection).
+    pub watch: Option<super::worktree::WatchSpec>,
     pub transcript: Option<PathBuf>,
     /// Echo the agent's output to our stderr as it arrives (verbose).
     pub stream: bool,
@@ -145,6 +147,10 @@ pub struct AgentOutcome {
     /// from the last lines of both streams.
     pub wait: Option<Duration>,
     pub usage: Usage,
+    /// The working tree's fingerprint before the attempt (when asked for a
+    /// baseline) and after a successful one.
+    pub tree_before: Option<u64>,
+    pub tree_after: Option<u64>,
 }
 
 impl AgentOutcome {

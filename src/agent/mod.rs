@@ -14,6 +14,7 @@ mod spawn;
 mod supervise;
 pub mod text;
 mod transcript;
+pub mod worktree;
 
 pub use attempt::{AgentOutcome, AgentRequest, Cancel, CancelReason, Ending, Progress, Usage};
 pub use classify::Class;

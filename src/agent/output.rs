@@ -409,6 +409,7 @@ mod tests {
             rules: Arc::new(Rules::compile([(&spec, "t".to_string())]).unwrap()),
             output_mode: mode,
             reports: &[Report::Credits, Report::CostAndTokens, Report::Tokens],
+            watch: None,
             transcript: None,
             stream: false,
             cancel: Arc::new(Cancel::default()),

@@ -166,6 +166,8 @@ impl Supervisor {
                 decided_by,
                 wait,
                 usage: out.map(|o| o.usage).unwrap_or_default(),
+                tree_before: None,
+                tree_after: None,
                 duration: started.elapsed(),
                 bytes_read: out.map_or(0, |r| r.bytes_read),
                 bytes_dropped: out.map_or(0, |r| r.bytes_dropped),

@@ -180,7 +180,7 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
     };
     Ok(match t.status {
         Status::Completed => exit::OK,
-        Status::LimitReached => exit::LIMIT_REACHED,
+        Status::LimitReached | Status::Stalled => exit::LIMIT_REACHED,
         Status::Failed if finished.unavailable => exit::UNAVAILABLE,
         Status::Failed if finished.refused => exit::PROMPT_REFUSED,
         _ => exit::TASK_FAILED,
@@ -193,12 +193,13 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
 fn reopen(mut st: TaskState) -> Option<TaskState> {
     match st.status {
         Status::Completed => return None,
-        Status::Failed | Status::LimitReached | Status::Cancelled => {
+        Status::Failed | Status::LimitReached | Status::Cancelled | Status::Stalled => {
             log::info!(task = st.id.as_str(); "resuming task that ended {} ({})", st.status.as_str(), st.reason.clone().unwrap_or_default());
             st.status = Status::Running;
             st.reason = None;
             st.finished_at = None;
             st.consecutive_failures = 0;
+            st.stalled_iterations = 0;
         }
         Status::Queued | Status::Running => {}
     }
@@ -240,6 +241,7 @@ fn dry_run(cfg: &Config, s: &Setup) -> Result<String, Failure> {
         cancel: Default::default(),
         progress: Default::default(),
         rules: request::rules(cfg),
+        state_dir: &s.state_dir,
     });
     let o = &cfg.orchestrator;
     let a = &cfg.adapter;

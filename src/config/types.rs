@@ -222,6 +222,9 @@ pub struct Orchestrator {
     /// credits (Kiro) or this many US dollars (Claude); 0 = no cap.
     pub max_credits: f64,
     pub max_cost_usd: f64,
+    /// Successful iterations in a row that change neither the prompt file
+    /// nor the working tree before a task ends as stalled; 0 = off.
+    pub max_stalled_iterations: u32,
 }
 
 impl Default for Orchestrator {
@@ -242,6 +245,7 @@ impl Default for Orchestrator {
             shutdown_grace: 30.0,
             max_credits: 0.0,
             max_cost_usd: 0.0,
+            max_stalled_iterations: 5,
         }
     }
 }

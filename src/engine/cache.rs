@@ -98,6 +98,8 @@ mod tests {
             decided_by: None,
             wait: None,
             usage: Default::default(),
+            tree_before: None,
+            tree_after: None,
         }
     }
 

@@ -26,6 +26,7 @@ pub struct Inputs<'a> {
     pub cancel: Arc<Cancel>,
     pub progress: Arc<Progress>,
     pub rules: Arc<Rules>,
+    pub state_dir: &'a Path,
 }
 
 /// The profile's and the operator's rules, compiled once per configuration
@@ -155,6 +156,12 @@ pub fn build(i: Inputs) -> (AgentRequest, bool) {
         rules: i.rules,
         output_mode: a.profile().output,
         reports: a.profile().reports,
+        watch: (o.max_stalled_iterations > 0).then(|| crate::agent::worktree::WatchSpec {
+            prompt_file: PathBuf::from(&i.task.prompt_file),
+            workdir: PathBuf::from(&i.task.workdir),
+            state_dir: i.state_dir.to_path_buf(),
+            baseline: i.task.tree_fingerprint.is_none(),
+        }),
         transcript: i.transcript,
         stream: i.stream,
         cancel: i.cancel,
@@ -199,6 +206,7 @@ pub fn preflight(
         rules,
         output_mode: crate::agent::profile::OutputMode::Text,
         reports: &[],
+        watch: None,
         transcript: None,
         stream: false,
         cancel: Arc::new(Cancel::default()),
@@ -282,6 +290,7 @@ pub fn hook(
         rules: Arc::new(Rules::default()),
         output_mode: crate::agent::profile::OutputMode::Text,
         reports: &[],
+        watch: None,
         transcript: Some(log),
         stream: false,
         cancel: Arc::new(Cancel::default()),

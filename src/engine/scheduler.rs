@@ -621,6 +621,7 @@ impl Scheduler {
             cancel,
             progress: slot.progress.clone(),
             rules: self.rules.clone(),
+            state_dir: self.store.state_dir(),
         });
         let key = self.gates.key(&req, &a.prompt.text);
         slot.cache_key = key;
@@ -691,6 +692,25 @@ impl Scheduler {
                 METRICS.iterations_success.fetch_add(1, Ordering::Relaxed);
                 if o.marker_seen {
                     return self.finish(id, Status::Completed, "output_marker", None);
+                }
+                let max_stalled = self.cfg.orchestrator.max_stalled_iterations;
+                if let Some(n) = slot.progress(o.tree_before, o.tree_after)
+                    && max_stalled > 0
+                {
+                    if n >= max_stalled {
+                        let msg = format!(
+                            "{n} successful iterations in a row changed neither the prompt file nor the working tree (orchestrator.max_stalled_iterations)"
+                        );
+                        return self.finish(
+                            id,
+                            Status::Stalled,
+                            "max_stalled_iterations",
+                            Some(msg),
+                        );
+                    }
+                    if n > 0 {
+                        log::info!(task = id, iteration = it; "iteration changed nothing ({n} in a row, limit {max_stalled})");
+                    }
                 }
                 self.after_iteration(id);
             }
@@ -1020,7 +1040,7 @@ impl Scheduler {
         }
         match status {
             Status::Completed | Status::Cancelled => log::info!(task = id; "{msg}"),
-            Status::LimitReached => log::warn!(task = id; "{msg}"),
+            Status::LimitReached | Status::Stalled => log::warn!(task = id; "{msg}"),
             _ => log::error!(task = id; "{msg}"),
         }
         let it = slot.state.iteration;

@@ -146,6 +146,24 @@ impl Slot {
         self.retries_now = 0;
     }
 
+    /// The working tree after a successful iteration: how many successful
+    /// iterations in a row changed nothing, or None when that is unknown
+    /// (no fingerprint could be taken).
+    pub fn progress(&mut self, before: Option<u64>, after: Option<u64>) -> Option<u32> {
+        let st = &mut self.state;
+        if st.tree_fingerprint.is_none() {
+            st.tree_fingerprint = before.map(|b| format!("{b:016x}"));
+        }
+        let after = format!("{:016x}", after?);
+        if st.tree_fingerprint.as_deref() == Some(after.as_str()) {
+            st.stalled_iterations += 1;
+        } else {
+            st.stalled_iterations = 0;
+            st.tree_fingerprint = Some(after);
+        }
+        Some(st.stalled_iterations)
+    }
+
     /// The API asked to slow down: the same iteration runs again later;
     /// neither its retries nor the failures in a row move.
     pub fn throttled(&mut self, detail: &str) {
@@ -241,6 +259,17 @@ mod tests {
         // Its next start counts iteration 1 again.
         s.begin(true, s.state.iteration + 1);
         assert_eq!(s.state.iteration, 1);
+    }
+
+    #[test]
+    fn iterations_that_change_nothing_are_counted_until_one_does() {
+        let mut s = Slot::adopt(TaskState::new("t", "/w/P.md", "/w"));
+        assert_eq!(s.progress(Some(1), Some(1)), Some(1));
+        assert_eq!(s.progress(None, Some(1)), Some(2));
+        assert_eq!(s.progress(None, None), None);
+        assert_eq!(s.state.stalled_iterations, 2);
+        assert_eq!(s.progress(None, Some(2)), Some(0));
+        assert_eq!(s.progress(None, Some(2)), Some(1));
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub fn spawn_worker(
                             "agent for task {} iteration {}",
                             req.task_id, req.iteration
                         )));
-                        JobResult::Agent(supervisor.run(req))
+                        JobResult::Agent(run_watched(&mut supervisor, req))
                     }
                     Job::Command(req) => {
                         set(Some(format!("{} of task {}", req.shown, req.task_id)));
@@ -63,4 +63,24 @@ pub fn spawn_worker(
             }
             state.retired.store(true, Ordering::SeqCst);
         })
+}
+
+/// Runs an agent, fingerprinting the working tree around it when asked
+/// (before: only for a baseline; after: only when it succeeded).
+fn run_watched(
+    supervisor: &mut Supervisor,
+    req: &crate::agent::AgentRequest,
+) -> crate::agent::AgentOutcome {
+    use crate::agent::worktree::fingerprint;
+    let before = req
+        .watch
+        .as_ref()
+        .filter(|w| w.baseline)
+        .and_then(fingerprint);
+    let mut o = supervisor.run(req);
+    o.tree_before = before;
+    if o.class == crate::agent::Class::Success {
+        o.tree_after = req.watch.as_ref().and_then(fingerprint);
+    }
+    o
 }

@@ -10,13 +10,14 @@ use serde_json::{Value, json};
 use std::sync::atomic::Ordering;
 use tiny_http::{Header, Method, Request, Response};
 
-const STATUSES: [&str; 6] = [
+const STATUSES: [&str; 7] = [
     "queued",
     "running",
     "completed",
     "failed",
     "limit_reached",
     "cancelled",
+    "stalled",
 ];
 
 struct Reply {

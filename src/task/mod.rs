@@ -15,6 +15,8 @@ pub enum Status {
     Failed,
     LimitReached,
     Cancelled,
+    /// Successful iterations went round changing nothing.
+    Stalled,
 }
 
 impl Status {
@@ -30,6 +32,7 @@ impl Status {
             Status::Failed => "failed",
             Status::LimitReached => "limit_reached",
             Status::Cancelled => "cancelled",
+            Status::Stalled => "stalled",
         }
     }
 }
@@ -91,6 +94,12 @@ pub struct TaskState {
     /// runs twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hook: Option<String>,
+    /// The working tree after the last successful iteration (hex), and how
+    /// many successful iterations in a row left it as it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree_fingerprint: Option<String>,
+    #[serde(default)]
+    pub stalled_iterations: u32,
 }
 
 impl TaskState {
@@ -140,6 +149,8 @@ impl TaskState {
             cost_usd: 0.0,
             tokens: 0,
             hook: None,
+            tree_fingerprint: None,
+            stalled_iterations: 0,
         }
     }
 }

@@ -1,0 +1,215 @@
+//! Did an iteration change anything? A fingerprint of the prompt file and
+//! the working tree, taken by the worker before and after an attempt, so
+//! the scheduler can tell a loop that goes round without doing anything.
+//!
+//! In a git work tree: HEAD, `git status` and the size and mtime of every
+//! path it lists (an agent that commits its work each iteration leaves a
+//! clean tree and a new HEAD: that is progress). Elsewhere: the size and
+//! mtime of every file under the working directory. The state directory is
+//! left out either way (its transcripts change every iteration).
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Files looked at in a tree that is not a git work tree; a larger tree
+/// has no fingerprint (and is never called stalled).
+const MAX_FILES: usize = 100_000;
+
+#[derive(Debug, Clone)]
+pub struct WatchSpec {
+    pub prompt_file: PathBuf,
+    pub workdir: PathBuf,
+    pub state_dir: PathBuf,
+    /// Take one before the attempt too (the task has none yet).
+    pub baseline: bool,
+}
+
+/// The fingerprint, or None when it cannot be taken (unreadable tree, git
+/// failing, too many files): no fingerprint never counts as a stall.
+pub fn fingerprint(w: &WatchSpec) -> Option<u64> {
+    let mut h = DefaultHasher::new();
+    std::fs::read(&w.prompt_file).ok()?.hash(&mut h);
+    // Only a state directory inside the working directory (run's
+    // WORKDIR/.ralph-qchat) is left out; a daemon's task workspace lies
+    // inside the state directory and is looked at whole.
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let (state, work) = (canon(&w.state_dir), canon(&w.workdir));
+    let exclude = (state.starts_with(&work) && state != work).then_some(state);
+    let exclude = exclude.as_deref();
+    match git_state(&work, exclude, &mut h) {
+        Some(()) => {}
+        None => walk(&work, exclude, &mut h)?,
+    }
+    Some(h.finish())
+}
+
+fn git(dir: &Path, args: &[&str]) -> Option<Vec<u8>> {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        // Never take the index lock the agent may need.
+        .env("GIT_OPTIONAL_LOCKS", "0")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .output()
+        .ok()?;
+    out.status.success().then_some(out.stdout)
+}
+
+fn git_state(dir: &Path, exclude: Option<&Path>, h: &mut DefaultHasher) -> Option<()> {
+    let top = git(dir, &["rev-parse", "--show-toplevel"])?;
+    let top = PathBuf::from(String::from_utf8_lossy(&top).trim());
+    // An empty repository has no HEAD yet.
+    git(dir, &["rev-parse", "-q", "--verify", "HEAD"])
+        .unwrap_or_default()
+        .hash(h);
+    let status = git(
+        dir,
+        &["status", "--porcelain=v1", "-z", "--untracked-files=all"],
+    )?;
+    let mut records = status.split(|&b| b == 0).filter(|r| !r.is_empty());
+    while let Some(r) = records.next() {
+        if r.len() < 4 {
+            continue;
+        }
+        let (code, path) = (&r[..2], &r[3..]);
+        // A rename names its origin in the next record.
+        if code[0] == b'R' || code[0] == b'C' {
+            records.next();
+        }
+        let full = top.join(std::ffi::OsStr::new(&*String::from_utf8_lossy(path)));
+        if exclude.is_some_and(|e| full.starts_with(e)) {
+            continue;
+        }
+        code.hash(h);
+        path.hash(h);
+        if let Ok(m) = std::fs::symlink_metadata(&full) {
+            (m.len(), m.mtime(), m.mtime_nsec()).hash(h);
+        }
+    }
+    Some(())
+}
+
+fn walk(dir: &Path, exclude: Option<&Path>, h: &mut DefaultHasher) -> Option<()> {
+    let mut entries: Vec<(PathBuf, u64, i64, i64)> = vec![];
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let rd = std::fs::read_dir(&d).ok()?;
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.file_name().is_some_and(|n| n == ".git")
+                || exclude.is_some_and(|e| p.starts_with(e))
+            {
+                continue;
+            }
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                todo.push(p);
+            } else {
+                entries.push((p, m.len(), m.mtime(), m.mtime_nsec()));
+                if entries.len() > MAX_FILES {
+                    return None;
+                }
+            }
+        }
+    }
+    entries.sort();
+    entries.hash(h);
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("rq-worktree-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("state/tasks")).unwrap();
+        std::fs::write(d.join("PROMPT.md"), "task\n").unwrap();
+        d
+    }
+
+    fn spec(d: &Path) -> WatchSpec {
+        WatchSpec {
+            prompt_file: d.join("PROMPT.md"),
+            workdir: d.to_path_buf(),
+            state_dir: d.join("state"),
+            baseline: true,
+        }
+    }
+
+    #[test]
+    fn a_plain_tree_changes_with_its_files_not_with_the_state_dir() {
+        let d = scratch("plain");
+        let w = spec(&d);
+        let a = fingerprint(&w).unwrap();
+        std::fs::write(d.join("state/tasks/log"), "transcript").unwrap();
+        assert_eq!(fingerprint(&w), Some(a));
+        std::fs::write(d.join("new.rs"), "fn main() {}").unwrap();
+        let b = fingerprint(&w).unwrap();
+        assert_ne!(a, b);
+        std::fs::write(d.join("PROMPT.md"), "task\n- [x] step 1\n").unwrap();
+        assert_ne!(fingerprint(&w), Some(b));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_workspace_inside_the_state_dir_is_looked_at_whole() {
+        let d = scratch("workspace");
+        let ws = d.join("state/workspaces/a");
+        std::fs::create_dir_all(&ws).unwrap();
+        std::fs::write(ws.join("PROMPT.md"), "task\n").unwrap();
+        let w = WatchSpec {
+            prompt_file: ws.join("PROMPT.md"),
+            workdir: ws.clone(),
+            state_dir: d.join("state"),
+            baseline: true,
+        };
+        let a = fingerprint(&w).unwrap();
+        std::fs::write(ws.join("work.txt"), "1").unwrap();
+        assert_ne!(fingerprint(&w), Some(a));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn in_git_a_commit_is_a_change_and_nothing_is_not() {
+        let d = scratch("git");
+        let g = |args: &[&str]| {
+            let ok = Command::new("git")
+                .current_dir(&d)
+                .args([
+                    "-c",
+                    "user.name=t",
+                    "-c",
+                    "user.email=t@t",
+                    "-c",
+                    "commit.gpgsign=false",
+                ])
+                .args(args)
+                .env("GIT_CONFIG_GLOBAL", "/dev/null")
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .output()
+                .unwrap()
+                .status
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        g(&["init", "-q"]);
+        std::fs::write(d.join(".git/info/exclude"), "state/\n").unwrap();
+        let w = spec(&d);
+        let a = fingerprint(&w).unwrap();
+        assert_eq!(fingerprint(&w), Some(a));
+        std::fs::write(d.join("work.txt"), "1").unwrap();
+        g(&["add", "-A"]);
+        g(&["commit", "-q", "-m", "work"]);
+        let b = fingerprint(&w).unwrap();
+        assert_ne!(a, b, "a commit with a clean tree is progress");
+        assert_eq!(fingerprint(&w), Some(b));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
