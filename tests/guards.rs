@@ -326,3 +326,71 @@ fn an_agent_that_commits_its_work_each_iteration_is_not_stalled() {
     assert_eq!(s["iteration"], 6);
     assert_eq!(s["stalled_iterations"], 0);
 }
+
+#[test]
+fn verify_command_gates_completion_and_its_failure_reaches_the_next_instruction() {
+    let sb = Sandbox::new("verify");
+    let vlog = sb.path("verify.log").display().to_string();
+    let verify = sb.write_exec(
+        "verify.sh",
+        format!("#!/bin/bash\necho run >> '{vlog}'\nif [ -e fixed ]; then echo 'all 12 tests pass'; exit 0; fi\necho 'FAILED tests/test_cli.py::test_parse - AssertionError'\necho '1 failed, 11 passed'\nexit 1\n"),
+    );
+    sb.write(
+        "cfg.toml",
+        format!(
+            "[orchestrator]\nverify_command = [\"{}\"]\nverify_timeout = 10.0\n",
+            verify.display()
+        ),
+    );
+    let r = run(sb.run_cmd("verify-aware.sh", &["--config", "cfg.toml", "--no-git"]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let s = sb.state();
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(s["reason"], "completion_marker");
+    // Iteration 1 claimed completion and failed verification; iteration 2
+    // was told why, fixed it, and the second verification passed.
+    assert_eq!(s["iteration"], 2, "{s}");
+    assert_eq!(sb.read("verify.log").lines().count(), 2);
+    let instructions = sb.read("fake-runs.log.instructions");
+    let second = instructions.split("=====\n").nth(1).unwrap();
+    assert!(second.contains("the verification command"), "{second}");
+    assert!(
+        second.contains("FAILED tests/test_cli.py::test_parse - AssertionError"),
+        "{second}"
+    );
+    assert!(second.contains("1 failed, 11 passed"), "{second}");
+    assert!(
+        !instructions
+            .split("=====\n")
+            .next()
+            .unwrap()
+            .contains("verification")
+    );
+    assert!(r.stderr.contains("verification failed"), "{}", r.stderr);
+    // The verification's output is in the iteration's transcript.
+    let t = sb.read(".ralph-qchat/tasks/PROMPT/iterations/000001.log");
+    assert!(t.contains("1 failed, 11 passed"), "{t}");
+}
+
+#[test]
+fn a_task_whose_verification_never_passes_does_not_complete() {
+    let sb = Sandbox::new("verify-never");
+    sb.write(
+        "cfg.toml",
+        "[orchestrator]\nverify_command = [\"/bin/false\"]\nmax_stalled_iterations = 0\n",
+    );
+    let r = run(sb.run_cmd(
+        "verify-aware.sh",
+        &["--config", "cfg.toml", "--no-git", "--max-iterations", "3"],
+    ));
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    let s = sb.state();
+    assert_eq!(s["reason"], "max_iterations", "{s}");
+    assert!(
+        s["last_error"]
+            .as_str()
+            .unwrap()
+            .starts_with("verify_command failed"),
+        "{s}"
+    );
+}

@@ -146,7 +146,7 @@ proptest! {
             Ok(p) => {
                 prop_assert!(!p.text.contains(&0));
                 prop_assert!(bytes.len() as u64 <= max);
-                let (i, _) = instruction("{prompt} in {prompt_file}", "/w/P.md", &p.text, "M", 1);
+                let (i, _) = instruction("{prompt} in {prompt_file}", "/w/P.md", &p.text, "M", 1, b"");
                 prop_assert!(i.len() <= MAX_ARG_LEN);
             }
             Err(e) => prop_assert!(!e.to_string().is_empty()),

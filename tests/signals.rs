@@ -98,6 +98,12 @@ fn kill_9_mid_run_takes_the_agent_along_and_a_rerun_resumes() {
     let r = start(first);
     assert!(agent_started(&sb));
     let agent = agent_pid(&sb);
+    // The agent's own child is what the rerun must find left over: wait
+    // until it is there (the agent writes its pid before it starts it).
+    assert!(wait_until(Duration::from_secs(10), || sb
+        .live_commands()
+        .iter()
+        .any(|(_, c)| c == "sleep 300")));
     r.signal(libc::SIGKILL);
     let r = r.finish(Duration::from_secs(10));
     assert_eq!(r.code(), 128 + 9);

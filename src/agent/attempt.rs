@@ -151,6 +151,8 @@ pub struct AgentOutcome {
     /// baseline) and after a successful one.
     pub tree_before: Option<u64>,
     pub tree_after: Option<u64>,
+    /// The last lines of stdout then stderr, ANSI stripped.
+    pub lines: Vec<String>,
 }
 
 impl AgentOutcome {

@@ -56,12 +56,15 @@ pub fn check_prompt(raw: Vec<u8>, max: u64, blocked: &[String]) -> Result<Prompt
 }
 
 /// Fills in the template. Placeholders in the prompt itself are not expanded.
+/// `verify` (a failed verification, or empty) goes where `{verify_output}`
+/// is, or at the end when the template has no such place.
 pub fn render(
     template: &str,
     prompt_file: &str,
     prompt: &[u8],
     marker: &str,
     iteration: u64,
+    verify: &[u8],
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(template.len() + prompt.len());
     let mut rest = template;
@@ -76,6 +79,8 @@ pub fn render(
             (marker.as_bytes().to_vec(), "{marker}".len())
         } else if tail.starts_with("{iteration}") {
             (iteration.to_string().into_bytes(), "{iteration}".len())
+        } else if tail.starts_with("{verify_output}") {
+            (verify.to_vec(), "{verify_output}".len())
         } else {
             (b"{".to_vec(), 1)
         };
@@ -83,6 +88,10 @@ pub fn render(
         rest = &tail[len..];
     }
     out.extend_from_slice(rest.as_bytes());
+    if !verify.is_empty() && !template.contains("{verify_output}") {
+        out.extend_from_slice(b"\n\n");
+        out.extend_from_slice(verify);
+    }
     out
 }
 
@@ -94,13 +103,21 @@ pub fn instruction(
     prompt: &[u8],
     marker: &str,
     iteration: u64,
+    verify: &[u8],
 ) -> (Vec<u8>, bool) {
-    let full = render(template, prompt_file, prompt, marker, iteration);
+    let full = render(template, prompt_file, prompt, marker, iteration, verify);
     if full.len() <= MAX_ARG_LEN {
         return (full, false);
     }
     let note = BY_REFERENCE.replace("{prompt_file}", prompt_file);
-    let mut short = render(template, prompt_file, note.as_bytes(), marker, iteration);
+    let mut short = render(
+        template,
+        prompt_file,
+        note.as_bytes(),
+        marker,
+        iteration,
+        verify,
+    );
     short.truncate(MAX_ARG_LEN);
     (short, true)
 }
@@ -117,18 +134,30 @@ mod tests {
             b"do {marker}",
             "DONE",
             3,
+            b"",
         );
         assert_eq!(r, b"3: do {marker} in P.md, then DONE {x}");
+        let v = render("a{verify_output}b", "P", b"", "M", 1, b"FAILED");
+        assert_eq!(v, b"aFAILEDb");
+        let v = render("a", "P", b"", "M", 1, b"FAILED");
+        assert_eq!(v, b"a\n\nFAILED");
     }
 
     #[test]
     fn large_prompt_goes_by_reference() {
         let big = vec![b'a'; 200 * 1024];
-        let (i, by_ref) = instruction("task: {prompt}", "/w/PROMPT.md", &big, "TASK_COMPLETE", 1);
+        let (i, by_ref) = instruction(
+            "task: {prompt}",
+            "/w/PROMPT.md",
+            &big,
+            "TASK_COMPLETE",
+            1,
+            b"",
+        );
         assert!(by_ref);
         assert!(i.len() <= MAX_ARG_LEN);
         assert!(String::from_utf8_lossy(&i).contains("/w/PROMPT.md"));
-        let (i, by_ref) = instruction("task: {prompt}", "p", b"small", "M", 1);
+        let (i, by_ref) = instruction("task: {prompt}", "p", b"small", "M", 1, b"");
         assert!(!by_ref);
         assert_eq!(i, b"task: small");
     }

@@ -150,9 +150,9 @@ impl Supervisor {
             self.buf = vec![0; req.buffer_size.max(1)];
         }
         let started = Instant::now();
-        let finish = |ending: Ending, transcript: &mut Transcript, out: Option<&mut Output>| {
+        let finish = |ending: Ending, transcript: &mut Transcript, out: Option<&Output>| {
             let none = Said::default();
-            let said = match &out {
+            let said = match out {
                 Some(o) => &o.said,
                 None => &none,
             };
@@ -160,7 +160,6 @@ impl Supervisor {
             let wait = matches!(class, Class::Throttled | Class::Quota)
                 .then(|| wait_hint(&said.lines.join("\n"), unix_seconds()))
                 .flatten();
-            let out = out.map(|o| &*o);
             let outcome = AgentOutcome {
                 class,
                 decided_by,
@@ -168,6 +167,7 @@ impl Supervisor {
                 usage: out.map(|o| o.usage).unwrap_or_default(),
                 tree_before: None,
                 tree_after: None,
+                lines: said.lines.clone(),
                 duration: started.elapsed(),
                 bytes_read: out.map_or(0, |r| r.bytes_read),
                 bytes_dropped: out.map_or(0, |r| r.bytes_dropped),
@@ -202,7 +202,7 @@ impl Supervisor {
         let ending = self.supervise(req, &mut child, &mut out, &mut transcript);
         req.progress.pid.store(0, Ordering::Relaxed);
         out.finish(req);
-        finish(ending, &mut transcript, Some(&mut out))
+        finish(ending, &mut transcript, Some(&out))
     }
 
     fn supervise(

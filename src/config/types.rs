@@ -200,7 +200,8 @@ described in the file {prompt_file}. Its current content follows.\n\n\
 {prompt}\n\n\
 Make real progress on the task, then update {prompt_file} to record what is done \
 and what is left. When the whole task is finished, add a line containing only \
-{marker} to {prompt_file}. Nobody will answer questions: decide for yourself.";
+{marker} to {prompt_file}. Nobody will answer questions: decide for yourself.\
+{verify_output}";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -225,6 +226,9 @@ pub struct Orchestrator {
     /// Successful iterations in a row that change neither the prompt file
     /// nor the working tree before a task ends as stalled; 0 = off.
     pub max_stalled_iterations: u32,
+    /// argv that must pass before a completion marker is accepted; empty = none.
+    pub verify_command: Vec<String>,
+    pub verify_timeout: f64,
 }
 
 impl Default for Orchestrator {
@@ -246,6 +250,8 @@ impl Default for Orchestrator {
             max_credits: 0.0,
             max_cost_usd: 0.0,
             max_stalled_iterations: 5,
+            verify_command: Vec::new(),
+            verify_timeout: 600.0,
         }
     }
 }

@@ -30,7 +30,13 @@ fn non_negative(key: &str, v: f64) -> Result<(), Invalid> {
 }
 
 /// The placeholders a prompt template may use.
-pub const PLACEHOLDERS: &[&str] = &["{prompt_file}", "{prompt}", "{marker}", "{iteration}"];
+pub const PLACEHOLDERS: &[&str] = &[
+    "{prompt_file}",
+    "{prompt}",
+    "{marker}",
+    "{iteration}",
+    "{verify_output}",
+];
 
 pub fn validate(c: &Config) -> Result<(), Invalid> {
     let a = &c.adapter;
@@ -99,6 +105,16 @@ pub fn validate(c: &Config) -> Result<(), Invalid> {
     }
     non_negative("orchestrator.iteration_delay", o.iteration_delay)?;
     non_negative("orchestrator.shutdown_grace", o.shutdown_grace)?;
+    positive("orchestrator.verify_timeout", o.verify_timeout)?;
+    if o.verify_command
+        .first()
+        .is_some_and(|p| p.trim().is_empty())
+    {
+        bad(
+            "orchestrator.verify_command",
+            "the first element must name a program",
+        )?;
+    }
     if !(o.max_credits.is_finite() && o.max_credits >= 0.0) {
         bad(
             "orchestrator.max_credits",

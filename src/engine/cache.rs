@@ -100,6 +100,7 @@ mod tests {
             usage: Default::default(),
             tree_before: None,
             tree_after: None,
+            lines: vec![],
         }
     }
 

@@ -69,8 +69,8 @@ pub struct JobMsg {
 }
 
 pub enum JobResult {
-    Agent(AgentOutcome),
-    Command(AgentOutcome),
+    Agent(Box<AgentOutcome>),
+    Command(Box<AgentOutcome>),
     Checkpoint(Done),
 }
 

@@ -98,6 +98,7 @@ pub fn build(i: Inputs) -> (AgentRequest, bool) {
         i.prompt,
         &o.completion_marker,
         i.task.iteration,
+        i.task.verify_failed.as_deref().unwrap_or("").as_bytes(),
     );
     let fixed_args = a.effective_args();
     let program = a.effective_command();
@@ -296,4 +297,62 @@ pub fn hook(
         cancel: Arc::new(Cancel::default()),
         progress: Arc::new(Progress::default()),
     }
+}
+
+/// The verification of a task that says it is complete: `verify_command`
+/// in the task's working directory with the agent's environment, supervised
+/// like the agent, its output appended to the iteration's transcript.
+pub fn verify(cfg: &Config, owner: &str, task: &TaskState, transcript: PathBuf) -> AgentRequest {
+    let argv = &cfg.orchestrator.verify_command;
+    let mut env = agent_env(cfg);
+    env.push((
+        crate::agent::MARKER_VAR.into(),
+        format!("{owner}{}", task.id).into(),
+    ));
+    env.push(("RALPH_QCHAT_TASK_ID".into(), task.id.clone().into()));
+    env.push((
+        "RALPH_QCHAT_PROMPT_FILE".into(),
+        task.prompt_file.clone().into(),
+    ));
+    AgentRequest {
+        task_id: task.id.clone(),
+        iteration: task.iteration,
+        attempt: 1,
+        program: argv.first().cloned().unwrap_or_default().into(),
+        args: argv.iter().skip(1).map(OsString::from).collect(),
+        shown: format!("verify_command {}", argv.join(" ")),
+        env,
+        workdir: PathBuf::from(&task.workdir),
+        timeout: Duration::from_secs_f64(cfg.orchestrator.verify_timeout),
+        timeout_is_runtime: false,
+        idle_timeout: None,
+        kill_grace: Duration::from_secs_f64(cfg.adapter.kill_grace),
+        poll_interval: Duration::from_secs_f64(cfg.performance.poll_interval),
+        buffer_size: cfg.performance.buffer_size as usize,
+        max_output: cfg.limits.max_output_size,
+        max_memory_mb: cfg.limits.max_memory_mb,
+        output_marker: None,
+        echo: Arc::new(vec![]),
+        rules: Arc::new(Rules::default()),
+        output_mode: crate::agent::profile::OutputMode::Text,
+        reports: &[],
+        watch: None,
+        transcript: Some(transcript),
+        stream: false,
+        cancel: Arc::new(Cancel::default()),
+        progress: Arc::new(Progress::default()),
+    }
+}
+
+/// What the next instruction says of a failed verification.
+pub fn verify_failure(cfg: &Config, o: &crate::agent::AgentOutcome) -> String {
+    let tail: Vec<&str> = o.lines.iter().map(String::as_str).collect();
+    format!(
+        "\n\nThe task was marked complete, but the verification command `{}` failed ({}), so it is not done. \
+The end of its output:\n\n{}\n\nFix what it reports. Leave the completion marker in place only when the \
+verification passes.",
+        cfg.orchestrator.verify_command.join(" "),
+        o.ending.describe(),
+        tail.join("\n")
+    )
 }

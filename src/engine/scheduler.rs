@@ -411,7 +411,7 @@ impl Scheduler {
                 if self.preflight_seq == Some(seq) {
                     self.pool.done();
                     if let JobResult::Agent(o) = result {
-                        self.preflight_done(o);
+                        self.preflight_done(*o);
                     }
                 }
             }
@@ -424,10 +424,15 @@ impl Scheduler {
                     JobResult::Agent(o) => {
                         METRICS.active.fetch_sub(1, Ordering::Relaxed);
                         stats::count_in_metrics(&o);
-                        self.agent_done(&task, o)
+                        self.agent_done(&task, *o)
                     }
                     JobResult::Checkpoint(d) => self.checkpoint_done(&task, d),
-                    JobResult::Command(o) => self.hook_done(&task, o),
+                    JobResult::Command(o) => match self.slots.get(&task).map(|s| s.phase) {
+                        Some(Phase::Verifying { reason, .. }) => {
+                            self.verify_done(&task, reason, *o)
+                        }
+                        _ => self.hook_done(&task, *o),
+                    },
                 }
             }
         }
@@ -464,7 +469,9 @@ impl Scheduler {
             c.request(reason);
         }
         for s in self.slots.values() {
-            if let (Phase::Running { .. } | Phase::Hook { .. }, Some(c)) = (s.phase, &s.cancel) {
+            if let (Phase::Running { .. } | Phase::Verifying { .. } | Phase::Hook { .. }, Some(c)) =
+                (s.phase, &s.cancel)
+            {
                 c.request(reason);
             }
         }
@@ -557,9 +564,13 @@ impl Scheduler {
         let cfg = &self.cfg;
         let slot = self.slots.get_mut(id)?;
         let new_iteration = slot.retries_now == 0 && !slot.rerun;
-        if prompt_complete(&raw, &cfg.orchestrator.completion_marker) {
+        // A marker whose verification failed at this very iteration stays
+        // until the agent has seen the failure: the attempt goes ahead.
+        let verified_failed_now = !cfg.orchestrator.verify_command.is_empty()
+            && slot.state.verify_failed_at == Some(slot.state.iteration);
+        if prompt_complete(&raw, &cfg.orchestrator.completion_marker) && !verified_failed_now {
             slot.state.in_progress = None;
-            self.finish(id, Status::Completed, "completion_marker", None);
+            self.complete(id, "completion_marker");
             return None;
         }
         let limits = limits(cfg, &slot.state);
@@ -686,12 +697,14 @@ impl Scheduler {
             Verdict::Success => {
                 log::info!(task = id, iteration = it; "agent finished in {:.2} s ({} bytes of output)", o.duration.as_secs_f64(), o.bytes_read);
                 slot.succeeded();
+                // The agent has seen the failed verification.
+                slot.state.verify_failed = None;
                 self.gates.account.succeeded();
                 self.stats.iterations += 1;
                 self.stats.successes += 1;
                 METRICS.iterations_success.fetch_add(1, Ordering::Relaxed);
                 if o.marker_seen {
-                    return self.finish(id, Status::Completed, "output_marker", None);
+                    return self.complete(id, "output_marker");
                 }
                 let max_stalled = self.cfg.orchestrator.max_stalled_iterations;
                 if let Some(n) = slot.progress(o.tree_before, o.tree_after)
@@ -967,7 +980,7 @@ impl Scheduler {
             .map(|t| prompt_complete(&t, &o.completion_marker))
             .unwrap_or(false);
         if complete {
-            return self.finish(id, Status::Completed, "completion_marker", None);
+            return self.complete(id, "completion_marker");
         }
         let it = slot.state.iteration;
         if interval > 0 && it % interval == 0 && slot.state.last_checkpoint < it {
@@ -1025,6 +1038,60 @@ impl Scheduler {
             return self.ended(id);
         }
         slot.phase = Phase::Waiting(Instant::now() + delay);
+    }
+
+    /// The task says it is complete: verify_command decides, when there is
+    /// one.
+    fn complete(&mut self, id: &str, reason: &'static str) {
+        if self.cfg.orchestrator.verify_command.is_empty() {
+            return self.finish(id, Status::Completed, reason, None);
+        }
+        let seq = self.next_seq();
+        let Some(slot) = self.slots.get_mut(id) else {
+            return;
+        };
+        let it = slot.state.iteration;
+        let transcript = self.store.transcript_path(id, it);
+        let req = request::verify(&self.cfg, &self.owner, &slot.state, transcript);
+        log::info!(task = id, iteration = it; "the task says it is complete ({reason}); running {}", req.shown);
+        slot.cancel = Some(req.cancel.clone());
+        slot.phase = Phase::Verifying { seq, reason };
+        slot.dirty = true;
+        self.pool.send(id, seq, Job::Command(Box::new(req)));
+    }
+
+    fn verify_done(&mut self, id: &str, reason: &'static str, o: AgentOutcome) {
+        let delay = Duration::from_secs_f64(self.cfg.orchestrator.iteration_delay);
+        let failure = crate::engine::request::verify_failure(&self.cfg, &o);
+        let Some(slot) = self.slots.get_mut(id) else {
+            return;
+        };
+        slot.cancel = None;
+        slot.dirty = true;
+        let it = slot.state.iteration;
+        match (o.class, &o.ending) {
+            (Class::Success, _) => {
+                log::info!(task = id, iteration = it; "verification passed in {:.2} s", o.duration.as_secs_f64());
+                slot.state.verify_failed = None;
+                slot.state.verify_failed_at = None;
+                self.finish(id, Status::Completed, reason, None);
+            }
+            (Class::Stopped, crate::agent::Ending::Cancelled) => {
+                self.finish(id, Status::Cancelled, "cancelled", None);
+            }
+            (Class::Stopped, _) => {
+                // Shutdown: verified again on the next start.
+                slot.phase = Phase::Waiting(Instant::now());
+            }
+            _ => {
+                let detail = describe(&o);
+                log::warn!(task = id, iteration = it; "verification failed: {detail}; the loop goes on and the next instruction carries its output");
+                slot.state.last_error = Some(format!("verify_command failed: {detail}"));
+                slot.state.verify_failed = Some(failure);
+                slot.state.verify_failed_at = Some(it);
+                slot.phase = Phase::Waiting(Instant::now() + delay);
+            }
+        }
     }
 
     /// Ends a task, with a last checkpoint when it ran since the previous one.
@@ -1248,7 +1315,7 @@ impl Scheduler {
             Phase::Finished => {
                 log::info!(task = id; "cancel request ignored: the task already ended {}", slot.state.status.as_str())
             }
-            Phase::Running { .. } => {
+            Phase::Running { .. } | Phase::Verifying { .. } => {
                 log::info!(task = id; "cancelling: stopping the running agent");
                 if let Some(c) = &slot.cancel {
                     c.request(CancelReason::Cancel);

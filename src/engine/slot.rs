@@ -22,6 +22,11 @@ pub enum Phase {
         seq: u64,
         finishing: bool,
     },
+    /// The task says it is complete; verify_command runs.
+    Verifying {
+        seq: u64,
+        reason: &'static str,
+    },
     /// Ended; its on_task_end hook runs.
     Hook {
         seq: u64,
@@ -33,9 +38,10 @@ impl Phase {
     /// The job this phase waits for, if any.
     pub fn job(self) -> Option<u64> {
         match self {
-            Phase::Running { seq, .. } | Phase::Checkpointing { seq, .. } | Phase::Hook { seq } => {
-                Some(seq)
-            }
+            Phase::Running { seq, .. }
+            | Phase::Checkpointing { seq, .. }
+            | Phase::Verifying { seq, .. }
+            | Phase::Hook { seq } => Some(seq),
             _ => None,
         }
     }
@@ -49,6 +55,7 @@ impl Phase {
             ),
             Phase::Running { .. } => "running agent".into(),
             Phase::Checkpointing { .. } => "checkpointing".into(),
+            Phase::Verifying { .. } => "running verify_command".into(),
             Phase::Hook { .. } => "running on_task_end hook".into(),
             Phase::Finished => "finished".into(),
         }

@@ -39,11 +39,11 @@ pub fn spawn_worker(
                             "agent for task {} iteration {}",
                             req.task_id, req.iteration
                         )));
-                        JobResult::Agent(run_watched(&mut supervisor, req))
+                        JobResult::Agent(Box::new(run_watched(&mut supervisor, req)))
                     }
                     Job::Command(req) => {
                         set(Some(format!("{} of task {}", req.shown, req.task_id)));
-                        JobResult::Command(supervisor.run(req))
+                        JobResult::Command(Box::new(supervisor.run(req)))
                     }
                     Job::Checkpoint(job) => {
                         set(Some(format!("checkpoint of task {}", job.task_id)));

@@ -100,6 +100,12 @@ pub struct TaskState {
     pub tree_fingerprint: Option<String>,
     #[serde(default)]
     pub stalled_iterations: u32,
+    /// A failed verification, for the next instruction, and the iteration
+    /// it failed at (the marker is not checked again before the agent ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_failed: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_failed_at: Option<u64>,
 }
 
 impl TaskState {
@@ -151,6 +157,8 @@ impl TaskState {
             hook: None,
             tree_fingerprint: None,
             stalled_iterations: 0,
+            verify_failed: None,
+            verify_failed_at: None,
         }
     }
 }
