@@ -394,3 +394,52 @@ fn a_task_whose_verification_never_passes_does_not_complete() {
         "{s}"
     );
 }
+
+#[test]
+fn the_daemon_caps_cost_and_shows_it_per_profile() {
+    let sb = Sandbox::new("d-cost");
+    sb.write("cfg.toml", "[orchestrator]\nmax_cost_usd = 0.05\n");
+    sb.submit("# a\n", "a", &[]);
+    let mut c = sb.daemon_cmd(
+        "claude-json.sh",
+        &[
+            "--agent",
+            "claude",
+            "--config",
+            "cfg.toml",
+            "--log-file",
+            "daemon.log",
+        ],
+    );
+    c.env("FAKE_COST", "0.02");
+    let d = start(c);
+    await_status(&sb, "a", "limit_reached", 20);
+    let t = sb.task("a");
+    assert_eq!(t["reason"], "max_cost_usd", "{t}");
+    // 0.02 a run: the third run reaches 0.06 and ends it.
+    assert_eq!(t["iteration"], 3, "{t}");
+    assert!((t["cost_usd"].as_f64().unwrap() - 0.06).abs() < 1e-9, "{t}");
+    assert_eq!(t["tokens"], 3 * 150);
+    let port_file = sb.state_dir().join("http.port");
+    assert!(wait_until(Duration::from_secs(10), || port_file.is_file()));
+    let port = std::fs::read_to_string(port_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let (_, metrics) = ralph_qchat::http::client::get(
+        &format!("http://127.0.0.1:{port}/metrics"),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("ralph_agent_cost_usd_total{profile=\"claude\"}"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((v - 0.06).abs() < 1e-9, "{line}");
+    assert!(
+        metrics.contains("ralph_agent_tokens_total{profile=\"claude\"} 450\n"),
+        "{metrics}"
+    );
+    d.stop();
+}

@@ -2,8 +2,8 @@
 //! the working tree, taken by the worker before and after an attempt, so
 //! the scheduler can tell a loop that goes round without doing anything.
 //!
-//! In a git work tree: HEAD, `git status` and the size and mtime of every
-//! path it lists (an agent that commits its work each iteration leaves a
+//! In a git work tree: HEAD and `git status` (one process) and the size and
+//! mtime of every path it lists (an agent that commits its work each iteration leaves a
 //! clean tree and a new HEAD: that is progress). Elsewhere: the size and
 //! mtime of every file under the working directory. The state directory is
 //! left out either way (its transcripts change every iteration).
@@ -60,33 +60,62 @@ fn git(dir: &Path, args: &[&str]) -> Option<Vec<u8>> {
     out.status.success().then_some(out.stdout)
 }
 
+/// The top of the git work tree `dir` is in, found without running git
+/// (a tree that is not one costs no process).
+fn git_top(dir: &Path) -> Option<PathBuf> {
+    let mut d = Some(dir);
+    while let Some(p) = d {
+        if p.join(".git").exists() {
+            return Some(p.to_path_buf());
+        }
+        d = p.parent();
+    }
+    None
+}
+
+/// One `git status` (porcelain v2, which names HEAD in its header, paths
+/// relative to the top) and the size and mtime of every path it lists.
 fn git_state(dir: &Path, exclude: Option<&Path>, h: &mut DefaultHasher) -> Option<()> {
-    let top = git(dir, &["rev-parse", "--show-toplevel"])?;
-    let top = PathBuf::from(String::from_utf8_lossy(&top).trim());
-    // An empty repository has no HEAD yet.
-    git(dir, &["rev-parse", "-q", "--verify", "HEAD"])
-        .unwrap_or_default()
-        .hash(h);
+    let top = git_top(dir)?;
     let status = git(
-        dir,
-        &["status", "--porcelain=v1", "-z", "--untracked-files=all"],
+        &top,
+        &[
+            "status",
+            "--porcelain=v2",
+            "-z",
+            "--branch",
+            "--untracked-files=all",
+        ],
     )?;
     let mut records = status.split(|&b| b == 0).filter(|r| !r.is_empty());
     while let Some(r) = records.next() {
-        if r.len() < 4 {
+        let text = String::from_utf8_lossy(r);
+        // Fields before the path: ordinary 8, rename/copy 9 (its origin is
+        // the next record), unmerged 10, untracked/ignored 1.
+        let fields = match text.as_bytes().first() {
+            Some(b'#') => {
+                if !text.starts_with("# branch.ab") {
+                    r.hash(h);
+                }
+                continue;
+            }
+            Some(b'1') => 8,
+            Some(b'2') => 9,
+            Some(b'u') => 10,
+            Some(b'?') | Some(b'!') => 1,
+            _ => continue,
+        };
+        let Some(path) = text.splitn(fields + 1, ' ').nth(fields) else {
             continue;
-        }
-        let (code, path) = (&r[..2], &r[3..]);
-        // A rename names its origin in the next record.
-        if code[0] == b'R' || code[0] == b'C' {
+        };
+        if fields == 9 {
             records.next();
         }
-        let full = top.join(std::ffi::OsStr::new(&*String::from_utf8_lossy(path)));
+        let full = top.join(path);
         if exclude.is_some_and(|e| full.starts_with(e)) {
             continue;
         }
-        code.hash(h);
-        path.hash(h);
+        r.hash(h);
         if let Ok(m) = std::fs::symlink_metadata(&full) {
             (m.len(), m.mtime(), m.mtime_nsec()).hash(h);
         }
