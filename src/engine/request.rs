@@ -171,40 +171,38 @@ pub fn build(i: Inputs) -> (AgentRequest, bool) {
     (req, by_reference)
 }
 
-/// The profile's preflight (`q whoami`) as a request: supervised like an
-/// agent (timeout, process group, output rules), without a transcript.
-pub fn preflight(
+/// A command the engine runs beside the agent (preflight, verification,
+/// hook), supervised the same way: its own process group, a timeout, output
+/// read without blocking; no rules, marker or accounting of the agent's.
+fn command(
     cfg: &Config,
+    task_id: &str,
     argv: &[String],
-    state_dir: &Path,
-    rules: Arc<Rules>,
+    shown: String,
+    env: Vec<(OsString, OsString)>,
+    workdir: PathBuf,
+    timeout: f64,
 ) -> AgentRequest {
-    let a = &cfg.adapter;
-    // `whoami` runs no turn: the proof line of a turn does not apply.
-    let rules = Arc::new(Rules {
-        proof: None,
-        ..(*rules).clone()
-    });
     AgentRequest {
-        task_id: "preflight".into(),
+        task_id: task_id.to_string(),
         iteration: 0,
         attempt: 1,
         program: argv.first().cloned().unwrap_or_default().into(),
         args: argv.iter().skip(1).map(OsString::from).collect(),
-        shown: argv.join(" "),
-        env: agent_env(cfg),
-        workdir: state_dir.to_path_buf(),
-        timeout: Duration::from_secs_f64(a.preflight_timeout),
+        shown,
+        env,
+        workdir,
+        timeout: Duration::from_secs_f64(timeout),
         timeout_is_runtime: false,
         idle_timeout: None,
-        kill_grace: Duration::from_secs_f64(a.kill_grace),
+        kill_grace: Duration::from_secs_f64(cfg.adapter.kill_grace),
         poll_interval: Duration::from_secs_f64(cfg.performance.poll_interval),
         buffer_size: cfg.performance.buffer_size as usize,
-        max_output: 64 * 1024,
-        max_memory_mb: cfg.limits.max_memory_mb,
+        max_output: 1024 * 1024,
+        max_memory_mb: 0,
         output_marker: None,
         echo: Arc::new(vec![]),
-        rules,
+        rules: Arc::new(Rules::default()),
         output_mode: crate::agent::profile::OutputMode::Text,
         reports: &[],
         watch: None,
@@ -215,10 +213,36 @@ pub fn preflight(
     }
 }
 
+/// The profile's preflight (`q whoami`): the agent's environment, in the
+/// state directory, judged by the profile's rules (a login prompt stops it).
+pub fn preflight(
+    cfg: &Config,
+    argv: &[String],
+    state_dir: &Path,
+    rules: Arc<Rules>,
+) -> AgentRequest {
+    let mut req = command(
+        cfg,
+        "preflight",
+        argv,
+        argv.join(" "),
+        agent_env(cfg),
+        state_dir.to_path_buf(),
+        cfg.adapter.preflight_timeout,
+    );
+    req.max_output = 64 * 1024;
+    req.max_memory_mb = cfg.limits.max_memory_mb;
+    // `whoami` runs no turn: the proof line of a turn does not apply.
+    req.rules = Arc::new(Rules {
+        proof: None,
+        ..(*rules).clone()
+    });
+    req
+}
+
 /// The on_task_end hook of an ended task: its argv with the task's id,
 /// status, reason and counters in the environment, in the task's working
-/// directory (the state directory when that is gone), supervised like an
-/// agent, its output in `log`.
+/// directory (the state directory when that is gone), its output in `log`.
 pub fn hook(
     cfg: &Config,
     owner: &str,
@@ -266,42 +290,20 @@ pub fn hook(
         ("RALPH_QCHAT_WORKDIR", task.workdir.clone()),
         (crate::agent::MARKER_VAR, format!("{owner}{}", task.id)),
     ];
-    AgentRequest {
-        task_id: task.id.clone(),
-        iteration: task.iteration,
-        attempt: 1,
-        program: argv.first().cloned().unwrap_or_default().into(),
-        args: argv.iter().skip(1).map(OsString::from).collect(),
-        shown: format!("on_task_end hook {}", argv.join(" ")),
-        env: vars
-            .into_iter()
-            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
-            .collect(),
-        workdir,
-        timeout: Duration::from_secs_f64(cfg.hooks.timeout),
-        timeout_is_runtime: false,
-        idle_timeout: None,
-        kill_grace: Duration::from_secs_f64(cfg.adapter.kill_grace),
-        poll_interval: Duration::from_secs_f64(cfg.performance.poll_interval),
-        buffer_size: cfg.performance.buffer_size as usize,
-        max_output: 1024 * 1024,
-        max_memory_mb: 0,
-        output_marker: None,
-        echo: Arc::new(vec![]),
-        rules: Arc::new(Rules::default()),
-        output_mode: crate::agent::profile::OutputMode::Text,
-        reports: &[],
-        watch: None,
-        transcript: Some(log),
-        stream: false,
-        cancel: Arc::new(Cancel::default()),
-        progress: Arc::new(Progress::default()),
-    }
+    let env = vars
+        .into_iter()
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+        .collect();
+    let shown = format!("on_task_end hook {}", argv.join(" "));
+    let mut req = command(cfg, &task.id, argv, shown, env, workdir, cfg.hooks.timeout);
+    req.iteration = task.iteration;
+    req.transcript = Some(log);
+    req
 }
 
 /// The verification of a task that says it is complete: `verify_command`
-/// in the task's working directory with the agent's environment, supervised
-/// like the agent, its output appended to the iteration's transcript.
+/// in the task's working directory with the agent's environment, its output
+/// appended to the iteration's transcript.
 pub fn verify(cfg: &Config, owner: &str, task: &TaskState, transcript: PathBuf) -> AgentRequest {
     let argv = &cfg.orchestrator.verify_command;
     let mut env = agent_env(cfg);
@@ -314,34 +316,22 @@ pub fn verify(cfg: &Config, owner: &str, task: &TaskState, transcript: PathBuf) 
         "RALPH_QCHAT_PROMPT_FILE".into(),
         task.prompt_file.clone().into(),
     ));
-    AgentRequest {
-        task_id: task.id.clone(),
-        iteration: task.iteration,
-        attempt: 1,
-        program: argv.first().cloned().unwrap_or_default().into(),
-        args: argv.iter().skip(1).map(OsString::from).collect(),
-        shown: format!("verify_command {}", argv.join(" ")),
+    let shown = format!("verify_command {}", argv.join(" "));
+    let workdir = PathBuf::from(&task.workdir);
+    let mut req = command(
+        cfg,
+        &task.id,
+        argv,
+        shown,
         env,
-        workdir: PathBuf::from(&task.workdir),
-        timeout: Duration::from_secs_f64(cfg.orchestrator.verify_timeout),
-        timeout_is_runtime: false,
-        idle_timeout: None,
-        kill_grace: Duration::from_secs_f64(cfg.adapter.kill_grace),
-        poll_interval: Duration::from_secs_f64(cfg.performance.poll_interval),
-        buffer_size: cfg.performance.buffer_size as usize,
-        max_output: cfg.limits.max_output_size,
-        max_memory_mb: cfg.limits.max_memory_mb,
-        output_marker: None,
-        echo: Arc::new(vec![]),
-        rules: Arc::new(Rules::default()),
-        output_mode: crate::agent::profile::OutputMode::Text,
-        reports: &[],
-        watch: None,
-        transcript: Some(transcript),
-        stream: false,
-        cancel: Arc::new(Cancel::default()),
-        progress: Arc::new(Progress::default()),
-    }
+        workdir,
+        cfg.orchestrator.verify_timeout,
+    );
+    req.iteration = task.iteration;
+    req.max_output = cfg.limits.max_output_size;
+    req.max_memory_mb = cfg.limits.max_memory_mb;
+    req.transcript = Some(transcript);
+    req
 }
 
 /// What the next instruction says of a failed verification.
