@@ -443,3 +443,65 @@ fn the_daemon_caps_cost_and_shows_it_per_profile() {
     );
     d.stop();
 }
+
+#[test]
+fn a_hanging_git_fsmonitor_does_not_hang_the_checkpoint_nor_shutdown() {
+    let sb = Sandbox::new("fsmonitor");
+    git(&sb.dir, &["init", "-q"]);
+    // What an agent could leave in .git/config: a monitor that never answers.
+    let hang = sb.write_exec("hang-monitor.sh", "#!/bin/sh\nexec sleep 300\n");
+    git(
+        &sb.dir,
+        &["config", "core.fsmonitor", hang.to_str().unwrap()],
+    );
+    sb.write(
+        "cfg.toml",
+        "[orchestrator]\ncheckpoint_interval = 1\ncheckpoint_timeout = 2.0\n",
+    );
+    let mut c = sb.run_cmd("complete-after.sh", &["--config", "cfg.toml"]);
+    c.env("FAKE_N", "2");
+    let r = start(c).finish(Duration::from_secs(30));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert_eq!(sb.state()["status"], "completed");
+    assert!(
+        r.stderr.contains("did not finish within 2 s"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.elapsed < Duration::from_secs(20), "{:?}", r.elapsed);
+    sb.assert_nothing_left();
+
+    // Shutdown while a checkpoint hangs: stopped after the grace period.
+    let sb = Sandbox::new("fsmonitor-term");
+    git(&sb.dir, &["init", "-q"]);
+    let hang = sb.write_exec("hang-monitor.sh", "#!/bin/sh\nexec sleep 300\n");
+    git(
+        &sb.dir,
+        &["config", "core.fsmonitor", hang.to_str().unwrap()],
+    );
+    sb.write(
+        "cfg.toml",
+        "[orchestrator]\ncheckpoint_interval = 1\ncheckpoint_timeout = 300.0\nshutdown_grace = 1.0\n",
+    );
+    let mut c = sb.daemon_cmd(
+        "complete-after.sh",
+        &["--config", "cfg.toml", "--log-file", "daemon.log"],
+    );
+    c.env("FAKE_N", "5");
+    sb.submit("# a\n", "a", &["--workdir", sb.dir.to_str().unwrap()]);
+    let d = start(c);
+    assert!(
+        wait_until(Duration::from_secs(15), || sb
+            .live_commands()
+            .iter()
+            .any(|(_, c)| c.contains("sleep 300"))),
+        "{}",
+        log_of(&sb)
+    );
+    let t = std::time::Instant::now();
+    d.signal(libc::SIGTERM);
+    let f = d.finish(Duration::from_secs(15));
+    assert_eq!(f.code(), 0, "{}", f.stderr);
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    sb.assert_nothing_left();
+}

@@ -1,8 +1,12 @@
 //! Checkpoints: the prompt archived beside the task's state, and the work
 //! committed to git. Nothing here ever resets or discards work.
 
+use super::attempt::Cancel;
+use super::bounded::{self, Failure};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
 pub struct CheckpointJob {
@@ -15,6 +19,11 @@ pub struct CheckpointJob {
     pub git: bool,
     /// Never committed, even when it lies inside the work tree.
     pub state_dir: PathBuf,
+    /// For all of the checkpoint's git commands together.
+    pub timeout: Duration,
+    pub kill_grace: Duration,
+    /// Shutdown stops a checkpoint that has not finished.
+    pub cancel: Arc<Cancel>,
 }
 
 /// What a checkpoint did, for the log.
@@ -39,7 +48,8 @@ pub fn checkpoint(job: &CheckpointJob) -> Done {
         }
     }
     if job.git {
-        match git_commit(job) {
+        let deadline = Instant::now() + job.timeout;
+        match git_commit(job, deadline) {
             Ok(c) => done.commit = c,
             Err(e) => done.notes.push(e),
         }
@@ -61,15 +71,31 @@ fn git(dir: &Path) -> Command {
     c
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<std::process::Output, String> {
-    cmd.output()
-        .map_err(|e| format!("git checkpoint: cannot run git ({what}): {e}"))
+/// One git command within the checkpoint's deadline.
+fn run(
+    job: &CheckpointJob,
+    deadline: Instant,
+    cmd: &mut Command,
+    what: &str,
+) -> Result<bounded::Finished, String> {
+    bounded::run(cmd, deadline, job.kill_grace, Some(&job.cancel)).map_err(|f| match f {
+        Failure::Spawn(e) => format!("git checkpoint: cannot run git ({what}): {e}"),
+        Failure::TimedOut => format!(
+            "git checkpoint: `git {what}` did not finish within {:.0} s (orchestrator.checkpoint_timeout) and was killed; \
+             look for a hook, filter or fsmonitor in {}/.git/config",
+            job.timeout.as_secs_f64(),
+            job.workdir.display()
+        ),
+        Failure::Cancelled => format!("git checkpoint: `git {what}` stopped by shutdown"),
+    })
 }
 
 /// Commits every change in the work tree around `workdir`; Ok(None) when the
 /// directory is not in a git work tree or nothing changed.
-fn git_commit(job: &CheckpointJob) -> Result<Option<String>, String> {
+fn git_commit(job: &CheckpointJob, deadline: Instant) -> Result<Option<String>, String> {
     let top = match run(
+        job,
+        deadline,
         git(&job.workdir).args(["rev-parse", "--show-toplevel"]),
         "rev-parse",
     ) {
@@ -92,7 +118,7 @@ fn git_commit(job: &CheckpointJob) -> Result<Option<String>, String> {
         }
         add.arg(format!(":(exclude){}", rel.display()));
     }
-    let o = run(&mut add, "add")?;
+    let o = run(job, deadline, &mut add, "add")?;
     if !o.status.success() {
         return Err(format!(
             "git checkpoint: `git add -A` failed in {}: {}",
@@ -100,14 +126,24 @@ fn git_commit(job: &CheckpointJob) -> Result<Option<String>, String> {
             String::from_utf8_lossy(&o.stderr).trim()
         ));
     }
-    let staged = run(git(&top).args(["diff", "--cached", "--quiet"]), "diff")?;
+    let staged = run(
+        job,
+        deadline,
+        git(&top).args(["diff", "--cached", "--quiet"]),
+        "diff",
+    )?;
     if staged.status.success() {
         return Ok(None);
     }
     let mut commit = git(&top);
-    let has_identity = run(git(&top).args(["config", "user.email"]), "config")
-        .map(|o| o.status.success() && !o.stdout.trim_ascii().is_empty())
-        .unwrap_or(false);
+    let has_identity = run(
+        job,
+        deadline,
+        git(&top).args(["config", "user.email"]),
+        "config",
+    )
+    .map(|o| o.status.success() && !o.stdout.trim_ascii().is_empty())
+    .unwrap_or(false);
     if !has_identity {
         commit
             .env("GIT_AUTHOR_NAME", "ralph-qchat")
@@ -120,6 +156,8 @@ fn git_commit(job: &CheckpointJob) -> Result<Option<String>, String> {
         job.task_id, job.iteration
     );
     let o = run(
+        job,
+        deadline,
         commit.args(["commit", "--no-verify", "-q", "-m", &message]),
         "commit",
     )?;
@@ -131,6 +169,8 @@ fn git_commit(job: &CheckpointJob) -> Result<Option<String>, String> {
         ));
     }
     let head = run(
+        job,
+        deadline,
         git(&top).args(["rev-parse", "--short", "HEAD"]),
         "rev-parse",
     )?;

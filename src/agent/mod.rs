@@ -4,6 +4,7 @@
 //! git checkpoint, the other process a worker runs.
 
 mod attempt;
+mod bounded;
 pub mod checkpoint;
 pub mod classify;
 mod group;

@@ -12,7 +12,8 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// Files looked at in a tree that is not a git work tree; a larger tree
 /// has no fingerprint (and is never called stalled).
@@ -25,6 +26,8 @@ pub struct WatchSpec {
     pub state_dir: PathBuf,
     /// Take one before the attempt too (the task has none yet).
     pub baseline: bool,
+    /// How long its `git status` may take.
+    pub timeout: Duration,
 }
 
 /// The fingerprint, or None when it cannot be taken (unreadable tree, git
@@ -39,24 +42,31 @@ pub fn fingerprint(w: &WatchSpec) -> Option<u64> {
     let (state, work) = (canon(&w.state_dir), canon(&w.workdir));
     let exclude = (state.starts_with(&work) && state != work).then_some(state);
     let exclude = exclude.as_deref();
-    match git_state(&work, exclude, &mut h) {
+    match git_state(&work, exclude, w.timeout, &mut h) {
         Some(()) => {}
         None => walk(&work, exclude, &mut h)?,
     }
     Some(h.finish())
 }
 
-fn git(dir: &Path, args: &[&str]) -> Option<Vec<u8>> {
-    let out = Command::new("git")
-        .current_dir(dir)
+/// `git` for a fingerprint: no fsmonitor (an agent may have put a hook
+/// there), within `timeout`; a hung one is killed and the iteration simply
+/// has no fingerprint.
+fn git(dir: &Path, args: &[&str], timeout: Duration) -> Option<Vec<u8>> {
+    let mut cmd = Command::new("git");
+    cmd.current_dir(dir)
+        .args(["-c", "core.fsmonitor=false"])
         .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
         // Never take the index lock the agent may need.
         .env("GIT_OPTIONAL_LOCKS", "0")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .output()
-        .ok()?;
+        .env("GIT_TERMINAL_PROMPT", "0");
+    let out = super::bounded::run(
+        &mut cmd,
+        Instant::now() + timeout,
+        Duration::from_secs(1),
+        None,
+    )
+    .ok()?;
     out.status.success().then_some(out.stdout)
 }
 
@@ -75,7 +85,12 @@ fn git_top(dir: &Path) -> Option<PathBuf> {
 
 /// One `git status` (porcelain v2, which names HEAD in its header, paths
 /// relative to the top) and the size and mtime of every path it lists.
-fn git_state(dir: &Path, exclude: Option<&Path>, h: &mut DefaultHasher) -> Option<()> {
+fn git_state(
+    dir: &Path,
+    exclude: Option<&Path>,
+    timeout: Duration,
+    h: &mut DefaultHasher,
+) -> Option<()> {
     let top = git_top(dir)?;
     let status = git(
         &top,
@@ -86,6 +101,7 @@ fn git_state(dir: &Path, exclude: Option<&Path>, h: &mut DefaultHasher) -> Optio
             "--branch",
             "--untracked-files=all",
         ],
+        timeout,
     )?;
     let mut records = status.split(|&b| b == 0).filter(|r| !r.is_empty());
     while let Some(r) = records.next() {
@@ -169,6 +185,7 @@ mod tests {
             workdir: d.to_path_buf(),
             state_dir: d.join("state"),
             baseline: true,
+            timeout: Duration::from_secs(10),
         }
     }
 
@@ -198,6 +215,7 @@ mod tests {
             workdir: ws.clone(),
             state_dir: d.join("state"),
             baseline: true,
+            timeout: Duration::from_secs(10),
         };
         let a = fingerprint(&w).unwrap();
         std::fs::write(ws.join("work.txt"), "1").unwrap();

@@ -229,6 +229,8 @@ pub struct Orchestrator {
     /// argv that must pass before a completion marker is accepted; empty = none.
     pub verify_command: Vec<String>,
     pub verify_timeout: f64,
+    /// Seconds all git commands of one checkpoint may take together.
+    pub checkpoint_timeout: f64,
 }
 
 impl Default for Orchestrator {
@@ -252,6 +254,7 @@ impl Default for Orchestrator {
             max_stalled_iterations: 5,
             verify_command: Vec::new(),
             verify_timeout: 600.0,
+            checkpoint_timeout: 120.0,
         }
     }
 }

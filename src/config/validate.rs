@@ -106,6 +106,7 @@ pub fn validate(c: &Config) -> Result<(), Invalid> {
     non_negative("orchestrator.iteration_delay", o.iteration_delay)?;
     non_negative("orchestrator.shutdown_grace", o.shutdown_grace)?;
     positive("orchestrator.verify_timeout", o.verify_timeout)?;
+    positive("orchestrator.checkpoint_timeout", o.checkpoint_timeout)?;
     if o.verify_command
         .first()
         .is_some_and(|p| p.trim().is_empty())

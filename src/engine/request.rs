@@ -162,6 +162,7 @@ pub fn build(i: Inputs) -> (AgentRequest, bool) {
             workdir: PathBuf::from(&i.task.workdir),
             state_dir: i.state_dir.to_path_buf(),
             baseline: i.task.tree_fingerprint.is_none(),
+            timeout: Duration::from_secs_f64(o.checkpoint_timeout),
         }),
         transcript: i.transcript,
         stream: i.stream,

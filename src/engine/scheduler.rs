@@ -469,8 +469,13 @@ impl Scheduler {
             c.request(reason);
         }
         for s in self.slots.values() {
-            if let (Phase::Running { .. } | Phase::Verifying { .. } | Phase::Hook { .. }, Some(c)) =
-                (s.phase, &s.cancel)
+            if let (
+                Phase::Running { .. }
+                | Phase::Verifying { .. }
+                | Phase::Checkpointing { .. }
+                | Phase::Hook { .. },
+                Some(c),
+            ) = (s.phase, &s.cancel)
             {
                 c.request(reason);
             }
@@ -1003,7 +1008,12 @@ impl Scheduler {
             archive_dir: o.archive_prompts.then(|| self.store.archive_dir(id)),
             git: o.git_checkpoint,
             state_dir: self.store.state_dir().to_path_buf(),
+            timeout: Duration::from_secs_f64(o.checkpoint_timeout),
+            kill_grace: Duration::from_secs_f64(self.cfg.adapter.kill_grace),
+            cancel: Arc::new(Cancel::default()),
         };
+        // Shutdown stops a checkpoint that outlives the grace period.
+        slot.cancel = Some(job.cancel.clone());
         slot.state.last_checkpoint = slot.state.iteration;
         slot.dirty = true;
         slot.phase = Phase::Checkpointing { seq, finishing };
@@ -1015,6 +1025,7 @@ impl Scheduler {
         let Some(slot) = self.slots.get_mut(id) else {
             return;
         };
+        slot.cancel = None;
         let it = slot.state.iteration;
         for n in &d.notes {
             log::warn!(task = id, iteration = it; "{n}");
