@@ -46,9 +46,12 @@ fn sigterm_mid_run_stops_everything_and_a_rerun_resumes() {
     // An agent that ignores SIGTERM: the daemon must escalate within kill_grace.
     let r = start(sb.run_cmd("ignore-term.sh", &["--config", "cfg.toml"]));
     assert!(agent_started(&sb));
-    let s = sb.state();
-    assert_eq!(s["status"], "running");
-    assert_eq!(s["in_progress"], 1);
+    // The record is written by the writer thread, a moment after the agent
+    // may already have started: wait for it, do not race it.
+    assert!(wait_until(Duration::from_secs(5), || {
+        let s = sb.state();
+        s["status"] == "running" && s["in_progress"] == 1
+    }));
     let t0 = std::time::Instant::now();
     r.signal(libc::SIGTERM);
     let r = r.finish(Duration::from_secs(10));
@@ -104,6 +107,11 @@ fn kill_9_mid_run_takes_the_agent_along_and_a_rerun_resumes() {
         .live_commands()
         .iter()
         .any(|(_, c)| c == "sleep 300")));
+    // What the rerun reads: the iteration recorded as in progress.
+    assert!(wait_until(
+        Duration::from_secs(5),
+        || sb.state()["in_progress"] == 1
+    ));
     r.signal(libc::SIGKILL);
     let r = r.finish(Duration::from_secs(10));
     assert_eq!(r.code(), 128 + 9);
