@@ -314,41 +314,29 @@ pub fn render(m: &Metrics, g: &Gauges) -> String {
     ));
     let mut spent = m.spent.lock().map(|s| s.clone()).unwrap_or_default();
     spent.entry(g.profile.to_string()).or_default();
-    family(
-        &mut o,
-        "ralph_agent_credits_total",
-        "counter",
-        "Credits agents reported (Kiro), by profile.",
-    );
-    for (p, v) in &spent {
-        o.push_str(&format!(
-            "ralph_agent_credits_total{{profile=\"{p}\"}} {}\n",
-            v.credits
-        ));
-    }
-    family(
-        &mut o,
-        "ralph_agent_cost_usd_total",
-        "counter",
-        "US dollars agents reported (Claude), by profile.",
-    );
-    for (p, v) in &spent {
-        o.push_str(&format!(
-            "ralph_agent_cost_usd_total{{profile=\"{p}\"}} {}\n",
-            v.cost_usd
-        ));
-    }
-    family(
-        &mut o,
-        "ralph_agent_tokens_total",
-        "counter",
-        "Tokens agents reported (Claude, Codex), by profile.",
-    );
-    for (p, v) in &spent {
-        o.push_str(&format!(
-            "ralph_agent_tokens_total{{profile=\"{p}\"}} {}\n",
-            v.tokens
-        ));
+    type Field = fn(&Spent) -> String;
+    let families: [(&str, &str, Field); 3] = [
+        (
+            "ralph_agent_credits_total",
+            "Credits agents reported (Kiro), by profile.",
+            |v| v.credits.to_string(),
+        ),
+        (
+            "ralph_agent_cost_usd_total",
+            "US dollars agents reported (Claude), by profile.",
+            |v| v.cost_usd.to_string(),
+        ),
+        (
+            "ralph_agent_tokens_total",
+            "Tokens agents reported (Claude, Codex), by profile.",
+            |v| v.tokens.to_string(),
+        ),
+    ];
+    for (name, help, value) in families {
+        family(&mut o, name, "counter", help);
+        for (p, v) in &spent {
+            o.push_str(&format!("{name}{{profile=\"{p}\"}} {}\n", value(v)));
+        }
     }
     let open = m.circuit_open.load(Relaxed);
     single(

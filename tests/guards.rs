@@ -444,16 +444,21 @@ fn the_daemon_caps_cost_and_shows_it_per_profile() {
     d.stop();
 }
 
-#[test]
-fn a_hanging_git_fsmonitor_does_not_hang_the_checkpoint_nor_shutdown() {
-    let sb = Sandbox::new("fsmonitor");
+/// A git work tree with what an agent could leave in .git/config: a
+/// monitor that never answers.
+fn hanging_fsmonitor(sb: &Sandbox) {
     git(&sb.dir, &["init", "-q"]);
-    // What an agent could leave in .git/config: a monitor that never answers.
     let hang = sb.write_exec("hang-monitor.sh", "#!/bin/sh\nexec sleep 300\n");
     git(
         &sb.dir,
         &["config", "core.fsmonitor", hang.to_str().unwrap()],
     );
+}
+
+#[test]
+fn a_hanging_git_fsmonitor_does_not_hang_the_checkpoint_nor_shutdown() {
+    let sb = Sandbox::new("fsmonitor");
+    hanging_fsmonitor(&sb);
     sb.write(
         "cfg.toml",
         "[orchestrator]\ncheckpoint_interval = 1\ncheckpoint_timeout = 2.0\n",
@@ -473,12 +478,7 @@ fn a_hanging_git_fsmonitor_does_not_hang_the_checkpoint_nor_shutdown() {
 
     // Shutdown while a checkpoint hangs: stopped after the grace period.
     let sb = Sandbox::new("fsmonitor-term");
-    git(&sb.dir, &["init", "-q"]);
-    let hang = sb.write_exec("hang-monitor.sh", "#!/bin/sh\nexec sleep 300\n");
-    git(
-        &sb.dir,
-        &["config", "core.fsmonitor", hang.to_str().unwrap()],
-    );
+    hanging_fsmonitor(&sb);
     sb.write(
         "cfg.toml",
         "[orchestrator]\ncheckpoint_interval = 1\ncheckpoint_timeout = 300.0\nshutdown_grace = 1.0\n",

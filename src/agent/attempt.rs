@@ -62,12 +62,6 @@ pub struct Usage {
 }
 
 impl Usage {
-    pub fn add(&mut self, o: &Usage) {
-        self.credits += o.credits;
-        self.cost_usd += o.cost_usd;
-        self.tokens += o.tokens;
-    }
-
     pub fn is_zero(&self) -> bool {
         *self == Usage::default()
     }
@@ -95,23 +89,6 @@ pub enum Ending {
 impl Ending {
     pub fn is_success(&self) -> bool {
         matches!(self, Ending::Exited(0))
-    }
-
-    /// The error_type label used in logs and metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Ending::Exited(0) => "ok",
-            Ending::Exited(_) => "nonzero_exit",
-            Ending::Signaled(_) => "signaled",
-            Ending::TimedOut => "timeout",
-            Ending::IdleTimedOut => "idle_timeout",
-            Ending::RuntimeExceeded => "max_runtime",
-            Ending::Cancelled => "cancelled",
-            Ending::ShutDown => "shutdown",
-            Ending::Unavailable(_) => "unavailable",
-            Ending::SpawnFailed(_) => "spawn_failed",
-            Ending::RuleStopped => "stopped_by_rule",
-        }
     }
 
     pub fn describe(&self) -> String {
