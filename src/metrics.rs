@@ -22,7 +22,7 @@ pub const BUCKETS: [f64; 11] = [
     f64::INFINITY,
 ];
 /// The outcome classes of failed attempts, and two events beside them.
-pub const ERROR_TYPES: [&str; 10] = [
+pub const ERROR_TYPES: [&str; 11] = [
     "failed",
     "throttled",
     "quota",
@@ -31,6 +31,7 @@ pub const ERROR_TYPES: [&str; 10] = [
     "unavailable",
     "timeout",
     "idle_timeout",
+    "oom",
     "output_truncated",
     "cancelled",
 ];
@@ -52,7 +53,7 @@ pub struct Metrics {
     pub retries: AtomicU64,
     pub iterations_success: AtomicU64,
     pub iterations_failure: AtomicU64,
-    pub errors: [AtomicU64; 10],
+    pub errors: [AtomicU64; 11],
     /// Cumulative counts per bucket (Prometheus `le` semantics).
     pub buckets: [AtomicU64; 11],
     pub duration_micros: AtomicU64,
@@ -64,12 +65,57 @@ pub struct Metrics {
     pub spent: Mutex<BTreeMap<String, Spent>>,
 }
 
-/// Credits, US dollars and tokens one profile's agents reported.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+/// Credits, US dollars and tokens one profile's agents reported, and what
+/// their attempts used of the machine (containment's accounting).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Spent {
     pub credits: f64,
     pub cost_usd: f64,
     pub tokens: u64,
+    #[serde(default)]
+    pub cpu_seconds: f64,
+    /// Sum over attempts of the most processes alive at once.
+    #[serde(default)]
+    pub processes: u64,
+    #[serde(default)]
+    pub oom_kills: u64,
+    /// Attempts by peak memory, cumulative per MEMORY_BUCKETS (`le`).
+    #[serde(default)]
+    pub memory_buckets: Vec<u64>,
+    #[serde(default)]
+    pub memory_sum: u64,
+    #[serde(default)]
+    pub memory_count: u64,
+}
+
+/// Peak memory of an attempt, bytes: 64 MiB to 16 GiB.
+pub const MEMORY_BUCKETS: [f64; 9] = [
+    67108864.0,
+    134217728.0,
+    268435456.0,
+    536870912.0,
+    1073741824.0,
+    2147483648.0,
+    4294967296.0,
+    17179869184.0,
+    f64::INFINITY,
+];
+
+impl Spent {
+    fn add(&mut self, v: &Spent) {
+        self.credits += v.credits;
+        self.cost_usd += v.cost_usd;
+        self.tokens += v.tokens;
+        self.cpu_seconds += v.cpu_seconds;
+        self.processes += v.processes;
+        self.oom_kills += v.oom_kills;
+        self.memory_buckets.resize(MEMORY_BUCKETS.len(), 0);
+        for (a, b) in self.memory_buckets.iter_mut().zip(&v.memory_buckets) {
+            *a += b;
+        }
+        self.memory_sum += v.memory_sum;
+        self.memory_count += v.memory_count;
+    }
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -85,7 +131,7 @@ impl Metrics {
             retries: ZERO,
             iterations_success: ZERO,
             iterations_failure: ZERO,
-            errors: [ZERO; 10],
+            errors: [ZERO; 11],
             buckets: [ZERO; 11],
             duration_micros: ZERO,
             active: ZERO,
@@ -99,11 +145,39 @@ impl Metrics {
         if u.is_zero() {
             return;
         }
+        self.add_spent(
+            profile,
+            &Spent {
+                credits: u.credits,
+                cost_usd: u.cost_usd,
+                tokens: u.tokens,
+                ..Spent::default()
+            },
+        );
+    }
+
+    /// What one attempt used of the machine.
+    pub fn used(&self, profile: &str, r: &crate::agent::Resources) {
+        let mut v = Spent {
+            cpu_seconds: r.cpu_seconds,
+            processes: r.processes.unwrap_or(0),
+            oom_kills: r.oom_kills,
+            ..Spent::default()
+        };
+        if let Some(m) = r.peak_memory {
+            v.memory_buckets = MEMORY_BUCKETS
+                .iter()
+                .map(|le| u64::from(m as f64 <= *le))
+                .collect();
+            v.memory_sum = m;
+            v.memory_count = 1;
+        }
+        self.add_spent(profile, &v);
+    }
+
+    fn add_spent(&self, profile: &str, v: &Spent) {
         if let Ok(mut m) = self.spent.lock() {
-            let e = m.entry(profile.to_string()).or_default();
-            e.credits += u.credits;
-            e.cost_usd += u.cost_usd;
-            e.tokens += u.tokens;
+            m.entry(profile.to_string()).or_default().add(v);
         }
     }
 
@@ -164,13 +238,8 @@ impl Metrics {
             a.fetch_add(*v, Relaxed);
         }
         self.duration_micros.fetch_add(t.duration_micros, Relaxed);
-        if let Ok(mut m) = self.spent.lock() {
-            for (p, v) in &t.spent {
-                let e = m.entry(p.clone()).or_default();
-                e.credits += v.credits;
-                e.cost_usd += v.cost_usd;
-                e.tokens += v.tokens;
-            }
+        for (p, v) in &t.spent {
+            self.add_spent(p, v);
         }
     }
 }
@@ -315,7 +384,7 @@ pub fn render(m: &Metrics, g: &Gauges) -> String {
     let mut spent = m.spent.lock().map(|s| s.clone()).unwrap_or_default();
     spent.entry(g.profile.to_string()).or_default();
     type Field = fn(&Spent) -> String;
-    let families: [(&str, &str, Field); 3] = [
+    let families: [(&str, &str, Field); 6] = [
         (
             "ralph_agent_credits_total",
             "Credits agents reported (Kiro), by profile.",
@@ -331,12 +400,54 @@ pub fn render(m: &Metrics, g: &Gauges) -> String {
             "Tokens agents reported (Claude, Codex), by profile.",
             |v| v.tokens.to_string(),
         ),
+        (
+            "ralph_attempt_cpu_seconds_total",
+            "CPU seconds of attempts' whole process trees (cgroup cpu.stat; the command and what it waited for in subreaper mode), by profile.",
+            |v| v.cpu_seconds.to_string(),
+        ),
+        (
+            "ralph_attempt_processes_total",
+            "Sum over attempts of the most processes alive at once (pids.peak), by profile.",
+            |v| v.processes.to_string(),
+        ),
+        (
+            "ralph_attempt_oom_kills_total",
+            "Processes of attempts the kernel killed at limits.max_memory_mb, by profile.",
+            |v| v.oom_kills.to_string(),
+        ),
     ];
     for (name, help, value) in families {
         family(&mut o, name, "counter", help);
         for (p, v) in &spent {
             o.push_str(&format!("{name}{{profile=\"{p}\"}} {}\n", value(v)));
         }
+    }
+    family(
+        &mut o,
+        "ralph_attempt_peak_memory_bytes",
+        "histogram",
+        "Peak memory of attempts (the cgroup's memory.peak; the largest process's RSS in subreaper mode), by profile.",
+    );
+    for (p, v) in &spent {
+        for (i, le) in MEMORY_BUCKETS.iter().enumerate() {
+            let le = if le.is_infinite() {
+                "+Inf".to_string()
+            } else {
+                format!("{le}")
+            };
+            o.push_str(&format!(
+                "ralph_attempt_peak_memory_bytes_bucket{{profile=\"{p}\",le=\"{le}\"}} {}\n",
+                v.memory_buckets.get(i).copied().unwrap_or(0)
+            ));
+        }
+        o.push_str(&format!(
+            "ralph_attempt_peak_memory_bytes_sum{{profile=\"{p}\"}} {}\n",
+            v.memory_sum
+        ));
+        o.push_str(&format!(
+            "ralph_attempt_peak_memory_bytes_count{{profile=\"{p}\"}} {}\n",
+            v.memory_count
+        ));
     }
     let open = m.circuit_open.load(Relaxed);
     single(

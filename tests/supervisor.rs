@@ -213,17 +213,54 @@ fn nul_bytes_are_stripped_and_logged() {
 }
 
 #[test]
-fn memory_limit_applies_to_the_agent() {
+fn memory_limit_is_the_agents_address_space_in_subreaper_mode() {
     let sb = Sandbox::new("rlimit");
     sb.write_exec(
         "mem.sh",
         "#!/bin/bash\necho \"as=$(ulimit -v) core=$(ulimit -c)\"\nprintf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\"\n",
     );
-    config(&sb, "[limits]\nmax_memory_mb = 512\n");
+    config(
+        &sb,
+        "[limits]\ncontainment = \"subreaper\"\nmax_memory_mb = 512\n",
+    );
     let r = run(sb.cmd(&["run", "--config", "cfg.toml", "--agent-command", "./mem.sh"]));
     assert_eq!(r.code(), 0, "{}", r.stderr);
     let t = sb.read(".ralph-qchat/tasks/PROMPT/iterations/000001.log");
     assert!(t.contains("as=524288 core=0"), "{t}");
+    assert!(
+        r.stderr
+            .contains("max_memory_mb is the address-space limit"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn memory_limit_is_the_attempts_cgroup_in_cgroup_mode() {
+    let sb = Sandbox::new("memcg");
+    // The agent reads its own cgroup's limit: v1 memory where the host keeps
+    // its controllers there, else v2 memory.max.
+    sb.write_exec(
+        "mem.sh",
+        r#"#!/bin/bash
+p=$(awk -F: '$2=="memory"{print $3}' /proc/self/cgroup)
+if [ -n "$p" ]; then lim=$(cat "/sys/fs/cgroup/memory$p/memory.limit_in_bytes")
+else p=$(awk -F: '$1=="0"{print $3}' /proc/self/cgroup); lim=$(cat "/sys/fs/cgroup$p/memory.max")
+fi
+echo "as=$(ulimit -v) lim=$lim"
+printf '
+TASK_COMPLETE
+' >> "$RALPH_QCHAT_PROMPT_FILE"
+"#,
+    );
+    config(
+        &sb,
+        "[limits]\ncontainment = \"cgroup\"\nmax_memory_mb = 512\n",
+    );
+    let r = run(sb.cmd(&["run", "--config", "cfg.toml", "--agent-command", "./mem.sh"]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let t = sb.read(".ralph-qchat/tasks/PROMPT/iterations/000001.log");
+    assert!(t.contains("as=unlimited lim=536870912"), "{t}");
 }
 
 #[test]

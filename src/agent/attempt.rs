@@ -124,6 +124,8 @@ pub struct AgentOutcome {
     /// from the last lines of both streams.
     pub wait: Option<Duration>,
     pub usage: Usage,
+    /// CPU, memory and processes of the whole attempt.
+    pub resources: super::contain::Resources,
     /// The working tree's fingerprint before the attempt (when asked for a
     /// baseline) and after a successful one.
     pub tree_before: Option<u64>,

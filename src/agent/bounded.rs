@@ -1,14 +1,17 @@
 //! A helper command (git for checkpoints and fingerprints) run like an
-//! agent in the small: its own process group, a deadline, a cancel, and
-//! nothing of its group left when it returns. A git that hangs (an
+//! agent in the small: its own process group and containment, a deadline,
+//! a cancel, and nothing of it left when it returns. A git that hangs (an
 //! fsmonitor or filter an agent put in .git/config) is killed, never waited
 //! on.
 
 use super::attempt::Cancel;
-use super::group::terminate_group;
+use super::contain::Containment;
+use super::spawn::{Launcher, SpawnError, Spec};
+use std::ffi::OsString;
 use std::io::{self, Read};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, ExitStatus, Stdio};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -32,38 +35,64 @@ pub enum Failure {
     Cancelled,
 }
 
-/// Runs `cmd` to its end, or until `deadline` or `cancel`, then SIGTERM to
-/// its group and SIGKILL after `grace`.
+/// Runs what `cmd` describes (program, arguments, added environment,
+/// directory; it is not spawned by std) in its own containment (`label`
+/// names it), to its end, or until `deadline` or `cancel`: then SIGTERM to
+/// its group, and SIGKILL of all of it after `grace`.
 pub fn run(
-    cmd: &mut Command,
+    cmd: &Command,
     deadline: Instant,
     grace: Duration,
     cancel: Option<&Cancel>,
+    contain: &Containment,
+    label: &str,
 ) -> Result<Finished, Failure> {
-    let mut child = cmd
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(Failure::Spawn)?;
-    let pid = child.id() as i32;
+    let args: Vec<OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
+    let env: Vec<(OsString, OsString)> = cmd
+        .get_envs()
+        .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
+        .collect();
+    let workdir = cmd
+        .get_current_dir()
+        .map(|d| d.to_path_buf())
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut jail = contain.enter(label, None);
+    let joins = jail.joins();
+    let spec = Spec {
+        role: "helper command",
+        program: cmd.get_program(),
+        args: &args,
+        env: &env,
+        workdir: &workdir,
+        max_as: 0,
+        joins: &joins,
+    };
+    let spawned = Launcher::new().map_err(Failure::Spawn).and_then(|mut l| {
+        l.spawn(&spec).map_err(|e| {
+            let (kind, m) = match e {
+                SpawnError::Unavailable(m) => (io::ErrorKind::NotFound, m),
+                SpawnError::Other(m) => (io::ErrorKind::Other, m),
+            };
+            Failure::Spawn(io::Error::new(kind, m))
+        })
+    });
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(f) => {
+            jail.finish(grace, None, label);
+            return Err(f);
+        }
+    };
+    let pid = child.id();
+    jail.started(pid);
     let (tx, rx) = mpsc::channel();
-    for (i, pipe) in [
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    ]
-    .into_iter()
-    .enumerate()
+    for (i, pipe) in [child.stdout.take(), child.stderr.take()]
+        .into_iter()
+        .enumerate()
     {
         let tx = tx.clone();
-        let Some(mut pipe) = pipe else { continue };
+        let Some(pipe) = pipe else { continue };
+        let mut pipe = std::fs::File::from(pipe);
         let _ = std::thread::Builder::new()
             .name("helper-output".into())
             .spawn(move || {
@@ -80,10 +109,14 @@ pub fn run(
             });
     }
     drop(tx);
+    let pidfd = pidfd_open(pid);
     let mut stopping: Option<(Failure, Instant)> = None;
+    let mut killed = false;
     let status = loop {
-        if let Ok(Some(s)) = child.try_wait() {
-            break s;
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) => {}
+            Err(_) => break ExitStatus::default(),
         }
         let now = Instant::now();
         if stopping.is_none() {
@@ -100,25 +133,34 @@ pub fn run(
                 stopping = Some((why, now + grace));
             }
         }
-        if let Some((_, kill_at)) = &stopping
-            && now >= *kill_at
-        {
-            // SAFETY: as above.
-            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let mut next = deadline;
+        if let Some((_, kill_at)) = &stopping {
+            if now >= *kill_at && !killed {
+                // SAFETY: as above.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+                jail.kill_all();
+                killed = true;
+            }
+            next = *kill_at;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        // The cancel has no fd: look at it every 50 ms.
+        let wait = next
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(50));
+        wait_exit(pidfd.as_ref(), wait);
     };
-    // Whatever it left in its group goes with it.
-    terminate_group(pid, grace);
+    // The command is the attempt: what it left goes with it.
+    jail.kill_all();
     let mut out = [Vec::new(), Vec::new()];
     let until = Instant::now() + grace;
     for _ in 0..2 {
         match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
             Ok((i, v)) => out[i] = v,
-            // Something outside the group holds a pipe: stop waiting.
+            // Something out of reach holds a pipe: stop waiting.
             Err(_) => break,
         }
     }
+    jail.finish(grace, child.rusage, label);
     if let Some((why, _)) = stopping {
         return Err(why);
     }
@@ -128,6 +170,30 @@ pub fn run(
         stdout,
         stderr,
     })
+}
+
+/// Sleeps until the child exits or `wait` has passed.
+fn wait_exit(pidfd: Option<&OwnedFd>, wait: Duration) {
+    let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+    match pidfd {
+        Some(fd) => {
+            let mut p = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd on the stack.
+            unsafe { libc::poll(&mut p, 1, ms) };
+        }
+        None => std::thread::sleep(wait.min(Duration::from_millis(5))),
+    }
+}
+
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a fresh fd returned by the kernel.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 #[cfg(test)]
@@ -141,6 +207,8 @@ mod tests {
             Instant::now() + Duration::from_secs(10),
             Duration::from_secs(1),
             None,
+            &Containment::group_only(),
+            "t",
         )
         .unwrap();
         assert_eq!(f.status.code(), Some(3));
@@ -156,6 +224,8 @@ mod tests {
             Instant::now() + Duration::from_millis(300),
             Duration::from_millis(300),
             None,
+            &Containment::group_only(),
+            "t",
         );
         assert!(matches!(r, Err(Failure::TimedOut)), "{r:?}");
         assert!(t.elapsed() < Duration::from_secs(5));
@@ -170,6 +240,8 @@ mod tests {
             Instant::now() + Duration::from_secs(300),
             Duration::from_millis(200),
             Some(&c),
+            &Containment::group_only(),
+            "t",
         );
         assert!(matches!(r, Err(Failure::Cancelled)), "{r:?}");
     }

@@ -3,6 +3,7 @@
 
 use super::attempt::Cancel;
 use super::bounded::{self, Failure};
+use super::contain::Containment;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -34,7 +35,7 @@ pub struct Done {
     pub notes: Vec<String>,
 }
 
-pub fn checkpoint(job: &CheckpointJob) -> Done {
+pub fn checkpoint(job: &CheckpointJob, contain: &Containment) -> Done {
     let mut done = Done::default();
     if let Some(dir) = &job.archive_dir {
         let dest = dir.join(format!("prompt-{:06}.md", job.iteration));
@@ -49,7 +50,7 @@ pub fn checkpoint(job: &CheckpointJob) -> Done {
     }
     if job.git {
         let deadline = Instant::now() + job.timeout;
-        match git_commit(job, deadline) {
+        match git_commit(job, deadline, contain) {
             Ok(c) => done.commit = c,
             Err(e) => done.notes.push(e),
         }
@@ -74,11 +75,20 @@ fn git(dir: &Path) -> Command {
 /// One git command within the checkpoint's deadline.
 fn run(
     job: &CheckpointJob,
+    contain: &Containment,
     deadline: Instant,
     cmd: &mut Command,
     what: &str,
 ) -> Result<bounded::Finished, String> {
-    bounded::run(cmd, deadline, job.kill_grace, Some(&job.cancel)).map_err(|f| match f {
+    bounded::run(
+        cmd,
+        deadline,
+        job.kill_grace,
+        Some(&job.cancel),
+        contain,
+        &job.task_id,
+    )
+    .map_err(|f| match f {
         Failure::Spawn(e) => format!("git checkpoint: cannot run git ({what}): {e}"),
         Failure::TimedOut => format!(
             "git checkpoint: `git {what}` did not finish within {:.0} s (orchestrator.checkpoint_timeout) and was killed; \
@@ -92,9 +102,14 @@ fn run(
 
 /// Commits every change in the work tree around `workdir`; Ok(None) when the
 /// directory is not in a git work tree or nothing changed.
-fn git_commit(job: &CheckpointJob, deadline: Instant) -> Result<Option<String>, String> {
+fn git_commit(
+    job: &CheckpointJob,
+    deadline: Instant,
+    contain: &Containment,
+) -> Result<Option<String>, String> {
     let top = match run(
         job,
+        contain,
         deadline,
         git(&job.workdir).args(["rev-parse", "--show-toplevel"]),
         "rev-parse",
@@ -118,7 +133,7 @@ fn git_commit(job: &CheckpointJob, deadline: Instant) -> Result<Option<String>, 
         }
         add.arg(format!(":(exclude){}", rel.display()));
     }
-    let o = run(job, deadline, &mut add, "add")?;
+    let o = run(job, contain, deadline, &mut add, "add")?;
     if !o.status.success() {
         return Err(format!(
             "git checkpoint: `git add -A` failed in {}: {}",
@@ -128,6 +143,7 @@ fn git_commit(job: &CheckpointJob, deadline: Instant) -> Result<Option<String>, 
     }
     let staged = run(
         job,
+        contain,
         deadline,
         git(&top).args(["diff", "--cached", "--quiet"]),
         "diff",
@@ -138,6 +154,7 @@ fn git_commit(job: &CheckpointJob, deadline: Instant) -> Result<Option<String>, 
     let mut commit = git(&top);
     let has_identity = run(
         job,
+        contain,
         deadline,
         git(&top).args(["config", "user.email"]),
         "config",
@@ -157,6 +174,7 @@ fn git_commit(job: &CheckpointJob, deadline: Instant) -> Result<Option<String>, 
     );
     let o = run(
         job,
+        contain,
         deadline,
         commit.args(["commit", "--no-verify", "-q", "-m", &message]),
         "commit",
@@ -170,6 +188,7 @@ fn git_commit(job: &CheckpointJob, deadline: Instant) -> Result<Option<String>, 
     }
     let head = run(
         job,
+        contain,
         deadline,
         git(&top).args(["rev-parse", "--short", "HEAD"]),
         "rev-parse",

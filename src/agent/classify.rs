@@ -36,6 +36,9 @@ pub enum Class {
     Unavailable,
     Timeout,
     IdleTimeout,
+    /// The kernel killed a process of the attempt at its memory limit
+    /// (limits.max_memory_mb in the attempt's cgroup): retried like failed.
+    Oom,
     /// Stopped by us (cancel, shutdown, max_runtime): says nothing of the agent.
     Stopped,
 }
@@ -50,6 +53,7 @@ pub const CLASSES: &[Class] = &[
     Class::Unavailable,
     Class::Timeout,
     Class::IdleTimeout,
+    Class::Oom,
     Class::Stopped,
 ];
 
@@ -65,6 +69,7 @@ impl Class {
             Class::Unavailable => "unavailable",
             Class::Timeout => "timeout",
             Class::IdleTimeout => "idle_timeout",
+            Class::Oom => "oom",
             Class::Stopped => "stopped",
         }
     }

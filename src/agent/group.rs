@@ -1,7 +1,7 @@
-//! Process groups: is anything of a group still alive, and killing leftovers.
+//! Process groups and marks: is anything of a group still alive, and
+//! ending what an earlier instance left.
 
 use crate::sys::proc;
-use std::time::{Duration, Instant};
 
 /// True while a process of group `pgid` exists that is not a zombie. Zombies
 /// count as gone: they hold nothing and their parent (often init) reaps them.
@@ -16,25 +16,6 @@ pub fn group_alive(pgid: i32) -> bool {
     pids.into_iter().any(
         |pid| matches!(proc::state_and_group(pid), Some((state, pg)) if pg == pgid && state != 'Z'),
     )
-}
-
-/// Sends SIGTERM to the group, waits up to `grace` for it to go, then SIGKILL.
-/// Returns at once when the group is already gone.
-pub fn terminate_group(pgid: i32, grace: Duration) {
-    if !group_alive(pgid) {
-        return;
-    }
-    // SAFETY: signalling a process group we created.
-    unsafe { libc::kill(-pgid, libc::SIGTERM) };
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if !group_alive(pgid) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    // SAFETY: as above.
-    unsafe { libc::kill(-pgid, libc::SIGKILL) };
 }
 
 /// Kills processes left by an earlier instance that died without cleaning up
@@ -61,29 +42,6 @@ pub fn kill_leftovers(prefix: &str) -> Vec<(String, i32)> {
         killed.extend(fresh);
     }
     killed
-}
-
-/// Kills the processes that carry exactly `marker`: what an attempt started
-/// outside its process group (a tool shell in a session of its own).
-/// Returns how many were signalled.
-pub fn kill_marked(marker: &str) -> usize {
-    let mut n = 0;
-    for _ in 0..10 {
-        let fresh: Vec<i32> = marked_processes(marker)
-            .into_iter()
-            .filter(|(rest, _)| rest.is_empty())
-            .map(|(_, pid)| pid)
-            .collect();
-        if fresh.is_empty() {
-            break;
-        }
-        for pid in &fresh {
-            // SAFETY: SIGKILL to a process that carries the attempt's marker.
-            unsafe { libc::kill(*pid, libc::SIGKILL) };
-        }
-        n += fresh.len();
-    }
-    n
 }
 
 /// Processes (not zombies, not this one) whose marker variable starts with

@@ -7,6 +7,7 @@ mod attempt;
 mod bounded;
 pub mod checkpoint;
 pub mod classify;
+pub mod contain;
 mod group;
 pub mod instruction;
 mod output;
@@ -19,6 +20,7 @@ pub mod worktree;
 
 pub use attempt::{AgentOutcome, AgentRequest, Cancel, CancelReason, Ending, Progress, Usage};
 pub use classify::Class;
+pub use contain::{Containment, Resources};
 pub use group::{group_alive, kill_leftovers};
 pub use spawn::MARKER_VAR;
 pub use supervise::Supervisor;

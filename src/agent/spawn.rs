@@ -1,5 +1,10 @@
-//! Starting the agent child: argv (never a shell), stdin from /dev/null, its own
-//! process group, death signal tied to us, resource limits.
+//! Starting a child (an agent, a verify command, a hook, git): argv (never
+//! a shell), stdin from /dev/null, its own process group, death signal tied
+//! to us, its attempt's cgroups joined and resource limits set before exec.
+//!
+//! Only the worker that started a child waits for it: it is the child of
+//! that worker thread, and the subreaper reaps only the main thread's
+//! (`sys::reaper`).
 //!
 //! Not std::process::Command: the setup the child needs before exec
 //! (PDEATHSIG, rlimits) makes std fork(), which copies the page tables of a
@@ -13,9 +18,10 @@
 use super::attempt::AgentRequest;
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::ExitStatus;
 
 /// Environment variable that marks every process of an agent run, so leftovers
@@ -31,13 +37,44 @@ pub enum SpawnError {
     Other(String),
 }
 
-/// A started agent: its pid (leader of its own process group) and the read
+/// What to start.
+pub struct Spec<'a> {
+    /// "agent command", "git": for error messages.
+    pub role: &'a str,
+    pub program: &'a OsStr,
+    pub args: &'a [OsString],
+    pub env: &'a [(OsString, OsString)],
+    pub workdir: &'a Path,
+    /// RLIMIT_AS in bytes, 0 = none.
+    pub max_as: u64,
+    /// cgroup.procs files to join (write "0" to) before exec.
+    pub joins: &'a [RawFd],
+}
+
+impl<'a> Spec<'a> {
+    pub fn agent(req: &'a AgentRequest, joins: &'a [RawFd], max_as: u64) -> Spec<'a> {
+        Spec {
+            role: "agent command",
+            program: &req.program,
+            args: &req.args,
+            env: &req.env,
+            workdir: &req.workdir,
+            max_as,
+            joins,
+        }
+    }
+}
+
+/// A started child: its pid (leader of its own process group) and the read
 /// ends of its stdout and stderr.
 pub struct Spawned {
     pid: libc::pid_t,
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,
     status: Option<ExitStatus>,
+    /// CPU seconds and peak RSS (bytes) of the child and the descendants it
+    /// waited for, once reaped.
+    pub rusage: Option<(f64, u64)>,
 }
 
 impl Spawned {
@@ -63,8 +100,10 @@ impl Spawned {
             return Ok(Some(s));
         }
         let mut raw = 0;
-        // SAFETY: waitpid on our own child with a valid status pointer.
-        let r = unsafe { libc::waitpid(self.pid, &mut raw, flags) };
+        // SAFETY: zeroed plain data.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 on our own child with valid pointers.
+        let r = unsafe { libc::wait4(self.pid, &mut raw, flags | libc::__WALL, &mut ru) };
         if r < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::Interrupted {
@@ -77,6 +116,11 @@ impl Spawned {
             return Ok(None);
         }
         self.status = Some(ExitStatus::from_raw(raw));
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        self.rusage = Some((
+            secs(ru.ru_utime) + secs(ru.ru_stime),
+            (ru.ru_maxrss.max(0) as u64) * 1024,
+        ));
         Ok(self.status)
     }
 }
@@ -118,11 +162,11 @@ impl Launcher {
         })
     }
 
-    pub fn spawn(&mut self, req: &AgentRequest) -> Result<Spawned, SpawnError> {
+    pub fn spawn(&mut self, req: &Spec) -> Result<Spawned, SpawnError> {
         let shown = req.program.to_string_lossy().into_owned();
-        let other = |what: String| {
-            SpawnError::Other(format!("cannot start agent command `{shown}`: {what}"))
-        };
+        let role = req.role;
+        let other =
+            |what: String| SpawnError::Other(format!("cannot start {role} `{shown}`: {what}"));
         let plan = Plan::new(req).map_err(|e| other(e.to_string()))?;
         let (out_r, out_w) = pipe().map_err(|e| other(format!("pipe: {e}")))?;
         let (err_r, err_w) = pipe().map_err(|e| other(format!("pipe: {e}")))?;
@@ -140,7 +184,9 @@ impl Launcher {
             report: rep_w.as_raw_fd(),
             // SAFETY: getpid has no preconditions.
             parent: unsafe { libc::getpid() },
-            max_as: req.max_memory_mb.saturating_mul(1024 * 1024),
+            max_as: req.max_as,
+            joins: req.joins.as_ptr(),
+            n_joins: req.joins.len(),
         };
         // SAFETY: the top of our mapping, 16-byte aligned as the ABI wants.
         let top = unsafe { self.stack.cast::<u8>().add(STACK) }.cast::<libc::c_void>();
@@ -172,6 +218,7 @@ impl Launcher {
             stdout: Some(out_r),
             stderr: Some(err_r),
             status: None,
+            rusage: None,
         };
         // Nothing to read means exec closed the report pipe: it started.
         let mut rep = [0u8; 5];
@@ -184,14 +231,20 @@ impl Launcher {
         let e = io::Error::from_raw_os_error(errno);
         Err(match (rep[0], errno) {
             (STAGE_EXEC, libc::ENOENT) => SpawnError::Unavailable(format!(
-                "agent command `{shown}` not found (looked in PATH and {}); install it or set adapter.command",
-                req.workdir.display()
+                "{role} `{shown}` not found (looked in PATH and {}); install it{}",
+                req.workdir.display(),
+                if role == "agent command" {
+                    " or set adapter.command"
+                } else {
+                    ""
+                }
             )),
             (STAGE_EXEC, libc::EACCES | libc::ENOEXEC | libc::EISDIR | libc::ENOTDIR) => {
                 SpawnError::Unavailable(format!(
-                    "agent command `{shown}` cannot be executed ({e}); check that it is an executable program"
+                    "{role} `{shown}` cannot be executed ({e}); check that it is an executable program"
                 ))
             }
+            (STAGE_CGROUP, _) => other(format!("joining the attempt's cgroup: {e}")),
             (STAGE_CHDIR, _) => other(format!(
                 "cannot enter working directory {}: {e}",
                 req.workdir.display()
@@ -258,7 +311,7 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(req: &AgentRequest) -> io::Result<Plan> {
+    fn new(req: &Spec) -> io::Result<Plan> {
         let cstr = |s: &OsStr| {
             CString::new(s.as_bytes()).map_err(|_| {
                 io::Error::new(
@@ -270,7 +323,7 @@ impl Plan {
         // Our environment, then the request's variables, a later one
         // replacing an earlier one of the same name (as Command::env does).
         let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
-        for (k, v) in &req.env {
+        for (k, v) in req.env {
             env.retain(|(o, _)| o != k);
             env.push((k.clone(), v.clone()));
         }
@@ -285,11 +338,11 @@ impl Plan {
             p
         };
         let mut candidates = Vec::new();
-        for c in candidates_for(&req.program, path.as_deref()) {
+        for c in candidates_for(req.program, path.as_deref()) {
             candidates.push(keep(cstr(&c)?, &mut strings));
         }
-        let mut argv = vec![keep(cstr(&req.program)?, &mut strings)];
-        for a in &req.args {
+        let mut argv = vec![keep(cstr(req.program)?, &mut strings)];
+        for a in req.args {
             argv.push(keep(cstr(a)?, &mut strings));
         }
         let mut envp = Vec::with_capacity(env.len() + 1);
@@ -335,6 +388,7 @@ fn candidates_for(program: &OsStr, path: Option<&OsStr>) -> Vec<OsString> {
 const STAGE_SETUP: u8 = 1;
 const STAGE_CHDIR: u8 = 2;
 const STAGE_EXEC: u8 = 3;
+const STAGE_CGROUP: u8 = 4;
 
 #[repr(C)]
 struct ChildArgs {
@@ -348,6 +402,8 @@ struct ChildArgs {
     report: libc::c_int,
     parent: libc::pid_t,
     max_as: u64,
+    joins: *const RawFd,
+    n_joins: usize,
 }
 
 /// The child, between clone and exec. Only syscalls: no allocation, no
@@ -395,6 +451,12 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         }
         if libc::getppid() != a.parent {
             libc::_exit(1);
+        }
+        // Into the attempt's cgroups before anything of the command runs.
+        for i in 0..a.n_joins {
+            if libc::write(*a.joins.add(i), b"0".as_ptr().cast(), 1) != 1 {
+                fail(a.report, STAGE_CGROUP);
+            }
         }
         let zero = libc::rlimit {
             rlim_cur: 0,

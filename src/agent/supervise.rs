@@ -1,12 +1,12 @@
 //! Running one agent child to its end: pipes polled with mio, timeouts,
-//! cancellation, and cleanup of the whole process group. What the output
+//! cancellation, and the end of everything it started (`contain`). What the output
 //! holds is `output`'s business, where it is written `transcript`'s.
 
 use super::attempt::{AgentOutcome, AgentRequest, CancelReason, Ending};
 use super::classify::{Class, Said, classify, wait_hint};
-use super::group::{group_alive, terminate_group};
+use super::contain::{Containment, Jail, Resources};
 use super::output::Output;
-use super::spawn::{Launcher, SpawnError, Spawned};
+use super::spawn::{Launcher, SpawnError, Spawned, Spec};
 use super::transcript::Transcript;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -35,6 +35,7 @@ pub struct Supervisor {
     waker: Arc<Waker>,
     buf: Vec<u8>,
     launcher: Launcher,
+    contain: Arc<Containment>,
 }
 
 /// Where one running child is: its pipes, its exit, and why and since when
@@ -57,8 +58,8 @@ struct Watch {
 
 impl Watch {
     /// Cancel, timeout and idle timeout become SIGTERM to the group, and
-    /// SIGKILL once kill_grace has passed.
-    fn enforce(&mut self, req: &AgentRequest, now: Instant) {
+    /// SIGKILL of the whole attempt once kill_grace has passed.
+    fn enforce(&mut self, req: &AgentRequest, jail: &Jail, now: Instant) {
         if self.stopping.is_none() {
             let why = if let Some(r) = req.cancel.reason() {
                 Some(cancel_ending(r))
@@ -93,6 +94,7 @@ impl Watch {
             && now >= *kill_at
         {
             signal_group(self.pid, libc::SIGKILL);
+            jail.kill_all();
             self.killed = true;
         }
     }
@@ -132,7 +134,7 @@ impl Watch {
 }
 
 impl Supervisor {
-    pub fn new() -> io::Result<Supervisor> {
+    pub fn new(contain: Arc<Containment>) -> io::Result<Supervisor> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         Ok(Supervisor {
@@ -141,6 +143,7 @@ impl Supervisor {
             waker,
             buf: Vec::new(),
             launcher: Launcher::new()?,
+            contain,
         })
     }
 
@@ -150,13 +153,28 @@ impl Supervisor {
             self.buf = vec![0; req.buffer_size.max(1)];
         }
         let started = Instant::now();
-        let finish = |ending: Ending, transcript: &mut Transcript, out: Option<&Output>| {
+        let finish = |ending: Ending,
+                      transcript: &mut Transcript,
+                      out: Option<&Output>,
+                      resources: Resources| {
             let none = Said::default();
             let said = match out {
                 Some(o) => &o.said,
                 None => &none,
             };
-            let (class, decided_by) = classify(&ending, said, &req.rules);
+            let (mut class, mut decided_by) = classify(&ending, said, &req.rules);
+            if resources.oom_kills > 0 {
+                log::warn!(task = req.task_id.as_str();
+                    "the kernel killed {} process(es) of this attempt at its memory limit (limits.max_memory_mb = {})",
+                    resources.oom_kills, req.max_memory_mb);
+                if class != Class::Success {
+                    class = Class::Oom;
+                    decided_by = Some(format!(
+                        "{} process(es) killed at limits.max_memory_mb = {}",
+                        resources.oom_kills, req.max_memory_mb
+                    ));
+                }
+            }
             let wait = matches!(class, Class::Throttled | Class::Quota)
                 .then(|| wait_hint(&said.lines.join("\n"), unix_seconds()))
                 .flatten();
@@ -165,6 +183,7 @@ impl Supervisor {
                 decided_by,
                 wait,
                 usage: out.map(|o| o.usage).unwrap_or_default(),
+                resources,
                 tree_before: None,
                 tree_after: None,
                 lines: said.lines.clone(),
@@ -178,7 +197,14 @@ impl Supervisor {
             transcript.footer(&outcome);
             outcome
         };
-        let unstarted = |ending: Ending| finish(ending, &mut Transcript::open(req), None);
+        let unstarted = |ending: Ending| {
+            finish(
+                ending,
+                &mut Transcript::open(req),
+                None,
+                Resources::default(),
+            )
+        };
         if let Some(r) = req.cancel.reason() {
             return unstarted(cancel_ending(r));
         }
@@ -186,11 +212,23 @@ impl Supervisor {
             let msg = format!("working directory {} does not exist", req.workdir.display());
             return unstarted(Ending::SpawnFailed(msg));
         }
-        let mut child = match self.launcher.spawn(req) {
+        let contain = self.contain.clone();
+        let mut jail = contain.enter(&req.task_id, marker_of(req));
+        let joins = jail.joins();
+        let spawned = self
+            .launcher
+            .spawn(&Spec::agent(req, &joins, jail.rlimit_as()));
+        let mut child = match spawned {
             Ok(c) => c,
-            Err(SpawnError::Unavailable(m)) => return unstarted(Ending::Unavailable(m)),
-            Err(SpawnError::Other(m)) => return unstarted(Ending::SpawnFailed(m)),
+            Err(e) => {
+                jail.finish(req.kill_grace, None, &req.task_id);
+                return match e {
+                    SpawnError::Unavailable(m) => unstarted(Ending::Unavailable(m)),
+                    SpawnError::Other(m) => unstarted(Ending::SpawnFailed(m)),
+                };
+            }
         };
+        jail.started(child.id());
         // Created while the agent loads: the file system's cost of a new
         // transcript is off the path to the agent's start. Its output waits
         // in the pipes meanwhile.
@@ -199,10 +237,12 @@ impl Supervisor {
         req.progress.pid.store(pid as u32, Ordering::Relaxed);
         req.progress.bytes_read.store(0, Ordering::Relaxed);
         let mut out = Output::new(req);
-        let ending = self.supervise(req, &mut child, &mut out, &mut transcript);
+        let ending = self.supervise(req, &mut child, &mut out, &mut transcript, &jail);
+        // Nothing of the attempt is alive once this returns.
+        let resources = jail.finish(req.kill_grace, child.rusage, &req.task_id);
         req.progress.pid.store(0, Ordering::Relaxed);
         out.finish(req);
-        finish(ending, &mut transcript, Some(&out))
+        finish(ending, &mut transcript, Some(&out), resources)
     }
 
     fn supervise(
@@ -211,15 +251,27 @@ impl Supervisor {
         child: &mut Spawned,
         out: &mut Output,
         transcript: &mut Transcript,
+        jail: &Jail,
     ) -> Ending {
         let mut w = self.watch(req, child);
         let ending = loop {
             let now = Instant::now();
-            w.enforce(req, now);
-            if w.exited.is_none()
-                && let Ok(Some(status)) = child.try_wait()
-            {
+            w.enforce(req, jail, now);
+            let status = match child.try_wait() {
+                _ if w.exited.is_some() => None,
+                Ok(s) => s,
+                Err(e) => {
+                    // Someone else reaped it: never wait for an exit that
+                    // cannot be seen any more.
+                    log::error!(task = req.task_id.as_str(); "cannot wait for agent pid {}: {e}; taking it as exited", w.pid);
+                    Some(std::os::unix::process::ExitStatusExt::from_raw(255 << 8))
+                }
+            };
+            if let Some(status) = status {
                 w.exited = Some(status);
+                // The attempt is its leader: what it leaves running goes now,
+                // so the pipes close and the result waits for nothing.
+                jail.kill_all();
             }
             if let Some(ending) = w.over(now) {
                 break ending;
@@ -259,7 +311,7 @@ impl Supervisor {
                 }
             }
         };
-        self.end(w, child, ending, req)
+        self.end(w, child, ending, jail)
     }
 
     /// Registers the child's pipes and exit notification with our poller.
@@ -337,14 +389,14 @@ impl Supervisor {
         more
     }
 
-    /// Unregisters the child, reaps it, and ends whatever it left in its
-    /// group; the ending is ours when we stopped it, else its exit status.
+    /// Unregisters the child and reaps it; the ending is ours when we
+    /// stopped it, else its exit status.
     fn end(
         &mut self,
         w: Watch,
         child: &mut Spawned,
         ending: Option<Ending>,
-        req: &AgentRequest,
+        jail: &Jail,
     ) -> Ending {
         for fd in w.pipes.iter().chain([&w.pidfd]).flatten() {
             let _ = self
@@ -353,41 +405,21 @@ impl Supervisor {
                 .deregister(&mut SourceFd(&fd.as_raw_fd()));
         }
         let Watch {
-            pid,
-            pipes,
-            exited,
-            killed,
-            ..
+            pid, pipes, exited, ..
         } = w;
         drop(pipes);
         let status = match exited {
             Some(s) => s,
             None => {
                 signal_group(pid, libc::SIGKILL);
+                jail.kill_all();
                 match child.wait() {
                     Ok(s) => s,
                     Err(_) => return ending.unwrap_or(Ending::Signaled(libc::SIGKILL)),
                 }
             }
         };
-        // Whatever the child left in its group goes with it.
-        if killed {
-            signal_group(pid, libc::SIGKILL);
-        } else if group_alive(pid) {
-            log::debug!("agent pid {pid} exited leaving processes in its group; terminating them");
-            terminate_group(pid, req.kill_grace);
-        }
         if let Some(e) = ending {
-            // We stopped the attempt: nothing it started may outlive it,
-            // also what left its group (agents run tools in new sessions).
-            // An attempt that ends by itself is not searched for: that costs
-            // a /proc scan per request.
-            if let Some(marker) = marker_of(req) {
-                let n = super::group::kill_marked(&marker);
-                if n > 0 {
-                    log::warn!(task = req.task_id.as_str(); "killed {n} process(es) the agent had started outside its process group");
-                }
-            }
             return e;
         }
         use std::os::unix::process::ExitStatusExt;

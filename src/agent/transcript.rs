@@ -60,7 +60,7 @@ impl Transcript {
 
     pub fn footer(&mut self, o: &AgentOutcome) {
         let line = format!(
-            "\n=== end: {} ({}{}) after {:.3} s; {} bytes of output{}\n",
+            "\n=== end: {} ({}{}) after {:.3} s; {} bytes of output{}{}\n",
             o.ending.describe(),
             o.class.as_str(),
             o.decided_by
@@ -76,9 +76,31 @@ impl Transcript {
                 )
             } else {
                 String::new()
-            }
+            },
+            used(&o.resources)
         );
         self.write(line.as_bytes());
         self.flush();
     }
+}
+
+/// "; used 1.250 s CPU, peak 245 MiB, at most 3 processes, 1 left running (killed)".
+fn used(r: &super::contain::Resources) -> String {
+    if r.is_empty() {
+        return String::new();
+    }
+    let mut s = format!("; used {:.3} s CPU", r.cpu_seconds);
+    if let Some(m) = r.peak_memory {
+        s.push_str(&format!(", peak {} MiB", m.div_ceil(1024 * 1024)));
+    }
+    if let Some(p) = r.processes {
+        s.push_str(&format!(", at most {p} processes"));
+    }
+    if r.oom_kills > 0 {
+        s.push_str(&format!(", {} killed at the memory limit", r.oom_kills));
+    }
+    if r.killed > 0 {
+        s.push_str(&format!(", {} left running (killed)", r.killed));
+    }
+    s
 }

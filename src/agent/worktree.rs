@@ -8,6 +8,7 @@
 //! mtime of every file under the working directory. The state directory is
 //! left out either way (its transcripts change every iteration).
 
+use super::contain::Containment;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
@@ -32,7 +33,7 @@ pub struct WatchSpec {
 
 /// The fingerprint, or None when it cannot be taken (unreadable tree, git
 /// failing, too many files): no fingerprint never counts as a stall.
-pub fn fingerprint(w: &WatchSpec) -> Option<u64> {
+pub fn fingerprint(w: &WatchSpec, contain: &Containment) -> Option<u64> {
     let mut h = DefaultHasher::new();
     std::fs::read(&w.prompt_file).ok()?.hash(&mut h);
     // Only a state directory inside the working directory (run's
@@ -42,7 +43,7 @@ pub fn fingerprint(w: &WatchSpec) -> Option<u64> {
     let (state, work) = (canon(&w.state_dir), canon(&w.workdir));
     let exclude = (state.starts_with(&work) && state != work).then_some(state);
     let exclude = exclude.as_deref();
-    match git_state(&work, exclude, w.timeout, &mut h) {
+    match git_state(&work, exclude, w.timeout, contain, &mut h) {
         Some(()) => {}
         None => walk(&work, exclude, &mut h)?,
     }
@@ -52,7 +53,7 @@ pub fn fingerprint(w: &WatchSpec) -> Option<u64> {
 /// `git` for a fingerprint: no fsmonitor (an agent may have put a hook
 /// there), within `timeout`; a hung one is killed and the iteration simply
 /// has no fingerprint.
-fn git(dir: &Path, args: &[&str], timeout: Duration) -> Option<Vec<u8>> {
+fn git(dir: &Path, args: &[&str], timeout: Duration, contain: &Containment) -> Option<Vec<u8>> {
     let mut cmd = Command::new("git");
     cmd.current_dir(dir)
         .args(["-c", "core.fsmonitor=false"])
@@ -61,10 +62,12 @@ fn git(dir: &Path, args: &[&str], timeout: Duration) -> Option<Vec<u8>> {
         .env("GIT_OPTIONAL_LOCKS", "0")
         .env("GIT_TERMINAL_PROMPT", "0");
     let out = super::bounded::run(
-        &mut cmd,
+        &cmd,
         Instant::now() + timeout,
         Duration::from_secs(1),
         None,
+        contain,
+        "fingerprint",
     )
     .ok()?;
     out.status.success().then_some(out.stdout)
@@ -89,6 +92,7 @@ fn git_state(
     dir: &Path,
     exclude: Option<&Path>,
     timeout: Duration,
+    contain: &Containment,
     h: &mut DefaultHasher,
 ) -> Option<()> {
     let top = git_top(dir)?;
@@ -102,6 +106,7 @@ fn git_state(
             "--untracked-files=all",
         ],
         timeout,
+        contain,
     )?;
     let mut records = status.split(|&b| b == 0).filter(|r| !r.is_empty());
     while let Some(r) = records.next() {
@@ -193,14 +198,14 @@ mod tests {
     fn a_plain_tree_changes_with_its_files_not_with_the_state_dir() {
         let d = scratch("plain");
         let w = spec(&d);
-        let a = fingerprint(&w).unwrap();
+        let a = fingerprint(&w, &Containment::group_only()).unwrap();
         std::fs::write(d.join("state/tasks/log"), "transcript").unwrap();
-        assert_eq!(fingerprint(&w), Some(a));
+        assert_eq!(fingerprint(&w, &Containment::group_only()), Some(a));
         std::fs::write(d.join("new.rs"), "fn main() {}").unwrap();
-        let b = fingerprint(&w).unwrap();
+        let b = fingerprint(&w, &Containment::group_only()).unwrap();
         assert_ne!(a, b);
         std::fs::write(d.join("PROMPT.md"), "task\n- [x] step 1\n").unwrap();
-        assert_ne!(fingerprint(&w), Some(b));
+        assert_ne!(fingerprint(&w, &Containment::group_only()), Some(b));
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -217,9 +222,9 @@ mod tests {
             baseline: true,
             timeout: Duration::from_secs(10),
         };
-        let a = fingerprint(&w).unwrap();
+        let a = fingerprint(&w, &Containment::group_only()).unwrap();
         std::fs::write(ws.join("work.txt"), "1").unwrap();
-        assert_ne!(fingerprint(&w), Some(a));
+        assert_ne!(fingerprint(&w, &Containment::group_only()), Some(a));
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -249,14 +254,14 @@ mod tests {
         g(&["init", "-q"]);
         std::fs::write(d.join(".git/info/exclude"), "state/\n").unwrap();
         let w = spec(&d);
-        let a = fingerprint(&w).unwrap();
-        assert_eq!(fingerprint(&w), Some(a));
+        let a = fingerprint(&w, &Containment::group_only()).unwrap();
+        assert_eq!(fingerprint(&w, &Containment::group_only()), Some(a));
         std::fs::write(d.join("work.txt"), "1").unwrap();
         g(&["add", "-A"]);
         g(&["commit", "-q", "-m", "work"]);
-        let b = fingerprint(&w).unwrap();
+        let b = fingerprint(&w, &Containment::group_only()).unwrap();
         assert_ne!(a, b, "a commit with a clean tree is progress");
-        assert_eq!(fingerprint(&w), Some(b));
+        assert_eq!(fingerprint(&w, &Containment::group_only()), Some(b));
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

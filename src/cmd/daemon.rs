@@ -69,12 +69,14 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     }
 
     let store = TaskStore::new(&state_dir);
+    let contain = super::setup::contain(&cfg, &state_dir, &shared)?;
     let mut scheduler = Scheduler::new(
         cfg.clone(),
         store.clone(),
         Mode::Daemon,
         Notifier::from_env(),
         shared.clone(),
+        contain.clone(),
     )
     .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start workers: {e}")))?;
     // The directory is ours and the first snapshot (pauses an earlier run
@@ -116,7 +118,9 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     Notifier::from_env().ready(&status);
 
     let reload: signals::Reload = Box::new(move || reload_config(&layers));
-    let finished = signals::serve(scheduler, None, Some(reload), caught)
+    let finished = signals::serve(scheduler, None, Some(reload), caught);
+    contain.close();
+    let finished = finished
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot run the scheduler: {e}")))?;
     stop.stop();
     let _ = intake.join();

@@ -162,11 +162,20 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
     } else {
         None
     };
-    let mut scheduler = Scheduler::new(cfg, store, Mode::Run, Notifier::disabled(), shared)
-        .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start worker: {e}")))?;
+    let contain = super::setup::contain(&cfg, &s.state_dir, &shared)?;
+    let mut scheduler = Scheduler::new(
+        cfg,
+        store,
+        Mode::Run,
+        Notifier::disabled(),
+        shared,
+        contain.clone(),
+    )
+    .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start worker: {e}")))?;
     scheduler.adopt(state);
     let finished = signals::serve(scheduler, Some(Duration::ZERO), None, caught)
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot run: {e}")))?;
+    contain.close();
     if let Some(h) = http {
         h.remove_port_file(&s.state_dir);
         h.stop();

@@ -69,3 +69,28 @@ pub fn start_http(
     }
     Ok(Some(server))
 }
+
+/// Sets up the containment of every attempt (the state lock must be held),
+/// says which is in force and why, and publishes it for /health/detailed.
+pub fn contain(
+    cfg: &Config,
+    state_dir: &Path,
+    shared: &Shared,
+) -> Result<Arc<crate::agent::Containment>, Failure> {
+    let l = &cfg.limits;
+    let c = crate::agent::Containment::establish(
+        l.containment,
+        l.max_memory_mb,
+        l.max_processes,
+        state_dir,
+    )
+    .map_err(|e| Failure::new(exit::UNAVAILABLE, e))?;
+    log::info!("containment: {}", c.describe());
+    for u in &c.unenforced {
+        log::warn!("containment: {u}");
+    }
+    if let Ok(mut g) = shared.containment.lock() {
+        *g = Some((c.mode().to_string(), c.why.clone(), c.unenforced.clone()));
+    }
+    Ok(Arc::new(c))
+}

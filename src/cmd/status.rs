@@ -76,8 +76,17 @@ pub fn status(args: StatusArgs) -> Result<i32, Failure> {
     }
     let _ = writeln!(
         out,
-        "{:<24} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<13} {:<16} {:<24} LAST ERROR",
-        "ID", "STATUS", "ITER", "OK", "FAILED", "RETRIES", "LAST OUTCOME", "SPENT", "UPDATED"
+        "{:<24} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<13} {:<16} {:<14} {:<24} LAST ERROR",
+        "ID",
+        "STATUS",
+        "ITER",
+        "OK",
+        "FAILED",
+        "RETRIES",
+        "LAST OUTCOME",
+        "SPENT",
+        "CPU/PEAK MEM",
+        "UPDATED"
     );
     for t in &tasks {
         let mut status = t.status.as_str().to_string();
@@ -86,7 +95,7 @@ pub fn status(args: StatusArgs) -> Result<i32, Failure> {
         }
         let _ = writeln!(
             out,
-            "{:<24} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<13} {:<16} {:<24} {}",
+            "{:<24} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<13} {:<16} {:<14} {:<24} {}",
             t.id,
             status,
             t.iteration,
@@ -95,6 +104,7 @@ pub fn status(args: StatusArgs) -> Result<i32, Failure> {
             t.retries,
             t.last_class.as_deref().unwrap_or("-"),
             spent(t),
+            used(t),
             t.updated_at,
             t.last_error.as_deref().unwrap_or("-")
         );
@@ -123,6 +133,18 @@ pub fn status(args: StatusArgs) -> Result<i32, Failure> {
     }
     print!("{out}");
     Ok(exit::OK)
+}
+
+/// What a task's attempts used of the machine: `12.3s 245M` (CPU seconds
+/// summed, the largest peak memory of one attempt).
+fn used(t: &crate::task::TaskState) -> String {
+    if t.cpu_seconds == 0.0 && t.peak_memory_bytes.is_none() {
+        return "-".into();
+    }
+    let mem = t
+        .peak_memory_bytes
+        .map_or("-".into(), |m| format!("{}M", m.div_ceil(1024 * 1024)));
+    format!("{:.1}s {mem}", t.cpu_seconds)
 }
 
 /// What a task's agent reported spending, shortly: `$0.0123`, `1.25 cr`,

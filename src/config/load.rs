@@ -107,6 +107,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("QCHAT_BUFFER_SIZE", "performance.buffer_size"),
     ("QCHAT_POLL_INTERVAL", "performance.poll_interval"),
     ("QCHAT_MAX_CONCURRENT", "performance.max_concurrent"),
+    ("QCHAT_CONTAINMENT", "limits.containment"),
     ("QCHAT_MAX_MEMORY_MB", "limits.max_memory_mb"),
     ("QCHAT_MAX_OUTPUT_SIZE", "limits.max_output_size"),
     ("QCHAT_VERBOSE", "logging.verbose"),

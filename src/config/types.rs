@@ -282,7 +282,11 @@ impl Default for Performance {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
+    /// How an attempt's processes are kept together and ended with it.
+    pub containment: Containment,
     pub max_memory_mb: u64,
+    /// pids.max of an attempt's cgroup (0 = none).
+    pub max_processes: u64,
     pub max_output_size: u64,
     pub max_prompt_size: u64,
     pub blocked_patterns: Vec<String>,
@@ -291,10 +295,32 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            containment: Containment::Auto,
             max_memory_mb: 0,
+            max_processes: 0,
             max_output_size: 10 * 1024 * 1024,
             max_prompt_size: 10 * 1024 * 1024,
             blocked_patterns: Vec::new(),
+        }
+    }
+}
+
+/// `[limits] containment`: a cgroup per attempt when this host lets us make
+/// one, else the child subreaper and the attempt's mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Containment {
+    Auto,
+    Cgroup,
+    Subreaper,
+}
+
+impl Containment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Containment::Auto => "auto",
+            Containment::Cgroup => "cgroup",
+            Containment::Subreaper => "subreaper",
         }
     }
 }

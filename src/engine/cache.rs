@@ -98,6 +98,7 @@ mod tests {
             decided_by: None,
             wait: None,
             usage: Default::default(),
+            resources: Default::default(),
             tree_before: None,
             tree_after: None,
             lines: vec![],

@@ -83,6 +83,8 @@ pub struct View<'a> {
     pub bucket: &'a Bucket,
     pub account: &'a Account,
     pub cache_entries: Option<usize>,
+    /// The containment in force and why.
+    pub containment: String,
     pub tasks: Vec<TaskView<'a>>,
 }
 
@@ -157,6 +159,12 @@ pub fn render(v: &View) -> String {
             .map_or("off".into(), |n| format!("{n} entries"))
     );
     let _ = writeln!(s, "account: {}", account_line(v.account));
+    let _ = writeln!(
+        s,
+        "containment: {}; {} adopted process(es) reaped",
+        v.containment,
+        crate::sys::reaper::reaped()
+    );
     let _ = writeln!(s, "{}", v.stats.summary());
     for t in &v.tasks {
         let st = t.state;

@@ -114,6 +114,8 @@ pub struct Shared {
     /// How long /health reuses its file-system checks (health_check_interval).
     pub check_every: Mutex<Duration>,
     pub checks: Mutex<Option<Checks>>,
+    /// The containment in force: mode, why, limits not enforced.
+    pub containment: Mutex<Option<(String, String, Vec<String>)>>,
 }
 
 impl Shared {
@@ -131,6 +133,7 @@ impl Shared {
             state_dir,
             check_every: Mutex::new(Duration::from_secs(30)),
             checks: Mutex::new(None),
+            containment: Mutex::new(None),
         })
     }
 

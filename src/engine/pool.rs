@@ -5,11 +5,13 @@
 use super::diagnostics::WorkerView;
 use super::msg::{Event, Job, JobMsg};
 use super::worker::{WorkerState, spawn_worker};
+use crate::agent::Containment;
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 pub struct Pool {
+    contain: Arc<Containment>,
     jobs: Sender<JobMsg>,
     jobs_rx: Receiver<JobMsg>,
     events: Sender<Event>,
@@ -20,9 +22,10 @@ pub struct Pool {
 
 impl Pool {
     /// An empty pool whose workers will report to `events`.
-    pub fn new(events: Sender<Event>) -> Pool {
+    pub fn new(events: Sender<Event>, contain: Arc<Containment>) -> Pool {
         let (jobs, jobs_rx) = crossbeam_channel::unbounded();
         Pool {
+            contain,
             jobs,
             jobs_rx,
             events,
@@ -42,6 +45,7 @@ impl Pool {
                 self.jobs_rx.clone(),
                 self.events.clone(),
                 st.clone(),
+                self.contain.clone(),
             )?;
             self.states.push(st);
             self.size += 1;

@@ -13,6 +13,7 @@ use super::pool::Pool;
 use super::request::{self, Inputs};
 use super::slot::{Phase, Slot};
 use super::stats::{self, Stats};
+use crate::agent::Containment;
 use crate::agent::checkpoint::{CheckpointJob, Done};
 use crate::agent::classify::Rules;
 use crate::agent::instruction::{self, Prompt};
@@ -59,6 +60,8 @@ struct Attempt {
 }
 
 pub struct Scheduler {
+    /// Containment of every attempt, for the dump.
+    contain: Arc<Containment>,
     cfg: Config,
     mode: Mode,
     store: TaskStore,
@@ -118,6 +121,7 @@ impl Scheduler {
         mode: Mode,
         notifier: Notifier,
         shared: Arc<Shared>,
+        contain: Arc<Containment>,
     ) -> std::io::Result<Scheduler> {
         let (events_tx, events) = crossbeam_channel::unbounded();
         let interval = cfg.monitoring.metrics_interval;
@@ -141,7 +145,8 @@ impl Scheduler {
             preflight_seq: None,
             preflight_cancel: None,
             gates: Gates::new(&cfg, mode == Mode::Daemon, Instant::now(), account),
-            pool: Pool::new(events_tx.clone()),
+            pool: Pool::new(events_tx.clone(), contain.clone()),
+            contain,
             persist,
             notifier,
             dumps: Throttle::default(),
@@ -653,6 +658,7 @@ impl Scheduler {
         if let Some(mut hit) = self.gates.take(key, Instant::now()) {
             // No agent ran: nothing was spent.
             hit.usage = Default::default();
+            hit.resources = Default::default();
             log::info!(task = id, iteration = it; "identical request answered from the cache (cache.enabled); no agent started");
             if let Some(path) = &req.transcript {
                 let note = format!(
@@ -697,6 +703,10 @@ impl Scheduler {
         // Every attempt's cost counts, failed and throttled ones too.
         slot.state.add_spent(&o.usage);
         METRICS.spent(self.cfg.adapter.name.as_str(), &o.usage);
+        if !o.resources.is_empty() {
+            slot.state.add_used(&o.resources);
+            METRICS.used(self.cfg.adapter.name.as_str(), &o.resources);
+        }
         slot.dirty = true;
         match verdict {
             Verdict::Success => {
@@ -1266,6 +1276,7 @@ impl Scheduler {
             bucket: self.gates.bucket(),
             account: &self.gates.account,
             cache_entries: self.gates.cache_entries(),
+            containment: self.contain.describe(),
             tasks: self
                 .slots
                 .values()

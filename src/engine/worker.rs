@@ -2,8 +2,8 @@
 //! checkpoint), does it, and reports back. Workers hold no task state.
 
 use super::msg::{Event, Job, JobMsg, JobResult};
-use crate::agent::Supervisor;
 use crate::agent::checkpoint::checkpoint;
+use crate::agent::{Containment, Supervisor};
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,8 +22,9 @@ pub fn spawn_worker(
     jobs: Receiver<JobMsg>,
     events: Sender<Event>,
     state: Arc<WorkerState>,
+    contain: Arc<Containment>,
 ) -> std::io::Result<JoinHandle<()>> {
-    let mut supervisor = Supervisor::new()?;
+    let mut supervisor = Supervisor::new(contain.clone())?;
     std::thread::Builder::new()
         .name(format!("worker-{index}"))
         .spawn(move || {
@@ -39,7 +40,7 @@ pub fn spawn_worker(
                             "agent for task {} iteration {}",
                             req.task_id, req.iteration
                         )));
-                        JobResult::Agent(Box::new(run_watched(&mut supervisor, req)))
+                        JobResult::Agent(Box::new(run_watched(&mut supervisor, req, &contain)))
                     }
                     Job::Command(req) => {
                         set(Some(format!("{} of task {}", req.shown, req.task_id)));
@@ -47,7 +48,7 @@ pub fn spawn_worker(
                     }
                     Job::Checkpoint(job) => {
                         set(Some(format!("checkpoint of task {}", job.task_id)));
-                        JobResult::Checkpoint(checkpoint(job))
+                        JobResult::Checkpoint(checkpoint(job, &contain))
                     }
                     Job::Retire => break,
                 };
@@ -70,17 +71,18 @@ pub fn spawn_worker(
 fn run_watched(
     supervisor: &mut Supervisor,
     req: &crate::agent::AgentRequest,
+    contain: &Containment,
 ) -> crate::agent::AgentOutcome {
     use crate::agent::worktree::fingerprint;
     let before = req
         .watch
         .as_ref()
         .filter(|w| w.baseline)
-        .and_then(fingerprint);
+        .and_then(|w| fingerprint(w, contain));
     let mut o = supervisor.run(req);
     o.tree_before = before;
     if o.class == crate::agent::Class::Success {
-        o.tree_after = req.watch.as_ref().and_then(fingerprint);
+        o.tree_after = req.watch.as_ref().and_then(|w| fingerprint(w, contain));
     }
     o
 }

@@ -281,6 +281,9 @@ fn detailed(shared: &Shared, cpu: &CpuMeter, v: &mut Value) {
     })).collect::<Vec<_>>());
     v["rate_limit"] = json!({ "per_minute": snap.rate_per_minute, "tokens": snap.rate_tokens });
     v["environment"] = json!(std::env::var("ENVIRONMENT").ok());
+    if let Some((mode, why, unenforced)) = shared.containment.lock().ok().and_then(|g| g.clone()) {
+        v["containment"] = json!({ "mode": mode, "why": why, "not_enforced": unenforced });
+    }
 }
 
 fn metrics_text(shared: &Shared) -> String {

@@ -1,6 +1,9 @@
-//! The operating system, in one place: /proc readings, time formatting, and
-//! the malloc tuning of the long-running commands.
+//! The operating system, in one place: /proc readings, cgroups, the child
+//! subreaper, time formatting, and the malloc tuning of the long-running
+//! commands.
 
+pub mod cgroup;
 pub mod malloc;
 pub mod proc;
+pub mod reaper;
 pub mod time;

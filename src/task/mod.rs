@@ -106,9 +106,48 @@ pub struct TaskState {
     pub verify_failed: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_failed_at: Option<u64>,
+    /// CPU seconds of every agent attempt's whole process tree, summed.
+    #[serde(default)]
+    pub cpu_seconds: f64,
+    /// The highest peak memory of one attempt, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
+    /// What the last agent attempt used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempt: Option<AttemptUse>,
+}
+
+/// What one attempt used of the machine (containment's accounting).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct AttemptUse {
+    pub cpu_seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
+    /// Most processes alive at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<u64>,
+    #[serde(default)]
+    pub oom_kills: u64,
+    /// Processes still running when the command had exited, killed.
+    #[serde(default)]
+    pub left_running: u64,
 }
 
 impl TaskState {
+    pub fn add_used(&mut self, r: &crate::agent::Resources) {
+        self.cpu_seconds += r.cpu_seconds;
+        if let Some(m) = r.peak_memory {
+            self.peak_memory_bytes = Some(self.peak_memory_bytes.unwrap_or(0).max(m));
+        }
+        self.last_attempt = Some(AttemptUse {
+            cpu_seconds: r.cpu_seconds,
+            peak_memory_bytes: r.peak_memory,
+            processes: r.processes,
+            oom_kills: r.oom_kills,
+            left_running: r.killed,
+        });
+    }
+
     /// What the task has spent so far.
     pub fn spent(&self) -> crate::agent::Usage {
         crate::agent::Usage {
@@ -159,6 +198,9 @@ impl TaskState {
             stalled_iterations: 0,
             verify_failed: None,
             verify_failed_at: None,
+            cpu_seconds: 0.0,
+            peak_memory_bytes: None,
+            last_attempt: None,
         }
     }
 }

@@ -84,10 +84,12 @@ pub fn judge(class: Class, ending: &Ending, retries_done: u32, max_retries: u32)
             Ending::Cancelled => Verdict::Cancelled,
             _ => Verdict::Interrupted,
         },
-        Class::Failed | Class::Timeout | Class::IdleTimeout if retries_done < max_retries => {
+        Class::Failed | Class::Timeout | Class::IdleTimeout | Class::Oom
+            if retries_done < max_retries =>
+        {
             Verdict::Retry
         }
-        Class::Failed | Class::Timeout | Class::IdleTimeout => Verdict::Failed,
+        Class::Failed | Class::Timeout | Class::IdleTimeout | Class::Oom => Verdict::Failed,
     }
 }
 

@@ -1,0 +1,454 @@
+//! Containment: every process an attempt starts ends with the attempt.
+//!
+//! cgroup mode: the attempt's own cgroup, killed as a whole when its leader
+//! exits or is stopped; the result waits for `populated 0`. subreaper mode:
+//! what left the process group was reparented to us (`sys::reaper`) and is
+//! found among our descendants by the attempt's mark. Both count what the
+//! attempt used.
+
+use super::group;
+use crate::config::Containment as Asked;
+use crate::sys::cgroup::{self, Cell, Controller, Tree};
+use crate::sys::proc;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Where the next start finds what this one leaves after a kill -9.
+const RECORD: &str = "cgroups";
+/// How long an attempt's end waits for its processes to be gone once killed,
+/// beyond kill_grace. A process in uninterruptible sleep (a dead NFS server)
+/// can take that long; the result is recorded then anyway, and said.
+const SETTLE: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub struct Containment {
+    tree: Option<Tree>,
+    /// Why this mode, for the start-up log, /health/detailed and the dump.
+    pub why: String,
+    /// Limits that are not enforced on this host, for the start-up log.
+    pub unenforced: Vec<String>,
+    max_memory: u64,
+    max_processes: u64,
+    seq: AtomicU64,
+}
+
+/// What an attempt used, as far as the mode can tell.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Resources {
+    pub cpu_seconds: f64,
+    /// The whole tree's peak (cgroup), or the largest single process's
+    /// resident size (subreaper).
+    pub peak_memory: Option<u64>,
+    /// Most processes alive at once (pids.peak), where a pids controller counts.
+    pub processes: Option<u64>,
+    /// Processes the kernel killed at the memory limit.
+    pub oom_kills: u64,
+    /// Processes still there when the leader had exited, killed by us.
+    pub killed: u64,
+}
+
+impl Resources {
+    /// Nothing was started (a spawn failure, a cache hit).
+    pub fn is_empty(&self) -> bool {
+        *self == Resources::default()
+    }
+}
+
+/// One attempt's containment, from before its spawn to its end.
+pub struct Jail<'a> {
+    contain: &'a Containment,
+    cell: Option<Cell>,
+    marker: Option<String>,
+    pgid: i32,
+    /// Processes found running when the attempt was first ended.
+    left: std::cell::Cell<Option<u64>>,
+}
+
+impl Containment {
+    /// Sets the mode up (the state lock must be held) and ends what an
+    /// earlier instance on `state_dir` left. Err: cgroup asked for and unusable.
+    pub fn establish(
+        asked: Asked,
+        max_memory_mb: u64,
+        max_processes: u64,
+        state_dir: &Path,
+    ) -> Result<Containment, String> {
+        if let Err(e) = crate::sys::reaper::start() {
+            log::warn!(
+                "cannot become a child subreaper ({e}): processes that leave an agent's session are reparented to init and found only by their mark"
+            );
+        }
+        let mut c = Containment {
+            tree: None,
+            why: String::new(),
+            unenforced: Vec::new(),
+            max_memory: max_memory_mb.saturating_mul(1024 * 1024),
+            max_processes,
+            seq: AtomicU64::new(0),
+        };
+        let leftovers = read_record(state_dir);
+        match asked {
+            Asked::Subreaper => c.why = "[limits] containment = \"subreaper\"".into(),
+            Asked::Cgroup | Asked::Auto => {
+                match Tree::setup(&format!("ralph-qchat.{}", std::process::id())) {
+                    Ok(t) => {
+                        c.why = format!(
+                            "cgroup v2 {} is {}",
+                            t.root.display(),
+                            if t.delegated {
+                                "delegated to us"
+                            } else {
+                                "writable"
+                            }
+                        );
+                        c.tree = Some(t);
+                    }
+                    Err(e) if asked == Asked::Cgroup => {
+                        return Err(format!(
+                            "[limits] containment = \"cgroup\" but cgroups cannot be used here: {e}; run as root or under the shipped unit (Delegate=yes), or set containment = \"auto\""
+                        ));
+                    }
+                    Err(e) => c.why = format!("no usable cgroup v2 ({e})"),
+                }
+            }
+        }
+        c.end_leftover_cgroups(&leftovers);
+        c.note_unenforced();
+        if let Some(t) = &c.tree {
+            let lines: Vec<String> = t.record().iter().map(|p| p.display().to_string()).collect();
+            if let Err(e) = crate::store::atomic::write_atomic(
+                &state_dir.join(RECORD),
+                format!("{}\n", lines.join("\n")).as_bytes(),
+            ) {
+                log::warn!(
+                    "cannot record this instance's cgroups in {}: {e}; after a kill -9 the next start will not find what they hold",
+                    state_dir.join(RECORD).display()
+                );
+            }
+        } else {
+            let _ = std::fs::remove_file(state_dir.join(RECORD));
+        }
+        Ok(c)
+    }
+
+    /// No containment beyond the process group (unit tests, tools).
+    pub fn group_only() -> Containment {
+        Containment {
+            tree: None,
+            why: "process group only".into(),
+            unenforced: Vec::new(),
+            max_memory: 0,
+            max_processes: 0,
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    pub fn mode(&self) -> &'static str {
+        if self.tree.is_some() {
+            "cgroup"
+        } else {
+            "subreaper"
+        }
+    }
+
+    /// "cgroup (cgroup v2 … is delegated to us; memory: v1 …)".
+    pub fn describe(&self) -> String {
+        let mut s = format!("{} ({}", self.mode(), self.why);
+        if let Some(t) = &self.tree {
+            for (name, ctl) in [("memory", &t.memory), ("pids", &t.pids)] {
+                let at = match ctl {
+                    Some(Controller::V2) => "cgroup v2".to_string(),
+                    Some(Controller::V1(d)) => format!("cgroup v1 {}", d.display()),
+                    None => "none".to_string(),
+                };
+                s.push_str(&format!("; {name}: {at}"));
+            }
+        }
+        s.push(')');
+        s
+    }
+
+    fn note_unenforced(&mut self) {
+        let (memory, pids) = match &self.tree {
+            Some(t) => (t.memory.is_some(), t.pids.is_some()),
+            None => (false, false),
+        };
+        if let Some(t) = &self.tree {
+            for n in &t.notes {
+                self.unenforced.push(n.clone());
+            }
+        }
+        if self.max_memory > 0 && !memory {
+            self.unenforced.push(
+                "max_memory_mb is the address-space limit (RLIMIT_AS) of each command, not a limit of its whole process tree: no memory controller is usable".into(),
+            );
+        }
+        if self.max_processes > 0 && !pids {
+            self.unenforced.push(
+                "max_processes is not enforced: no pids controller is usable (RLIMIT_NPROC does not bind root)".into(),
+            );
+        }
+    }
+
+    /// Kills and removes the cgroups an earlier instance recorded, and any
+    /// attempt cgroup left in a delegated root.
+    fn end_leftover_cgroups(&self, recorded: &[PathBuf]) {
+        let until = Instant::now() + SETTLE;
+        let mine = self.tree.as_ref().map(|t| t.record()).unwrap_or_default();
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for p in recorded {
+            if mine.contains(p) {
+                dirs.extend(Tree::cells(p));
+            } else if p.is_dir() {
+                dirs.push(p.clone());
+            }
+        }
+        if let Some(t) = &self.tree
+            && t.delegated
+        {
+            for d in Tree::cells(&t.root) {
+                if !dirs.contains(&d) {
+                    dirs.push(d);
+                }
+            }
+        }
+        for d in dirs {
+            let n = count_tree(&d);
+            let empty = cgroup::destroy(&d, until);
+            if n > 0 || !empty {
+                log::warn!(
+                    "ended {n} process(es) an earlier instance left in cgroup {}{}",
+                    d.display(),
+                    if empty {
+                        String::new()
+                    } else {
+                        "; it did not empty and is left in place".into()
+                    }
+                );
+            }
+        }
+    }
+
+    /// Removes our own subtree (at exit, when no attempt runs).
+    pub fn close(&self) {
+        if let Some(t) = &self.tree {
+            t.remove();
+        }
+    }
+
+    /// Containment for one attempt. `label` names its cgroup (the task).
+    pub fn enter(&self, label: &str, marker: Option<String>) -> Jail<'_> {
+        let cell = self.tree.as_ref().and_then(|t| {
+            let name = format!(
+                "{}.{}",
+                sanitize(label),
+                self.seq.fetch_add(1, Ordering::Relaxed)
+            );
+            match t.cell(&name, self.max_memory, self.max_processes) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    log::error!(task = label;
+                        "cannot make this attempt's cgroup ({e}); it runs contained by its process group and mark only");
+                    None
+                }
+            }
+        });
+        Jail {
+            contain: self,
+            cell,
+            marker,
+            pgid: 0,
+            left: std::cell::Cell::new(None),
+        }
+    }
+}
+
+impl Jail<'_> {
+    pub fn joins(&self) -> Vec<RawFd> {
+        self.cell.as_ref().map(Cell::joins).unwrap_or_default()
+    }
+
+    /// RLIMIT_AS for the command: only where no cgroup limits the memory.
+    pub fn rlimit_as(&self) -> u64 {
+        match &self.cell {
+            Some(c) if c.limits_memory() => 0,
+            _ => self.contain.max_memory,
+        }
+    }
+
+    pub fn started(&mut self, pid: i32) {
+        self.pgid = pid;
+    }
+
+    /// Kills everything of the attempt at once (the leader too, if alive).
+    pub fn kill_all(&self) {
+        let first = self.left.get().is_none();
+        match &self.cell {
+            Some(c) => {
+                if first {
+                    self.left.set(Some(count_procs(&c.dir) as u64));
+                }
+                c.kill()
+            }
+            None => {
+                // The group's members carry the mark too: count them all.
+                let n = self.kill_marked().len() as u64;
+                if self.pgid > 0 {
+                    // SAFETY: SIGKILL to the process group our child leads.
+                    unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
+                }
+                if first {
+                    self.left.set(Some(n));
+                }
+            }
+        }
+    }
+
+    /// After the leader is reaped: nothing of the attempt is alive when this
+    /// returns (or `grace` + SETTLE has passed, said in the log). Then what
+    /// it used.
+    pub fn finish(self, grace: Duration, leader: Option<(f64, u64)>, task: &str) -> Resources {
+        let until = Instant::now() + grace + SETTLE;
+        let mut r = Resources::default();
+        match &self.cell {
+            Some(c) => {
+                let left = self
+                    .left
+                    .get()
+                    .unwrap_or_else(|| count_procs(&c.dir) as u64);
+                if !c.empty(until) {
+                    log::error!(task = task;
+                        "processes of cgroup {} did not end within {:.0?} of SIGKILL (uninterruptible sleep?); the cgroup is left in place and ended at the next start",
+                        c.dir.display(), grace + SETTLE);
+                }
+                let counted = c.counted();
+                r = Resources {
+                    cpu_seconds: counted.cpu_seconds,
+                    peak_memory: counted.peak_memory,
+                    processes: counted.peak_processes,
+                    oom_kills: counted.oom_kills,
+                    killed: left,
+                };
+                if let Err(e) = c.remove() {
+                    log::warn!(task = task; "cannot remove cgroup {}: {e}", c.dir.display());
+                }
+            }
+            None => {
+                r.killed = self.sweep(until).max(self.left.get().unwrap_or(0));
+                if let Some((cpu, rss)) = leader {
+                    r.cpu_seconds = cpu;
+                    r.peak_memory = Some(rss);
+                }
+            }
+        }
+        if r.killed > 0 {
+            log::info!(task = task; "ended {} process(es) the attempt left running", r.killed);
+        }
+        r
+    }
+
+    /// subreaper mode: kills the leader's group and every descendant of
+    /// ours carrying the attempt's mark, until none is alive.
+    fn sweep(&self, until: Instant) -> u64 {
+        if self.pgid > 0 && group::group_alive(self.pgid) {
+            // SAFETY: SIGKILL to the process group our child led.
+            unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
+        }
+        let mut killed: Vec<i32> = Vec::new();
+        loop {
+            let alive = self.kill_marked();
+            if alive.is_empty() || Instant::now() >= until {
+                break;
+            }
+            for p in alive {
+                if !killed.contains(&p) {
+                    killed.push(p);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        killed.len() as u64
+    }
+
+    /// SIGKILL to the live descendants of ours that carry the attempt's
+    /// mark; returns them.
+    fn kill_marked(&self) -> Vec<i32> {
+        let Some(marker) = &self.marker else {
+            return Vec::new();
+        };
+        let needle = format!("{}={marker}", super::spawn::MARKER_VAR);
+        let me = std::process::id() as i32;
+        let alive: Vec<i32> = proc::descendants(me)
+            .into_iter()
+            .filter(|&p| !matches!(proc::state_and_group(p), Some(('Z', _)) | None))
+            .filter(|&p| {
+                proc::environ(p)
+                    .is_some_and(|env| env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()))
+            })
+            .collect();
+        for p in &alive {
+            // SAFETY: SIGKILL to a descendant of ours carrying the attempt's mark.
+            unsafe { libc::kill(*p, libc::SIGKILL) };
+        }
+        alive
+    }
+}
+
+/// Processes in the cgroup at `dir` and below.
+fn count_tree(dir: &Path) -> usize {
+    count_procs(dir)
+        + Tree::cells(dir)
+            .iter()
+            .map(|d| count_tree(d))
+            .sum::<usize>()
+}
+
+fn count_procs(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|s| s.split_whitespace().count())
+        .unwrap_or(0)
+}
+
+fn read_record(state_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_to_string(state_dir.join(RECORD))
+        .map(|s| {
+            s.lines()
+                .map(str::trim)
+                // Only cgroup file systems: the file is ours, but a typo
+                // must not make us kill and remove anything else.
+                .filter(|l| l.starts_with("/sys/fs/cgroup/"))
+                .map(PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A cgroup name from a task id: no '/', no leading dot, bounded.
+fn sanitize(label: &str) -> String {
+    let s: String = label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(48)
+        .collect();
+    if s.is_empty() { "attempt".into() } else { s }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_names_are_safe() {
+        assert_eq!(sanitize("../etc/x.y"), "___etc_x_y");
+        assert_eq!(sanitize(""), "attempt");
+        assert_eq!(sanitize(&"a".repeat(100)).len(), 48);
+    }
+}
