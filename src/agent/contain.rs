@@ -7,7 +7,6 @@
 //! attempt used.
 
 use super::group;
-use crate::config::Containment as Asked;
 use crate::sys::cgroup::{self, Cell, Controller, Tree};
 use crate::sys::proc;
 use std::os::fd::RawFd;
@@ -21,6 +20,18 @@ const RECORD: &str = "cgroups";
 /// beyond kill_grace. A process in uninterruptible sleep (a dead NFS server)
 /// can take that long; the result is recorded then anyway, and said.
 const SETTLE: Duration = Duration::from_secs(5);
+
+/// `[limits] containment`: a cgroup per attempt when this host lets us make
+/// one, else the child subreaper and the attempt's mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Auto,
+    Cgroup,
+    Subreaper,
+}
+
+use Mode as Asked;
 
 #[derive(Debug)]
 pub struct Containment {
@@ -116,12 +127,21 @@ impl Containment {
         }
         c.end_leftover_cgroups(&leftovers);
         c.note_unenforced();
-        if let Some(t) = &c.tree {
-            let lines: Vec<String> = t.record().iter().map(|p| p.display().to_string()).collect();
-            if let Err(e) = crate::store::atomic::write_atomic(
-                &state_dir.join(RECORD),
-                format!("{}\n", lines.join("\n")).as_bytes(),
-            ) {
+        // A delegated root is ours whatever the instance: its cells are
+        // looked at above at every start, it needs no record.
+        let ours: Vec<PathBuf> = c
+            .tree
+            .as_ref()
+            .map(|t| {
+                t.record()
+                    .into_iter()
+                    .skip(usize::from(t.delegated))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !ours.is_empty() {
+            let lines: Vec<String> = ours.iter().map(|p| p.display().to_string()).collect();
+            if let Err(e) = write_record(state_dir, &lines) {
                 log::warn!(
                     "cannot record this instance's cgroups in {}: {e}; after a kill -9 the next start will not find what they hold",
                     state_dir.join(RECORD).display()
@@ -411,18 +431,27 @@ fn count_procs(dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// The record, written whole or not at all (temp file, rename).
+fn write_record(state_dir: &Path, lines: &[String]) -> std::io::Result<()> {
+    let tmp = state_dir.join(format!(".{RECORD}.tmp"));
+    std::fs::write(&tmp, format!("{}\n", lines.join("\n")))?;
+    std::fs::rename(&tmp, state_dir.join(RECORD))
+}
+
 fn read_record(state_dir: &Path) -> Vec<PathBuf> {
     std::fs::read_to_string(state_dir.join(RECORD))
-        .map(|s| {
-            s.lines()
-                .map(str::trim)
-                // Only cgroup file systems: the file is ours, but a typo
-                // must not make us kill and remove anything else.
-                .filter(|l| l.starts_with("/sys/fs/cgroup/"))
-                .map(PathBuf::from)
-                .collect()
-        })
+        .map(|s| s.lines().filter_map(recorded).collect())
         .unwrap_or_default()
+}
+
+/// A recorded directory, only if it is one of our own subtrees: whatever
+/// the file says, nothing else is ever killed and removed.
+fn recorded(line: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(line.trim());
+    let name = p.file_name()?.to_str()?;
+    let pid = name.strip_prefix("ralph-qchat.")?;
+    let digits = !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+    (p.starts_with("/sys/fs/cgroup") && digits && !line.contains("..")).then_some(p)
 }
 
 /// A cgroup name from a task id: no '/', no leading dot, bounded.
@@ -444,6 +473,22 @@ fn sanitize(label: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_our_own_subtrees_are_taken_from_the_record() {
+        assert!(recorded("/sys/fs/cgroup/unified/ralph-qchat.12").is_some());
+        assert!(recorded("/sys/fs/cgroup/memory/x/ralph-qchat.12\n").is_some());
+        for bad in [
+            "/sys/fs/cgroup/unified",
+            "/sys/fs/cgroup/unified/ralph-qc",
+            "/sys/fs/cgroup/system.slice/ralph-qchat.service/..",
+            "/etc/ralph-qchat.1",
+            "/sys/fs/cgroup/system.slice/ralph-qchat.service",
+            "",
+        ] {
+            assert_eq!(recorded(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn cgroup_names_are_safe() {

@@ -4,6 +4,7 @@
 //! the key, never a silently ignored setting.
 
 use crate::agent::classify::RuleSpec;
+pub use crate::agent::contain::Mode as Containment;
 use crate::agent::profile::{PROFILES, Profile};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -301,26 +302,6 @@ impl Default for Limits {
             max_output_size: 10 * 1024 * 1024,
             max_prompt_size: 10 * 1024 * 1024,
             blocked_patterns: Vec::new(),
-        }
-    }
-}
-
-/// `[limits] containment`: a cgroup per attempt when this host lets us make
-/// one, else the child subreaper and the attempt's mark.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Containment {
-    Auto,
-    Cgroup,
-    Subreaper,
-}
-
-impl Containment {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Containment::Auto => "auto",
-            Containment::Cgroup => "cgroup",
-            Containment::Subreaper => "subreaper",
         }
     }
 }

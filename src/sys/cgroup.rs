@@ -211,13 +211,7 @@ impl Tree {
 
     /// Our directory in the v1 hierarchy of `ctl`, made under the cgroup we
     /// are in there.
-    fn v1_place(
-        &mut self,
-        v1: &[V1Mount],
-        cg: &str,
-        ctl: &str,
-        name: &str,
-    ) -> Option<Controller> {
+    fn v1_place(&mut self, v1: &[V1Mount], cg: &str, ctl: &str, name: &str) -> Option<Controller> {
         let Some((_, point, mroot)) = v1.iter().find(|(c, _, _)| c == ctl) else {
             self.notes.push(format!(
                 "no {ctl} controller in cgroup v2 or v1 of this host"
