@@ -4,7 +4,10 @@
 # install, /health, a task with a fake agent, reload with a task running, stop
 # with nothing left, resume on the next start, priorities in the journal,
 # purge. Learned from ../shared/tools/systemd-harness.sh.
-#   usage: packaging/systemd-test.sh PKG.deb      (root; ROOTFS caches the base system)
+#   usage: [UNIFIED=1] packaging/systemd-test.sh PKG.deb   (root; ROOTFS caches the base system)
+# UNIFIED=1 boots the container on a pure cgroup v2 hierarchy
+# (SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1): the daemon must run in cgroup mode
+# there; otherwise in subreaper mode.
 set -euo pipefail
 DEB=$(realpath "$1")
 ROOTFS=${ROOTFS:-/var/tmp/ralph-qchat-rootfs}
@@ -12,6 +15,8 @@ NAME=rq-test-$$
 CG=ralph-qchat-test-$$
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ralph-qchat-nspawn.XXXXXX")
 NSPAWN_PID= SD=
+UNIFIED=${UNIFIED:-0}
+if [[ $UNIFIED == 1 ]]; then MODE=cgroup; else MODE=subreaper; fi
 t0=$(date +%s.%N)
 say() { printf '[%6.2fs] %s\n' "$(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN{print a-b}')" "$*"; }
 fail() { echo "FAIL: $*" >&2; in_ct journalctl -u ralph-qchat --no-pager -n 60 >&2 || true; exit 1; }
@@ -68,6 +73,12 @@ cat >"$WORK/stage/fake-agent" <<'AGENT'
 # A fake agent: works (sleeps) when the prompt says SLOW, then completes the task.
 echo "fake agent pid $$ on iteration $RALPH_QCHAT_ITERATION"
 echo "a warning from the agent" >&2
+# A tool call that leaves a process in a session of its own, as Claude
+# Code's and Codex's shells do.
+if grep -q ESCAPE "$RALPH_QCHAT_PROMPT_FILE"; then
+  setsid sh -c 'echo $$ > "$HOME/escaped.pid"; exec sleep 300' </dev/null >/dev/null 2>&1 &
+  for _ in $(seq 100); do [ -s "$HOME/escaped.pid" ] && break; sleep 0.05; done
+fi
 if grep -q SLOW "$RALPH_QCHAT_PROMPT_FILE" && [ ! -e /etc/fake-agent-fast ]; then sleep 30; fi
 printf '\nTASK_COMPLETE\n' >> "$RALPH_QCHAT_PROMPT_FILE"
 AGENT
@@ -87,10 +98,11 @@ setsid bash -c '
   for d in /sys/fs/cgroup/unified/'"$CG"' /sys/fs/cgroup/systemd/'"$CG"' /sys/fs/cgroup/'"$CG"'; do
     [[ -f $d/cgroup.procs ]] && echo $$ > $d/cgroup.procs 2>/dev/null && break
   done
+  [[ $3 == 1 ]] && export SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1
   exec systemd-nspawn --quiet --boot --directory="$0" --machine="$1" \
        --register=no --keep-unit --console=passive \
        --volatile=overlay --private-network \
-       --bind-ro="$2":/mnt/stage' "$ROOTFS" "$NAME" "$WORK/stage" \
+       --bind-ro="$2":/mnt/stage' "$ROOTFS" "$NAME" "$WORK/stage" "$UNIFIED" \
   </dev/null >"$WORK/nspawn.log" 2>&1 &
 NSPAWN_PID=$!
 for _ in $(seq 200); do
@@ -140,6 +152,50 @@ submit quick "# a quick task"
 wait_for 15 '[ "$(ralph-qchat status quick --json --state-dir /var/lib/ralph-qchat | grep -c "\"status\": \"completed\"")" = 1 ]' \
   || fail "task quick did not complete: $(status_of quick)"
 say "task quick: $(status_of quick)"
+
+say "containment: auto is cgroup mode under Delegate=yes; the daemon sits in its leaf"
+in_ct journalctl -u ralph-qchat --no-pager | grep -q "containment: cgroup (" \
+  || fail "auto did not choose cgroup mode: $(in_ct journalctl -u ralph-qchat --no-pager | grep containment:)"
+main=$(in_ct systemctl show -p MainPID --value ralph-qchat)
+rel=$(in_ct sed -n 's/^0:://p' /proc/"$main"/cgroup)
+hier=/sys/fs/cgroup; in_ct test -d /sys/fs/cgroup/unified && hier=/sys/fs/cgroup/unified
+svc=$hier${rel%/supervisor}
+[[ $rel == */ralph-qchat.service/supervisor ]] || fail "the daemon is in $rel, not in its leaf supervisor"
+if [[ $UNIFIED == 1 ]]; then
+  # On a pure cgroup v2 host the limits go to the attempts' own cgroups. A
+  # container on a hybrid host has no controllers in its v2 tree (the host
+  # binds them to v1): then the log says where the limits fall back.
+  if in_ct grep -qw memory /sys/fs/cgroup/cgroup.controllers; then
+    in_ct journalctl -u ralph-qchat --no-pager | grep -q "memory: cgroup v2; pids: cgroup v2)" \
+      || fail "memory and pids controllers not delegated: $(in_ct journalctl -u ralph-qchat --no-pager | grep containment:)"
+  else
+    say "no memory controller in this container's cgroup v2 (the host keeps it on v1)"
+  fi
+fi
+say "daemon $main in $svc/supervisor"
+if [[ $MODE == subreaper ]]; then
+  in_ct sh -c 'echo QCHAT_CONTAINMENT=subreaper >> /etc/default/ralph-qchat'
+  in_ct systemctl restart ralph-qchat
+  wait_for 10 'journalctl -u ralph-qchat --no-pager | grep -q "containment: subreaper ("' \
+    || fail "QCHAT_CONTAINMENT=subreaper not in force: $(in_ct journalctl -u ralph-qchat --no-pager | grep containment:)"
+  pid=$(in_ct systemctl show -p MainPID --value ralph-qchat)
+fi
+
+say "$MODE mode: an agent that setsid-forks leaves nothing after its iteration"
+submit escape "# ESCAPE task"
+wait_for 15 '[ "$(ralph-qchat status escape --json --state-dir /var/lib/ralph-qchat | grep -c "\"status\": \"completed\"")" = 1 ]' \
+  || fail "task escape did not complete: $(status_of escape)"
+esc=$(in_ct cat /var/lib/ralph-qchat/escaped.pid)
+[[ -n $esc ]] || fail "the agent left no process to look for"
+in_ct sh -c "kill -0 $esc" 2>/dev/null && fail "the setsid-forked process $esc outlived its iteration"
+[[ $(in_ct systemctl is-active ralph-qchat) == active ]] || fail "not active after the escape task"
+in_ct pgrep -u ralph-qchat -x sleep >/dev/null && fail "left running: $(in_ct pgrep -a -u ralph-qchat -x sleep)"
+if [[ $MODE == cgroup ]]; then
+  # .control is systemd's, for ExecReload= of a delegated unit.
+  left=$(in_ct find $svc -mindepth 1 -maxdepth 1 -type d ! -name supervisor ! -name .control)
+  [[ -z $left ]] || fail "attempt cgroups left: $left"
+fi
+say "the escaped process $esc ended with its iteration; the unit is active"
 
 say "reload keeps a running task alive"
 submit slow1 "# SLOW task"

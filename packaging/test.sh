@@ -71,8 +71,14 @@ MANPATH="$work/man" systemd-analyze verify "$work/ralph-qchat.service" 2>&1 | te
 score=$(systemd-analyze security --offline=true systemd/ralph-qchat.service 2>/dev/null \
         | sed -n 's/.*Overall exposure level for ralph-qchat.service: \([0-9.]*\).*/\1/p')
 echo "exposure $score"
-awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 2.0) }' || fail "exposure $score is above 2.0"
+awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 1.5) }' || fail "exposure $score is above 1.5"
 
 # ------------------------------------------------------------------ systemd
-say "the .deb under a real systemd"
-exec bash packaging/systemd-test.sh "$deb"
+# Twice: as the container boots by default on these hosts (a legacy cgroup
+# layout inside, where the unit's cgroup is not writable: subreaper mode),
+# and on a pure cgroup v2 hierarchy as on a Debian 12 server (cgroup mode
+# under Delegate=yes).
+say "the .deb under a real systemd, legacy cgroup layout (subreaper mode)"
+UNIFIED=0 bash packaging/systemd-test.sh "$deb"
+say "the .deb under a real systemd, pure cgroup v2 (cgroup mode)"
+UNIFIED=1 bash packaging/systemd-test.sh "$deb"

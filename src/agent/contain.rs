@@ -38,10 +38,9 @@ pub struct Containment {
     tree: Option<Tree>,
     /// Why this mode, for the start-up log, /health/detailed and the dump.
     pub why: String,
-    /// Limits that are not enforced on this host, for the start-up log.
-    pub unenforced: Vec<String>,
-    max_memory: u64,
-    max_processes: u64,
+    /// Bytes and processes per attempt (0 = none); a reload changes them.
+    max_memory: AtomicU64,
+    max_processes: AtomicU64,
     seq: AtomicU64,
 }
 
@@ -94,9 +93,8 @@ impl Containment {
         let mut c = Containment {
             tree: None,
             why: String::new(),
-            unenforced: Vec::new(),
-            max_memory: max_memory_mb.saturating_mul(1024 * 1024),
-            max_processes,
+            max_memory: AtomicU64::new(max_memory_mb.saturating_mul(1024 * 1024)),
+            max_processes: AtomicU64::new(max_processes),
             seq: AtomicU64::new(0),
         };
         let leftovers = read_record(state_dir);
@@ -126,7 +124,6 @@ impl Containment {
             }
         }
         c.end_leftover_cgroups(&leftovers);
-        c.note_unenforced();
         // A delegated root is ours whatever the instance: its cells are
         // looked at above at every start, it needs no record.
         let ours: Vec<PathBuf> = c
@@ -158,9 +155,8 @@ impl Containment {
         Containment {
             tree: None,
             why: "process group only".into(),
-            unenforced: Vec::new(),
-            max_memory: 0,
-            max_processes: 0,
+            max_memory: AtomicU64::new(0),
+            max_processes: AtomicU64::new(0),
             seq: AtomicU64::new(0),
         }
     }
@@ -190,26 +186,45 @@ impl Containment {
         s
     }
 
-    fn note_unenforced(&mut self) {
+    /// The limits of attempts started from now on (a reload); says which
+    /// of them this host cannot enforce.
+    pub fn set_limits(&self, max_memory_mb: u64, max_processes: u64) {
+        self.max_memory
+            .store(max_memory_mb.saturating_mul(1024 * 1024), Ordering::Relaxed);
+        self.max_processes.store(max_processes, Ordering::Relaxed);
+        for u in self.unenforced() {
+            log::warn!("containment: {u}");
+        }
+    }
+
+    /// The configured limits this host does not enforce, and why.
+    pub fn unenforced(&self) -> Vec<String> {
+        let mut out = Vec::new();
         let (memory, pids) = match &self.tree {
             Some(t) => (t.memory.is_some(), t.pids.is_some()),
             None => (false, false),
         };
+        let max_memory = self.max_memory.load(Ordering::Relaxed);
+        let max_processes = self.max_processes.load(Ordering::Relaxed);
         if let Some(t) = &self.tree {
-            for n in &t.notes {
-                self.unenforced.push(n.clone());
+            // Why a controller is missing matters only where a limit needs it.
+            for (ctl, n) in &t.notes {
+                if (*ctl == "memory" && max_memory > 0) || (*ctl == "pids" && max_processes > 0) {
+                    out.push(n.clone());
+                }
             }
         }
-        if self.max_memory > 0 && !memory {
-            self.unenforced.push(
+        if max_memory > 0 && !memory {
+            out.push(
                 "max_memory_mb is the address-space limit (RLIMIT_AS) of each command, not a limit of its whole process tree: no memory controller is usable".into(),
             );
         }
-        if self.max_processes > 0 && !pids {
-            self.unenforced.push(
+        if max_processes > 0 && !pids {
+            out.push(
                 "max_processes is not enforced: no pids controller is usable (RLIMIT_NPROC does not bind root)".into(),
             );
         }
+        out
     }
 
     /// Kills and removes the cgroups an earlier instance recorded, and any
@@ -266,7 +281,11 @@ impl Containment {
                 sanitize(label),
                 self.seq.fetch_add(1, Ordering::Relaxed)
             );
-            match t.cell(&name, self.max_memory, self.max_processes) {
+            let (m, p) = (
+                self.max_memory.load(Ordering::Relaxed),
+                self.max_processes.load(Ordering::Relaxed),
+            );
+            match t.cell(&name, m, p) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     log::error!(task = label;
@@ -294,7 +313,7 @@ impl Jail<'_> {
     pub fn rlimit_as(&self) -> u64 {
         match &self.cell {
             Some(c) if c.limits_memory() => 0,
-            _ => self.contain.max_memory,
+            _ => self.contain.max_memory.load(Ordering::Relaxed),
         }
     }
 

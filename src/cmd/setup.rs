@@ -86,11 +86,12 @@ pub fn contain(
     )
     .map_err(|e| Failure::new(exit::UNAVAILABLE, e))?;
     log::info!("containment: {}", c.describe());
-    for u in &c.unenforced {
+    let unenforced = c.unenforced();
+    for u in &unenforced {
         log::warn!("containment: {u}");
     }
     if let Ok(mut g) = shared.containment.lock() {
-        *g = Some((c.mode().to_string(), c.why.clone(), c.unenforced.clone()));
+        *g = Some((c.mode().to_string(), c.why.clone(), unenforced));
     }
     Ok(Arc::new(c))
 }

@@ -1360,6 +1360,16 @@ impl Scheduler {
                 "reload: paths.state_dir cannot change while running; restart to move the state"
             );
         }
+        if cfg.limits.containment != self.cfg.limits.containment {
+            log::warn!(
+                "reload: limits.containment cannot change while running (it stays {}); restart to change it",
+                self.contain.mode()
+            );
+        }
+        let (l, old) = (&cfg.limits, &self.cfg.limits);
+        if (l.max_memory_mb, l.max_processes) != (old.max_memory_mb, old.max_processes) {
+            self.contain.set_limits(l.max_memory_mb, l.max_processes);
+        }
         self.stream_output = cfg.logging.verbose;
         self.gates.configure(&cfg);
         self.rules = request::rules(&cfg);

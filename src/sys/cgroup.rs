@@ -35,8 +35,8 @@ pub struct Tree {
     pub delegated: bool,
     pub memory: Option<Controller>,
     pub pids: Option<Controller>,
-    /// What could not be set up, for the start-up log.
-    pub notes: Vec<String>,
+    /// Why a controller (memory, pids) could not be set up.
+    pub notes: Vec<(&'static str, String)>,
 }
 
 /// One attempt's cgroup (and its v1 companions).
@@ -190,6 +190,7 @@ impl Tree {
         };
         let offered = fs::read_to_string(tree.root.join("cgroup.controllers")).unwrap_or_default();
         for ctl in ["memory", "pids"] {
+            let ctl: &'static str = ctl;
             let v2_ok = offered.split_whitespace().any(|c| c == ctl)
                 && write(
                     &tree.root.join("cgroup.subtree_control"),
@@ -211,10 +212,17 @@ impl Tree {
 
     /// Our directory in the v1 hierarchy of `ctl`, made under the cgroup we
     /// are in there.
-    fn v1_place(&mut self, v1: &[V1Mount], cg: &str, ctl: &str, name: &str) -> Option<Controller> {
+    fn v1_place(
+        &mut self,
+        v1: &[V1Mount],
+        cg: &str,
+        ctl: &'static str,
+        name: &str,
+    ) -> Option<Controller> {
         let Some((_, point, mroot)) = v1.iter().find(|(c, _, _)| c == ctl) else {
-            self.notes.push(format!(
-                "no {ctl} controller in cgroup v2 or v1 of this host"
+            self.notes.push((
+                ctl,
+                format!("no {ctl} controller in this cgroup v2 subtree nor in cgroup v1"),
             ));
             return None;
         };
@@ -225,7 +233,7 @@ impl Tree {
         match mkdir(&dir) {
             Ok(()) => Some(Controller::V1(dir)),
             Err(e) => {
-                self.notes.push(err(&dir, "create", e));
+                self.notes.push((ctl, err(&dir, "create", e)));
                 None
             }
         }
@@ -304,7 +312,8 @@ impl Tree {
         Ok(cell)
     }
 
-    /// Every attempt cgroup under our root but the supervisor's leaf.
+    /// Every attempt cgroup under our root: not the supervisor's leaf, nor
+    /// a dot-name (systemd runs a delegated unit's ExecReload= in `.control`).
     pub fn cells(root: &Path) -> Vec<PathBuf> {
         let Ok(rd) = fs::read_dir(root) else {
             return Vec::new();
@@ -312,6 +321,7 @@ impl Tree {
         rd.flatten()
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .filter(|e| e.file_name() != SUPERVISOR_LEAF)
+            .filter(|e| !e.file_name().as_encoded_bytes().starts_with(b"."))
             .map(|e| e.path())
             .collect()
     }
