@@ -313,7 +313,7 @@ fn max_processes_stops_a_fork_bomb_in_cgroup_mode() {
     assert!((10..=20).contains(&peak), "peak processes {peak}: {s}");
     let started = sb.read("bomb.pids").lines().count();
     assert!(
-        started < 20,
+        started <= 20,
         "{started} of 200 started under max_processes = 20"
     );
     sb.assert_nothing_left();

@@ -7,9 +7,8 @@
 //! attempt used.
 
 use super::group;
-use crate::sys::cgroup::{self, Cell, Controller, Tree};
+use crate::sys::cgroup::{self, Cell, Controller, Joins, Tree};
 use crate::sys::proc;
-use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -305,7 +304,7 @@ impl Containment {
 }
 
 impl Jail<'_> {
-    pub fn joins(&self) -> Vec<RawFd> {
+    pub fn joins(&self) -> Joins {
         self.cell.as_ref().map(Cell::joins).unwrap_or_default()
     }
 
@@ -327,9 +326,14 @@ impl Jail<'_> {
         match &self.cell {
             Some(c) => {
                 if first {
-                    self.left.set(Some(count_procs(&c.dir) as u64));
+                    let n = if c.populated() {
+                        count_procs(&c.dir)
+                    } else {
+                        0
+                    };
+                    self.left.set(Some(n as u64));
                 }
-                c.kill()
+                c.kill();
             }
             None => {
                 // The group's members carry the mark too: count them all.
@@ -365,7 +369,8 @@ impl Jail<'_> {
                 let counted = c.counted();
                 r = Resources {
                     cpu_seconds: counted.cpu_seconds,
-                    peak_memory: counted.peak_memory,
+                    // Without a memory controller: the largest process's.
+                    peak_memory: counted.peak_memory.or(leader.map(|l| l.1)),
                     processes: counted.peak_processes,
                     oom_kills: counted.oom_kills,
                     killed: left,
@@ -418,8 +423,8 @@ impl Jail<'_> {
             return Vec::new();
         };
         let needle = format!("{}={marker}", super::spawn::MARKER_VAR);
-        let me = std::process::id() as i32;
-        let alive: Vec<i32> = proc::descendants(me)
+        // Called once the leader has exited: what it left was reparented to us.
+        let alive: Vec<i32> = proc::adopted()
             .into_iter()
             .filter(|&p| !matches!(proc::state_and_group(p), Some(('Z', _)) | None))
             .filter(|&p| {
@@ -507,6 +512,47 @@ mod tests {
         ] {
             assert_eq!(recorded(bad), None, "{bad}");
         }
+    }
+
+    /// Runs as root (the suite does here): cgroup mode needs a writable cgroup.
+    #[test]
+    fn a_child_starts_inside_its_cell_by_clone3_and_by_joining_it() {
+        let dir = std::env::temp_dir().join(format!("contain-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let c = Containment::establish(Mode::Cgroup, 0, 0, &dir).unwrap();
+        let root = c.tree.as_ref().unwrap().root.clone();
+        let mut seen = Vec::new();
+        for by_write in [false, true] {
+            super::super::spawn::force_join_by_write(by_write);
+            let f = super::super::bounded::run(
+                std::process::Command::new("cat").arg("/proc/self/cgroup"),
+                Instant::now() + Duration::from_secs(10),
+                Duration::from_secs(1),
+                None,
+                &c,
+                "unit",
+            )
+            .unwrap();
+            let text = String::from_utf8_lossy(&f.stdout).into_owned();
+            let v2 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .unwrap_or("")
+                .to_string();
+            seen.push(v2);
+        }
+        super::super::spawn::force_join_by_write(false);
+        c.close();
+        let _ = std::fs::remove_dir_all(&dir);
+        let name = root.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            seen[0].ends_with(&format!("{name}/unit.0")),
+            "clone3: {seen:?}"
+        );
+        assert!(
+            seen[1].ends_with(&format!("{name}/unit.1")),
+            "joining: {seen:?}"
+        );
     }
 
     #[test]

@@ -85,8 +85,9 @@ pub struct Output {
     last: [Vec<String>; 2],
     pub usage: Usage,
     reports: &'static [Report],
-    /// The previous line was Codex's `tokens used`.
-    tokens_next: bool,
+    /// The previous line of that stream was Codex's `tokens used` (the
+    /// other stream's lines may come between: they are read as they come).
+    tokens_next: [bool; 2],
 }
 
 impl Output {
@@ -132,7 +133,7 @@ impl Output {
             last: [Vec::new(), Vec::new()],
             usage: Usage::default(),
             reports: req.reports,
-            tokens_next: false,
+            tokens_next: [false; 2],
         }
     }
 
@@ -269,7 +270,7 @@ impl Output {
     /// a rule that stops the attempt.
     fn content(&mut self, stream: usize, line: &str, req: &AgentRequest) {
         if !self.reports.is_empty() {
-            self.count(line);
+            self.count(stream, line);
         }
         if self.marker.is_some() {
             let echo = self.streams[stream].echo.is_echo(line);
@@ -290,10 +291,10 @@ impl Output {
 
     /// Kiro's `▸ Credits: 0.25 • Time: 1s`; Codex's `tokens used` and the
     /// number on the next line.
-    fn count(&mut self, line: &str) {
+    fn count(&mut self, stream: usize, line: &str) {
         let t = super::text::rule_text(line);
-        if self.tokens_next {
-            self.tokens_next = false;
+        if self.tokens_next[stream] {
+            self.tokens_next[stream] = false;
             if let Ok(n) = t.replace(',', "").trim().parse::<u64>() {
                 self.usage.tokens += n;
                 return;
@@ -309,7 +310,7 @@ impl Output {
             self.usage.credits += v;
         }
         if self.reports.contains(&Report::Tokens) && t == "tokens used" {
-            self.tokens_next = true;
+            self.tokens_next[stream] = true;
         }
     }
 
@@ -463,6 +464,37 @@ mod tests {
         let o = feed(&req, &[(0, line)]);
         assert_eq!(o.usage.cost_usd, 0.0035);
         assert_eq!(o.usage.tokens, 35);
+    }
+
+    #[test]
+    fn codex_tokens_are_read_when_the_other_stream_comes_between() {
+        // Codex prints `tokens used` and the number on one stream and its
+        // answer on the other; reads interleave them in any order.
+        let req = request(OutputMode::Text, None, &[]);
+        let o = feed(
+            &req,
+            &[
+                (
+                    1,
+                    b"tokens used
+"
+                    .as_slice(),
+                ),
+                (
+                    0,
+                    b"Not finished yet.
+"
+                    .as_slice(),
+                ),
+                (
+                    1,
+                    b"15
+"
+                    .as_slice(),
+                ),
+            ],
+        );
+        assert_eq!(o.usage.tokens, 15);
     }
 
     #[test]

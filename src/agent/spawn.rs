@@ -16,6 +16,7 @@
 //! clone, and execs; the calling worker resumes once it has.
 
 use super::attempt::AgentRequest;
+use crate::sys::cgroup::Joins;
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -23,6 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Environment variable that marks every process of an agent run, so leftovers
 /// of a killed daemon can be found and ended on the next start.
@@ -30,6 +32,10 @@ pub const MARKER_VAR: &str = "RALPH_QCHAT_OWNER";
 
 /// The child's stack: it needs little (a few syscalls), the rest is margin.
 const STACK: usize = 64 * 1024;
+
+/// clone3 with CLONE_INTO_CGROUP failed once (a kernel before 5.7, or a
+/// seccomp filter): children join by writing cgroup.procs from then on.
+static NO_CLONE3: AtomicBool = AtomicBool::new(false);
 
 pub enum SpawnError {
     /// Missing or not executable: the operator must fix the installation.
@@ -47,12 +53,12 @@ pub struct Spec<'a> {
     pub workdir: &'a Path,
     /// RLIMIT_AS in bytes, 0 = none.
     pub max_as: u64,
-    /// cgroup.procs files to join (write "0" to) before exec.
-    pub joins: &'a [RawFd],
+    /// The attempt's cgroups.
+    pub joins: &'a Joins,
 }
 
 impl<'a> Spec<'a> {
-    pub fn agent(req: &'a AgentRequest, joins: &'a [RawFd], max_as: u64) -> Spec<'a> {
+    pub fn agent(req: &'a AgentRequest, joins: &'a Joins, max_as: u64) -> Spec<'a> {
         Spec {
             role: "agent command",
             program: &req.program,
@@ -185,8 +191,22 @@ impl Launcher {
             // SAFETY: getpid has no preconditions.
             parent: unsafe { libc::getpid() },
             max_as: req.max_as,
-            joins: req.joins.as_ptr(),
-            n_joins: req.joins.len(),
+            joins: std::ptr::null(),
+            n_joins: 0,
+            join_dir: -1,
+        };
+        let mut args = args;
+        args.joins = req.joins.v1_procs.as_ptr();
+        args.n_joins = req.joins.v1_procs.len();
+        // Created inside the attempt's v2 cgroup where the kernel can: a
+        // migration (the write to cgroup.procs) waits for an RCU grace period.
+        let into = req
+            .joins
+            .dir
+            .filter(|_| cfg!(target_arch = "x86_64") && !NO_CLONE3.load(Ordering::Relaxed));
+        args.join_dir = match into {
+            Some(_) => -1,
+            None => req.joins.dir.unwrap_or(-1),
         };
         // SAFETY: the top of our mapping, 16-byte aligned as the ABI wants.
         let top = unsafe { self.stack.cast::<u8>().add(STACK) }.cast::<libc::c_void>();
@@ -197,15 +217,38 @@ impl Launcher {
             let mut old: libc::sigset_t = std::mem::zeroed();
             libc::sigfillset(&mut all);
             libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-            // SAFETY: child_main touches only `args` (alive until we return,
-            // and we are suspended until the child execs or exits) and its stack.
-            let pid = libc::clone(
-                child_main,
-                top,
-                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-                (&args as *const ChildArgs).cast_mut().cast(),
-            );
-            let e = io::Error::last_os_error();
+            let argp: *mut ChildArgs = &mut args;
+            let arg = argp.cast();
+            let mut pid = -1;
+            let mut e = io::Error::from_raw_os_error(libc::ENOSYS);
+            if let Some(dir) = into {
+                pid = clone_into(dir, self.stack, arg);
+                if pid < 0 {
+                    e = io::Error::from_raw_os_error(-pid);
+                    if matches!(
+                        -pid,
+                        libc::ENOSYS | libc::EINVAL | libc::E2BIG | libc::EPERM
+                    ) {
+                        NO_CLONE3.store(true, Ordering::Relaxed);
+                        log::info!(
+                            "clone3 with CLONE_INTO_CGROUP is not available ({e}); children join their cgroup before exec"
+                        );
+                        (*argp).join_dir = dir;
+                    }
+                }
+            }
+            if pid < 0 && (into.is_none() || NO_CLONE3.load(Ordering::Relaxed)) {
+                // SAFETY: child_main touches only `args` (alive until we
+                // return, and we are suspended until the child execs or
+                // exits) and its stack.
+                pid = libc::clone(
+                    child_main,
+                    top,
+                    libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                    arg,
+                );
+                e = io::Error::last_os_error();
+            }
             libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
             if pid < 0 {
                 return Err(other(format!("clone: {e}")));
@@ -365,6 +408,83 @@ impl Plan {
     }
 }
 
+/// Makes children join their cgroup by writing cgroup.procs, as on kernels
+/// without CLONE_INTO_CGROUP (tests of that path).
+#[cfg(test)]
+pub fn force_join_by_write(on: bool) {
+    NO_CLONE3.store(on, Ordering::Relaxed);
+}
+
+/// The kernel's struct clone_args (CLONE_ARGS_SIZE_VER2, with `cgroup`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// clone3(CLONE_VM | CLONE_VFORK | CLONE_INTO_CGROUP) running `child_main(arg)`
+/// on `stack`: the child starts inside the cgroup of the directory fd
+/// `cgroup`. Returns the pid, or -errno. In assembly because the child
+/// returns from the syscall on the new stack, where no Rust frame exists to
+/// return to: it calls child_main straight away, which execs or exits.
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone_into(cgroup: RawFd, stack: *mut libc::c_void, arg: *mut libc::c_void) -> i32 {
+    let ca = CloneArgs {
+        flags: libc::CLONE_VM as u64 | libc::CLONE_VFORK as u64 | CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: stack as u64,
+        stack_size: STACK as u64,
+        cgroup: cgroup as u64,
+        ..CloneArgs::default()
+    };
+    let entry: extern "C" fn(*mut libc::c_void) -> libc::c_int = child_main;
+    let ret: i64;
+    // SAFETY: the kernel gives the child rsp = stack + stack_size (16-byte
+    // aligned: `call` leaves it as the ABI wants at entry) and copies of
+    // every other register, so r12 and r13 hold the argument and the entry
+    // point there; the parent continues at label 2 with rax = the pid.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "mov edi, eax",
+            "mov eax, 60",
+            "syscall",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") &ca as *const CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") arg,
+            in("r13") entry as usize,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+    }
+    ret as i32
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn clone_into(_: RawFd, _: *mut libc::c_void, _: *mut libc::c_void) -> i32 {
+    -libc::ENOSYS
+}
+
 /// The paths to try, in order, as execvp would: the program itself when it
 /// names a path, else each PATH entry (an empty entry is the working
 /// directory).
@@ -404,6 +524,8 @@ struct ChildArgs {
     max_as: u64,
     joins: *const RawFd,
     n_joins: usize,
+    /// The v2 cgroup's directory when the child must join it itself.
+    join_dir: RawFd,
 }
 
 /// The child, between clone and exec. Only syscalls: no allocation, no
@@ -453,6 +575,17 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             libc::_exit(1);
         }
         // Into the attempt's cgroups before anything of the command runs.
+        if a.join_dir >= 0 {
+            let fd = libc::openat(
+                a.join_dir,
+                c"cgroup.procs".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                fail(a.report, STAGE_CGROUP);
+            }
+            libc::close(fd);
+        }
         for i in 0..a.n_joins {
             if libc::write(*a.joins.add(i), b"0".as_ptr().cast(), 1) != 1 {
                 fail(a.report, STAGE_CGROUP);

@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The leaf the daemon moves itself into when its cgroup is delegated to it
@@ -30,6 +31,9 @@ pub enum Controller {
 #[derive(Debug)]
 pub struct Tree {
     pub root: PathBuf,
+    /// The root, open: a cell's files are reached from it (one path
+    /// component to resolve instead of the whole path, per request).
+    root_fd: Arc<OwnedFd>,
     /// The root is the cgroup we were started in (delegated to us: a
     /// systemd unit with Delegate=yes, a container): not removed at exit.
     pub delegated: bool,
@@ -39,13 +43,26 @@ pub struct Tree {
     pub notes: Vec<(&'static str, String)>,
 }
 
+/// How a child enters an attempt's cgroups: created in the v2 cgroup `dir`
+/// (clone3 with CLONE_INTO_CGROUP), or by writing "0" to its cgroup.procs
+/// (opened from `dir`) before exec; the v1 companions always by writing to
+/// `v1_procs`.
+#[derive(Debug, Default)]
+pub struct Joins {
+    pub dir: Option<RawFd>,
+    pub v1_procs: Vec<RawFd>,
+}
+
 /// One attempt's cgroup (and its v1 companions).
 #[derive(Debug)]
 pub struct Cell {
     pub dir: PathBuf,
+    name: CString,
+    parent: Arc<OwnedFd>,
+    dir_fd: OwnedFd,
     memory_v1: Option<PathBuf>,
     pids_v1: Option<PathBuf>,
-    /// cgroup.procs of every hierarchy: the child writes "0" to each before exec.
+    /// cgroup.procs of the v1 companions: the child writes "0" to each.
     procs: Vec<OwnedFd>,
     events: OwnedFd,
     memory: Option<Controller>,
@@ -181,8 +198,11 @@ impl Tree {
                 root.display()
             ));
         }
+        let root_fd =
+            open(&root, libc::O_RDONLY | libc::O_DIRECTORY).map_err(|e| err(&root, "open", e))?;
         let mut tree = Tree {
             root,
+            root_fd: Arc::new(root_fd),
             delegated,
             memory: None,
             pids: None,
@@ -246,31 +266,55 @@ impl Tree {
         let ctx = |what: &str, p: &Path, e: io::Error| {
             io::Error::new(e.kind(), format!("cannot {what} {}: {e}", p.display()))
         };
-        if dir.exists() {
+        let cname = cstring(name)?;
+        let root = self.root_fd.as_raw_fd();
+        // SAFETY: a directory fd we own and a C string.
+        if unsafe { libc::mkdirat(root, cname.as_ptr(), 0o755) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return Err(ctx("create", &dir, e));
+            }
             // A leftover of the same name: empty it and use it.
             let _ = write(&dir.join("cgroup.kill"), "1");
         }
-        mkdir(&dir).map_err(|e| ctx("create", &dir, e))?;
+        let dir_fd = open_at(root, &cname, libc::O_RDONLY | libc::O_DIRECTORY)
+            .map_err(|e| ctx("open", &dir, e))?;
+        let events = open_at(dir_fd.as_raw_fd(), c"cgroup.events", libc::O_RDONLY)
+            .map_err(|e| ctx("open", &dir.join("cgroup.events"), e))?;
         let mut cell = Cell {
             procs: Vec::new(),
-            events: open(&dir.join("cgroup.events"), libc::O_RDONLY)
-                .map_err(|e| ctx("open", &dir.join("cgroup.events"), e))?,
+            events,
+            name: cname,
+            parent: self.root_fd.clone(),
+            dir_fd,
             dir,
             memory_v1: None,
             pids_v1: None,
             memory: self.memory.clone(),
             pids: self.pids.clone(),
         };
-        let v1_dir = |ctl: &Option<Controller>| -> io::Result<Option<PathBuf>> {
+        // A v1 companion only for a limit: joining one is a migration, which
+        // costs every start an RCU grace period (CLONE_INTO_CGROUP spares the
+        // v2 cgroup that).
+        let v1_dir = |ctl: &Option<Controller>, limit: u64| -> io::Result<Option<PathBuf>> {
             let Some(Controller::V1(base)) = ctl else {
                 return Ok(None);
             };
+            if limit == 0 {
+                return Ok(None);
+            }
             let d = base.join(name);
             mkdir(&d).map_err(|e| ctx("create", &d, e))?;
             Ok(Some(d))
         };
-        cell.memory_v1 = v1_dir(&self.memory)?;
-        cell.pids_v1 = v1_dir(&self.pids)?;
+        cell.memory_v1 = v1_dir(&self.memory, max_memory)?;
+        cell.pids_v1 = v1_dir(&self.pids, max_processes)?;
+        if cell.memory_v1.is_none() && matches!(self.memory, Some(Controller::V1(_))) {
+            cell.memory = None;
+        }
+        if cell.pids_v1.is_none() && matches!(self.pids, Some(Controller::V1(_))) {
+            cell.pids = None;
+        }
         if max_memory > 0 {
             let v = max_memory.to_string();
             match &self.memory {
@@ -300,9 +344,11 @@ impl Tree {
                 write(&p, &v).map_err(|e| ctx("write", &p, e))?;
             }
         }
-        let dirs: Vec<PathBuf> = std::iter::once(cell.dir.clone())
-            .chain(cell.memory_v1.clone())
-            .chain(cell.pids_v1.clone())
+        let dirs: Vec<PathBuf> = cell
+            .memory_v1
+            .iter()
+            .chain(cell.pids_v1.iter())
+            .cloned()
             .collect();
         for d in &dirs {
             let p = d.join("cgroup.procs");
@@ -448,6 +494,40 @@ fn wait_empty(dir: &Path, events: &OwnedFd, until: Instant, killed: bool) -> boo
     }
 }
 
+fn cstring(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))
+}
+
+fn open_at(dir: RawFd, name: &std::ffi::CStr, flags: i32) -> io::Result<OwnedFd> {
+    // SAFETY: a directory fd and a C string; the fd is checked.
+    let fd = unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn write_at(dir: &OwnedFd, name: &std::ffi::CStr, value: &str) -> io::Result<()> {
+    let f = open_at(dir.as_raw_fd(), name, libc::O_WRONLY)?;
+    let mut f = fs::File::from(f);
+    std::io::Write::write_all(&mut f, value.as_bytes())
+}
+
+fn read_at(dir: &OwnedFd, name: &std::ffi::CStr) -> Option<String> {
+    let f = open_at(dir.as_raw_fd(), name, libc::O_RDONLY).ok()?;
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut fs::File::from(f), &mut s).ok()?;
+    Some(s)
+}
+
+fn key_of(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
 fn read_u64(path: &Path) -> Option<u64> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -461,31 +541,51 @@ fn keyed(path: &Path, key: &str) -> Option<u64> {
 }
 
 impl Cell {
-    /// The cgroup.procs fds the child writes "0" to before exec.
-    pub fn joins(&self) -> Vec<RawFd> {
-        self.procs.iter().map(|f| f.as_raw_fd()).collect()
+    /// How the child enters this cell.
+    pub fn joins(&self) -> Joins {
+        Joins {
+            dir: Some(self.dir_fd.as_raw_fd()),
+            v1_procs: self.procs.iter().map(|f| f.as_raw_fd()).collect(),
+        }
+    }
+
+    /// Whether any process is in the cell now.
+    pub fn populated(&self) -> bool {
+        populated(&self.events) != Some(false)
     }
 
     pub fn limits_memory(&self) -> bool {
         self.memory.is_some()
     }
 
-    /// Kills every process in the cgroup at once.
-    pub fn kill(&self) {
-        if write(&self.dir.join("cgroup.kill"), "1").is_err() {
+    /// Kills every process in the cgroup at once (nothing to do when empty,
+    /// the common case once the command has exited).
+    pub fn kill(&self) -> bool {
+        if !self.populated() {
+            return true;
+        }
+        let killed = write_at(&self.dir_fd, c"cgroup.kill", "1").is_ok();
+        if !killed {
             kill_members(&self.dir);
         }
+        killed
     }
 
     /// Kills and waits for `populated 0`, until `until`. False when it did not empty.
     pub fn empty(&self, until: Instant) -> bool {
-        let killed = write(&self.dir.join("cgroup.kill"), "1").is_ok();
+        if !self.populated() {
+            return true;
+        }
+        let killed = self.kill();
         wait_empty(&self.dir, &self.events, until, killed)
     }
 
     pub fn counted(&self) -> Counted {
         let mut c = Counted {
-            cpu_seconds: keyed(&self.dir.join("cpu.stat"), "usage_usec").unwrap_or(0) as f64 / 1e6,
+            cpu_seconds: read_at(&self.dir_fd, c"cpu.stat")
+                .and_then(|s| key_of(&s, "usage_usec"))
+                .unwrap_or(0) as f64
+                / 1e6,
             ..Counted::default()
         };
         match &self.memory {
@@ -514,7 +614,19 @@ impl Cell {
 
     /// Removes the cgroup (and its v1 companions); it must be empty.
     pub fn remove(&self) -> io::Result<()> {
-        let r = fs::remove_dir(&self.dir);
+        // SAFETY: a directory fd we hold and a C string.
+        let r = if unsafe {
+            libc::unlinkat(
+                self.parent.as_raw_fd(),
+                self.name.as_ptr(),
+                libc::AT_REMOVEDIR,
+            )
+        } == 0
+        {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        };
         for d in self.memory_v1.iter().chain(self.pids_v1.iter()) {
             let _ = fs::remove_dir(d);
         }

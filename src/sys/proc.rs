@@ -151,9 +151,33 @@ pub fn state_and_group(pid: i32) -> Option<(char, i32)> {
     Some((state, pgrp))
 }
 
+/// The processes reparented to this process (a child subreaper) and all
+/// their descendants, zombies included. The kernel gives an orphan to the
+/// subreaper's first live thread, the main one, whose own children these are
+/// (workers start the agents): the cost is the size of what escaped, not of
+/// /proc nor of every running agent.
+pub fn adopted() -> Vec<i32> {
+    let me = std::process::id();
+    let Ok(list) = std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")) else {
+        return Vec::new();
+    };
+    let roots: Vec<i32> = list
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    let mut found = roots.clone();
+    for r in roots {
+        for d in descendants(r) {
+            if !found.contains(&d) {
+                found.push(d);
+            }
+        }
+    }
+    found
+}
+
 /// Every descendant of `pid` alive now (zombies included), from the
-/// `children` lists of its threads and theirs: the cost is the size of our
-/// own tree, not of /proc.
+/// `children` lists of its threads and theirs.
 pub fn descendants(pid: i32) -> Vec<i32> {
     let mut found = Vec::new();
     let mut next = vec![pid];

@@ -85,10 +85,26 @@ pub struct Daemon {
 
 /// Starts the daemon and waits until it serves (its port file appears).
 pub fn daemon(bin: &Path, dir: &Path, config: &str, agent: &Path, workers: usize) -> Daemon {
+    daemon_env(bin, dir, config, agent, workers, &[])
+}
+
+/// The same with extra environment variables.
+pub fn daemon_env(
+    bin: &Path,
+    dir: &Path,
+    config: &str,
+    agent: &Path,
+    workers: usize,
+    env: &[(&str, &str)],
+) -> Daemon {
     let state = dir.join("state");
     let cfg = dir.join("bench.toml");
     let _ = std::fs::write(&cfg, config);
-    let child = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd
         .args(["daemon", "--health-port", "0", "--metrics-interval", "0"])
         .arg("--config")
         .arg(&cfg)
@@ -167,6 +183,19 @@ fn stat_field(pid: i32, i: usize) -> Option<u64> {
 pub fn cpu_seconds(pid: i32) -> f64 {
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     (stat_field(pid, 11).unwrap_or(0) + stat_field(pid, 12).unwrap_or(0)) as f64 / ticks
+}
+
+/// CPU time of every live thread of `pid` in nanoseconds (schedstat), far
+/// finer than the clock ticks of /proc/PID/stat.
+pub fn cpu_ns(pid: i32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 pub fn status_kib(pid: i32, field: &str) -> u64 {

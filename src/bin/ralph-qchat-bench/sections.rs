@@ -37,6 +37,22 @@ fn floor(agent: &Path, conc: usize, each: usize) {
     }
 }
 
+/// A fake agent in `dir` that appends its start time (ns) to
+/// `dir/starts.log`: (the agent, the log).
+fn logging_agent(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let log = dir.join("starts.log");
+    let agent = harness::agent(dir, "agent.sh", &format!("date +%s%N >> {}", log.display()));
+    (agent, log)
+}
+
+/// The floor's rate for `agent`; its log is emptied for the daemon's run.
+fn floor_rate(agent: &Path, log: &Path, conc: usize, each: usize) -> Rate {
+    floor(agent, conc, each);
+    let r = rate(&starts(log));
+    let _ = std::fs::remove_file(log);
+    r
+}
+
 struct Rate {
     per_sec: f64,
     gaps_ms: Vec<f64>,
@@ -74,16 +90,9 @@ pub fn throughput(bin: &Path, quick: bool) -> String {
         } else {
             Temp::new(&format!("tp{conc}"))
         };
-        let log = t.0.join("starts.log");
-        let agent = harness::agent(
-            &t.0,
-            "agent.sh",
-            &format!("date +%s%N >> {}", log.display()),
-        );
+        let (agent, log) = logging_agent(&t.0);
         // The floor, same agent, same concurrency, same number of requests.
-        floor(&agent, conc, n / conc);
-        let mut base = rate(&starts(&log));
-        let _ = std::fs::remove_file(&log);
+        let mut base = floor_rate(&agent, &log, conc, n / conc);
         let ids = harness::tasks(&t.0.join("state"), conc, (n / conc) as u64);
         let d = harness::daemon(bin, &t.0, FAST_CFG, &agent, conc);
         harness::wait(Duration::from_secs(120), || d.all_finished(&ids));
@@ -125,6 +134,84 @@ pub fn throughput(bin: &Path, quick: bool) -> String {
          | concurrency | floor requests/s | daemon requests/s | ratio |\n|---|---|---|---|\n{rows}\n\
          Time between request starts at concurrency 1 (ms). Target: added p99 ≤ 2 ms.\n\n\
          | | p50 | p99 |\n|---|---|---|\n{latency}"
+    )
+}
+
+/// What cgroup mode costs: the daemon in subreaper and in cgroup mode,
+/// alternating round by round in the same run, each against the floor
+/// measured in the same round.
+pub fn containment(bin: &Path, quick: bool) -> String {
+    let n = if quick { 100 } else { 300 };
+    let rounds = if quick { 3 } else { 9 };
+    let modes = ["subreaper", "cgroup"];
+    let mut rows = String::new();
+    let mut cgroup_used = true;
+    for conc in [1usize, 20] {
+        let mut ratio: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        let mut rate_of: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        // The daemon's own CPU (not its agents') per request: what cgroup
+        // mode adds, less disturbed by the machine's other load.
+        let mut cpu_ms: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..rounds {
+            let t = Temp::new(&format!("ct{conc}-{round}"));
+            let (agent, log) = logging_agent(&t.0);
+            let base = floor_rate(&agent, &log, conc, n / conc).per_sec;
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for m in order {
+                let _ = std::fs::remove_file(&log);
+                let dir = t.0.join(modes[m]);
+                let _ = std::fs::create_dir_all(&dir);
+                let ids = harness::tasks(&dir.join("state"), conc, (n / conc) as u64);
+                let d = harness::daemon_env(
+                    bin,
+                    &dir,
+                    FAST_CFG,
+                    &agent,
+                    conc,
+                    &[("QCHAT_CONTAINMENT", modes[m])],
+                );
+                harness::wait(Duration::from_secs(120), || d.all_finished(&ids));
+                // cgroup mode records the subtree it made: proof it ran so.
+                if m == 1 && !dir.join("state").join("cgroups").is_file() {
+                    cgroup_used = false;
+                }
+                cpu_ms[m].push(harness::cpu_ns(d.pid()) as f64 / 1e6 / n as f64);
+                d.stop();
+                let r = rate(&starts(&log)).per_sec;
+                rate_of[m].push(r);
+                ratio[m].push(r / base.max(1e-9));
+            }
+        }
+        // The pairs of one round ran back to back against one floor: the
+        // median of their differences is steadier than a difference of medians.
+        let mut diffs: Vec<f64> = ratio[1].iter().zip(&ratio[0]).map(|(c, s)| c - s).collect();
+        let med = |v: &mut Vec<f64>| harness::pct(v, 0.5);
+        let (lo, hi) = (
+            diffs.iter().copied().fold(f64::INFINITY, f64::min),
+            diffs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        );
+        let (rs, rc) = (med(&mut ratio[0]), med(&mut ratio[1]));
+        rows += &format!(
+            "| {conc} | {:.0} | {:.0} | {rs:.2} | {rc:.2} | {:+.2} ({lo:+.2} … {hi:+.2}) | {:.3} | {:.3} |\n",
+            med(&mut rate_of[0]),
+            med(&mut rate_of[1]),
+            med(&mut diffs),
+            med(&mut cpu_ms[0]),
+            med(&mut cpu_ms[1]),
+        );
+    }
+    if !cgroup_used {
+        return "## Containment\n\ncgroup mode is not usable on this machine (run the benchmark as root): not measured.\n".into();
+    }
+    format!(
+        "## Containment\n\n\
+         The throughput run in subreaper mode and in cgroup mode (a cgroup created, joined by \
+         clone3(CLONE_INTO_CGROUP), killed, waited empty, read and removed per request), alternating \
+         over {rounds} rounds of {n} requests, each against the floor measured in its round; medians, and \
+         the median (range) of the per-round differences. Target: cgroup mode costs at most 0.03 of the ratio.\n\n\
+         The last two columns are the daemon's own CPU per request (its agents' not counted), ms.\n\n\
+         | concurrency | subreaper requests/s | cgroup requests/s | ratio subreaper | ratio cgroup | cgroup − subreaper | CPU subreaper | CPU cgroup |\n\
+         |---|---|---|---|---|---|---|---|\n{rows}"
     )
 }
 
