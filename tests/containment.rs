@@ -99,6 +99,18 @@ fn run_ends_every_kind_of_escape_when_the_agent_exits() {
             assert_eq!(s["last_attempt"]["left_running"], 1, "{mode} {kind}: {s}");
             let t = sb.read(".ralph-qchat/tasks/PROMPT/iterations/000001.log");
             assert!(t.contains("1 left running (killed)"), "{mode} {kind}: {t}");
+            // A clean exit removes its cgroups and their record.
+            assert!(!sb.path(".ralph-qchat/cgroups").exists(), "{mode} {kind}");
+            if kind == "bg" {
+                let st = run(sb.cmd(&["status"]));
+                assert!(st.stdout.contains("CPU/PEAK MEM"), "{}", st.stdout);
+                let cpu = s["cpu_seconds"].as_f64().unwrap_or(0.0);
+                assert!(
+                    cpu > 0.0 && s["peak_memory_bytes"].as_u64().unwrap_or(0) > 0,
+                    "{s}"
+                );
+                assert!(st.stdout.contains(&format!("{cpu:.1}s ")), "{}", st.stdout);
+            }
         }
     }
 }
@@ -255,6 +267,15 @@ fn the_daemon_ends_escapes_at_each_attempt_on_cancel_and_on_sigterm() {
             "{mode}: alive at the record: {pids:?}"
         );
         assert_gone(&pids, &format!("{mode} daemon, ended by itself"));
+        // What the attempt used, where an operator sizing max_concurrent looks.
+        let task = get(&sb, "/tasks/finishes");
+        assert!(task.contains("\"left_running\":1"), "{task}");
+        let metrics = get(&sb, "/metrics");
+        assert!(
+            metrics.contains("ralph_attempt_cpu_seconds_total{profile=\"qchat\"}")
+                && metrics.contains("ralph_attempt_peak_memory_bytes_count{profile=\"qchat\"} 1"),
+            "{metrics}"
+        );
 
         // Cancelled while it works.
         sb.submit("# t\n", "hang-cancel", &[]);

@@ -41,6 +41,8 @@ pub struct Containment {
     max_memory: AtomicU64,
     max_processes: AtomicU64,
     seq: AtomicU64,
+    /// The record of our own subtree, removed with it.
+    record: Option<PathBuf>,
 }
 
 /// What an attempt used, as far as the mode can tell.
@@ -95,6 +97,7 @@ impl Containment {
             max_memory: AtomicU64::new(max_memory_mb.saturating_mul(1024 * 1024)),
             max_processes: AtomicU64::new(max_processes),
             seq: AtomicU64::new(0),
+            record: None,
         };
         let leftovers = read_record(state_dir);
         match asked {
@@ -137,6 +140,7 @@ impl Containment {
             .unwrap_or_default();
         if !ours.is_empty() {
             let lines: Vec<String> = ours.iter().map(|p| p.display().to_string()).collect();
+            c.record = Some(state_dir.join(RECORD));
             if let Err(e) = write_record(state_dir, &lines) {
                 log::warn!(
                     "cannot record this instance's cgroups in {}: {e}; after a kill -9 the next start will not find what they hold",
@@ -157,6 +161,7 @@ impl Containment {
             max_memory: AtomicU64::new(0),
             max_processes: AtomicU64::new(0),
             seq: AtomicU64::new(0),
+            record: None,
         }
     }
 
@@ -269,6 +274,13 @@ impl Containment {
     pub fn close(&self) {
         if let Some(t) = &self.tree {
             t.remove();
+            // Kept while something is left in our subtree (a process in
+            // uninterruptible sleep): the next start ends it.
+            if let Some(r) = &self.record
+                && !t.root.exists()
+            {
+                let _ = std::fs::remove_file(r);
+            }
         }
     }
 
