@@ -119,33 +119,20 @@ fn run_ends_every_kind_of_escape_when_the_agent_exits() {
 fn run_ends_escapes_on_timeout_idle_timeout_and_sigterm() {
     for mode in ["cgroup", "subreaper"] {
         let deep = if mode == "cgroup" { "envi" } else { "daemon" };
-        // Timeout: the agent works on past adapter.timeout.
-        let sb = Sandbox::new(&format!("esc-timeout-{mode}"));
-        sb.write("cfg.toml", "[adapter]\nkill_grace = 0.5\n");
-        let r = run(run_in(
-            &sb,
-            mode,
-            deep,
-            "hang",
-            &["--config", "cfg.toml", "--timeout", "1"],
-        ));
-        assert_eq!(r.code(), 2, "{}", r.stderr);
-        assert_eq!(sb.state()["last_class"], "timeout");
-        assert_gone(&escaped(&sb, "escaped.pids"), &format!("{mode} timeout"));
-
-        // Idle timeout: silent, and a new session holds the pipes.
-        let sb = Sandbox::new(&format!("esc-idle-{mode}"));
-        sb.write("cfg.toml", "[adapter]\nkill_grace = 0.5\n");
-        let r = run(run_in(
-            &sb,
-            mode,
-            "pipes",
-            "silent",
-            &["--config", "cfg.toml", "--idle-timeout", "1"],
-        ));
-        assert_eq!(r.code(), 2, "{}", r.stderr);
-        assert_eq!(sb.state()["last_class"], "idle_timeout");
-        assert_gone(&escaped(&sb, "escaped.pids"), &format!("{mode} idle"));
+        // Timeout: the agent works on past adapter.timeout. Idle timeout:
+        // silent, and a new session holds the pipes.
+        for (ending, kind, then, flag, class) in [
+            ("timeout", deep, "hang", "--timeout", "timeout"),
+            ("idle", "pipes", "silent", "--idle-timeout", "idle_timeout"),
+        ] {
+            let sb = Sandbox::new(&format!("esc-{ending}-{mode}"));
+            sb.write("cfg.toml", "[adapter]\nkill_grace = 0.5\n");
+            let extra = ["--config", "cfg.toml", flag, "1"];
+            let r = run(run_in(&sb, mode, kind, then, &extra));
+            assert_eq!(r.code(), 2, "{}", r.stderr);
+            assert_eq!(sb.state()["last_class"], class);
+            assert_gone(&escaped(&sb, "escaped.pids"), &format!("{mode} {ending}"));
+        }
 
         // SIGTERM to run while the agent works.
         let sb = Sandbox::new(&format!("esc-term-{mode}"));
