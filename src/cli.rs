@@ -230,6 +230,62 @@ fn usage(msg: impl std::fmt::Display) -> Failure {
     Failure::new(USAGE, format!("{msg}\nTry `ralph-qchat --help`."))
 }
 
+const COMMANDS: &[&str] = &[
+    "run",
+    "daemon",
+    "submit",
+    "cancel",
+    "status",
+    "health",
+    "check-config",
+    "help",
+];
+
+/// Edit distance (insertions, deletions, substitutions) between two words.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(row[j]).min(row[j + 1])
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// The known word nearest to `word`, when it is near enough to be a typo.
+fn nearest<'a>(word: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (word.chars().count() / 3).clamp(1, 3);
+    known
+        .into_iter()
+        .map(|k| (distance(word, k), k))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// A usage error for an argument the command does not take: an unknown
+/// option says which known one it is nearest to.
+fn unexpected(arg: lexopt::Arg, known: &[&str]) -> Failure {
+    match arg {
+        Long(name) => {
+            let hint = nearest(name, known.iter().copied())
+                .map(|k| format!("; did you mean --{k}?"))
+                .unwrap_or_default();
+            usage(format!("unknown option --{name}{hint}"))
+        }
+        other => usage(other.unexpected()),
+    }
+}
+
 fn text(v: OsString, flag: &str) -> Result<String, Failure> {
     v.into_string()
         .map_err(|_| usage(format!("the value of --{flag} is not valid UTF-8")))
@@ -252,7 +308,12 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, Failure> {
             }
             ("run", args)
         }
-        other => return Err(usage(format!("unknown command `{other}`"))),
+        other => {
+            let hint = nearest(other, COMMANDS.iter().copied())
+                .map(|k| format!("; did you mean `{k}`?"))
+                .unwrap_or_default();
+            return Err(usage(format!("unknown command `{other}`{hint}")));
+        }
     };
     match cmd {
         "status" => parse_status(rest),
@@ -315,7 +376,15 @@ fn parse_run(args: Vec<OsString>, help: &'static str) -> Result<Command, Failure
                         raw: value.to_string(),
                     });
                 } else {
-                    return Err(usage(format!("unknown option --{name}")));
+                    let known = VALUE_FLAGS
+                        .iter()
+                        .map(|(f, _)| *f)
+                        .chain(SWITCHES.iter().map(|(f, _, _)| *f))
+                        .chain(["config", "workdir", "dry-run", "help", "version"]);
+                    let hint = nearest(&name, known)
+                        .map(|k| format!("; did you mean --{k}?"))
+                        .unwrap_or_default();
+                    return Err(usage(format!("unknown option --{name}{hint}")));
                 }
             }
             other => return Err(usage(other.unexpected())),
@@ -347,7 +416,21 @@ fn parse_submit(args: Vec<OsString>) -> Result<Command, Failure> {
             Long("state-dir") => a.state_dir = Some(p.value().map_err(usage)?.into()),
             Long("config") => a.config = Some(p.value().map_err(usage)?.into()),
             Value(v) if prompt.is_none() => prompt = Some(PathBuf::from(v)),
-            other => return Err(usage(other.unexpected())),
+            other => {
+                return Err(unexpected(
+                    other,
+                    &[
+                        "workdir",
+                        "id",
+                        "max-iterations",
+                        "max-runtime",
+                        "state-dir",
+                        "config",
+                        "help",
+                        "version",
+                    ],
+                ));
+            }
         }
     }
     a.prompt = prompt.ok_or_else(|| usage("submit needs the prompt file to queue"))?;
@@ -373,7 +456,12 @@ fn parse_cancel(args: Vec<OsString>) -> Result<Command, Failure> {
             Long("state-dir") => a.state_dir = Some(p.value().map_err(usage)?.into()),
             Long("config") => a.config = Some(p.value().map_err(usage)?.into()),
             Value(v) if id.is_none() => id = Some(text(v, "ID")?),
-            other => return Err(usage(other.unexpected())),
+            other => {
+                return Err(unexpected(
+                    other,
+                    &["state-dir", "config", "help", "version"],
+                ));
+            }
         }
     }
     a.id = id.ok_or_else(|| usage("cancel needs the id of the task to stop"))?;
@@ -390,7 +478,12 @@ fn parse_health(args: Vec<OsString>) -> Result<Command, Failure> {
             Long("url") => a.url = Some(text(p.value().map_err(usage)?, "url")?),
             Long("config") => a.config = Some(p.value().map_err(usage)?.into()),
             Long("timeout") => a.timeout = Some(number(&mut p, "timeout")?),
-            other => return Err(usage(other.unexpected())),
+            other => {
+                return Err(unexpected(
+                    other,
+                    &["url", "config", "timeout", "help", "version"],
+                ));
+            }
         }
     }
     Ok(Command::Health(a))
@@ -412,7 +505,12 @@ fn parse_status(args: Vec<OsString>) -> Result<Command, Failure> {
             Long("state-dir") => s.state_dir = Some(p.value().map_err(usage)?.into()),
             Long("config") => s.config = Some(p.value().map_err(usage)?.into()),
             Value(v) if s.id.is_none() => s.id = Some(text(v, "ID")?),
-            other => return Err(usage(other.unexpected())),
+            other => {
+                return Err(unexpected(
+                    other,
+                    &["json", "state-dir", "config", "help", "version"],
+                ));
+            }
         }
     }
     Ok(Command::Status(s))
@@ -455,6 +553,26 @@ mod tests {
             ]
         );
         assert_eq!(a.overrides.last().unwrap().raw, "DEBUG");
+    }
+
+    #[test]
+    fn typos_get_the_nearest_option_or_command() {
+        let msg = |a: &[&str]| p(a).err().map(|f| f.message).unwrap_or_default();
+        assert!(
+            msg(&["run", "--max-iteration", "3"]).contains("did you mean --max-iterations?"),
+            "{}",
+            msg(&["run", "--max-iteration", "3"])
+        );
+        assert!(msg(&["--timout", "3"]).contains("did you mean --timeout?"));
+        assert!(msg(&["status", "--jsn"]).contains("did you mean --json?"));
+        assert!(msg(&["submit", "x.md", "--stat-dir", "d"]).contains("did you mean --state-dir?"));
+        assert!(msg(&["stauts"]).contains("did you mean `status`?"));
+        // Nothing near: no guess.
+        let m = msg(&["run", "--frobnicate"]);
+        assert!(
+            m.contains("unknown option --frobnicate") && !m.contains("did you mean"),
+            "{m}"
+        );
     }
 
     #[test]
