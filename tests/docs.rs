@@ -251,3 +251,34 @@ fn every_profile_is_documented_with_what_it_runs() {
         }
     }
 }
+
+#[test]
+fn the_benchmark_prints_its_help_instead_of_running() {
+    let bench = env!("CARGO_BIN_EXE_ralph-qchat-bench");
+    let sb = Sandbox::new("bench-help");
+    for arg in ["--help", "-h"] {
+        let mut c = std::process::Command::new(bench);
+        c.arg(arg).current_dir(&sb.dir);
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let r = run(c);
+        assert_eq!(r.code(), 0, "{}", r.stderr);
+        assert!(
+            r.stdout.contains("usage: ralph-qchat-bench"),
+            "{}",
+            r.stdout
+        );
+        assert!(
+            !sb.path("BENCHMARKS.md").exists(),
+            "{arg} ran the benchmark"
+        );
+    }
+    for bad in [&["--bogus"][..], &["--only", "nosuch"], &["--only"]] {
+        let mut c = std::process::Command::new(bench);
+        c.args(bad).current_dir(&sb.dir);
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let r = run(c);
+        assert_eq!(r.code(), 64, "{bad:?}: {}", r.stderr);
+    }
+}

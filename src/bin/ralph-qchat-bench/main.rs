@@ -13,14 +13,71 @@ mod sections;
 
 use std::fmt::Write;
 
+const SECTIONS: [&str; 7] = [
+    "throughput",
+    "containment",
+    "idle CPU",
+    "memory",
+    "output capture",
+    "health",
+    "start and stop",
+];
+
+const HELP: &str = "usage: ralph-qchat-bench [--quick] [--only SECTION]
+
+Runs the benchmarks against floors measured in the same run and, without
+--only, writes BENCHMARKS.md in the current directory. Build first:
+cargo build --release. Takes a few minutes (--quick: shorter windows).
+
+  --quick          shorter windows, fewer rounds
+  --only SECTION   one section, by the start of its name: throughput,
+                   containment, idle, memory, output, health, start
+  -h, --help       this text
+";
+
+/// (quick, only) from the arguments, or the exit status to leave with.
+fn parse(args: &[String]) -> Result<(bool, Option<String>), i32> {
+    let mut quick = false;
+    let mut only = None;
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-h" | "--help" => {
+                print!("{HELP}");
+                return Err(0);
+            }
+            "--quick" => quick = true,
+            "--only" => match it.next() {
+                Some(s) if SECTIONS.iter().any(|n| n.starts_with(s.as_str())) => {
+                    only = Some(s.clone())
+                }
+                Some(s) => {
+                    eprintln!(
+                        "ralph-qchat-bench: no section starts with `{s}`; sections: {}",
+                        SECTIONS.join(", ")
+                    );
+                    return Err(64);
+                }
+                None => {
+                    eprintln!("ralph-qchat-bench: --only needs a section name\n\n{HELP}");
+                    return Err(64);
+                }
+            },
+            other => {
+                eprintln!("ralph-qchat-bench: unknown argument `{other}`\n\n{HELP}");
+                return Err(64);
+            }
+        }
+    }
+    Ok((quick, only))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    // --only NAME runs one section (its name's first word: throughput, idle, …).
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1).cloned());
+    let (quick, only) = match parse(&args) {
+        Ok(v) => v,
+        Err(code) => std::process::exit(code),
+    };
     let bin = harness::sibling("ralph-qchat");
     let mut out = String::new();
     let _ = writeln!(out, "# ralph-qchat benchmarks\n");
@@ -39,15 +96,16 @@ fn main() {
         }
     );
     type Section = fn(&std::path::Path, bool) -> String;
-    let sections: [(&str, Section); 7] = [
-        ("throughput", sections::throughput),
-        ("containment", sections::containment),
-        ("idle CPU", sections::idle_cpu),
-        ("memory", sections::memory),
-        ("output capture", sections::output),
-        ("health", health::health),
-        ("start and stop", sections::start_stop),
+    let run: [Section; 7] = [
+        sections::throughput,
+        sections::containment,
+        sections::idle_cpu,
+        sections::memory,
+        sections::output,
+        health::health,
+        sections::start_stop,
     ];
+    let sections = SECTIONS.into_iter().zip(run);
     for (name, f) in sections {
         if only.as_ref().is_some_and(|o| !name.starts_with(o.as_str())) {
             continue;
