@@ -131,6 +131,9 @@ submit() {  # submit a task $1 with prompt text $2
   in_ct sh -c "printf '%s\n' '$2' > /tmp/$1.md && ralph-qchat submit /tmp/$1.md --id $1 --state-dir /var/lib/ralph-qchat"
 }
 
+# As on a minimal server: no procps kill (the checks below use pgrep only).
+in_ct sh -c 'rm -f /bin/kill /usr/bin/kill; ! command -v kill >/dev/null || [ "$(command -v kill)" = kill ]' \
+  || fail "cannot remove kill from the container"
 say "dpkg -i: the unit is enabled and started"
 in_ct dpkg -i /mnt/stage/ralph-qchat.deb >/dev/null
 [[ $(in_ct systemctl is-active ralph-qchat) == active ]] || fail "not active after install"
@@ -203,7 +206,7 @@ wait_for 10 'pgrep -u ralph-qchat -x sleep' || fail "slow agent did not start"
 agent=$(in_ct pgrep -u ralph-qchat -x sleep)
 in_ct systemctl reload ralph-qchat
 sleep 0.5
-in_ct kill -0 "$agent" || fail "reload killed the running agent"
+in_ct sh -c "kill -0 $agent" || fail "reload killed the running agent"
 [[ $(in_ct systemctl is-active ralph-qchat) == active ]] || fail "not active after reload"
 [[ $(in_ct systemctl show -p MainPID --value ralph-qchat) == "$pid" ]] || fail "reload restarted the daemon"
 say "agent $agent still running after reload"
@@ -230,7 +233,7 @@ wait_for 10 'pgrep -u ralph-qchat -x sleep' || fail "slow agent did not start"
 wait_for 10 'grep -q "\"in_progress\": 1" /var/lib/ralph-qchat/tasks/slow2/state.json' \
   || fail "slow2's iteration is not recorded as running: $(in_ct cat /var/lib/ralph-qchat/tasks/slow2/state.json)"
 pid=$(in_ct systemctl show -p MainPID --value ralph-qchat)
-in_ct kill -KILL "$pid"
+in_ct sh -c "kill -KILL $pid"
 wait_for 10 '! pgrep -u ralph-qchat >/dev/null' || fail "left after kill -9: $(in_ct pgrep -a -u ralph-qchat)"
 in_ct touch /etc/fake-agent-fast
 in_ct systemctl restart ralph-qchat
