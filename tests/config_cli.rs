@@ -485,3 +485,29 @@ fn repeated_agent_arg_replaces_the_profile_arguments() {
         r.stdout
     );
 }
+
+#[test]
+fn status_reads_state_directory_as_the_daemon_does_and_aligns_long_ids() {
+    let sb = Sandbox::new("status-sd");
+    let long = "a-generated-task-id-20261201-123456-abcdef";
+    sb.write(&format!("{long}.md"), "# Task\n");
+    let mut c = sb.run_cmd("complete-after.sh", &["--prompt", &format!("{long}.md")]);
+    c.env("FAKE_N", "1");
+    assert_eq!(run(c).code(), 0);
+    // The state somewhere else, named only by systemd's variable.
+    std::fs::rename(sb.path(".ralph-qchat"), sb.path("elsewhere")).unwrap();
+    std::fs::create_dir_all(sb.path("other")).unwrap();
+    let mut c = sb.cmd(&["status"]);
+    c.current_dir(sb.path("other"))
+        .env("STATE_DIRECTORY", sb.path("elsewhere"));
+    let r = run(c);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    let head = lines.iter().find(|l| l.starts_with("ID ")).unwrap();
+    let row = lines
+        .iter()
+        .find(|l| l.starts_with(long))
+        .unwrap_or_else(|| panic!("{}", r.stdout));
+    let col = |l: &str, word: &str| l.find(word).unwrap_or(usize::MAX);
+    assert_eq!(col(head, "STATUS"), col(row, "completed"), "{}", r.stdout);
+}

@@ -74,9 +74,16 @@ pub fn status(args: StatusArgs) -> Result<i32, Failure> {
             let _ = writeln!(out, "{}: no ralph-qchat running on it", state_dir.display());
         }
     }
+    // As wide as the longest id (generated ones are long), so columns line up.
+    let w = tasks
+        .iter()
+        .map(|t| t.id.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(24);
     let _ = writeln!(
         out,
-        "{:<24} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<13} {:<16} {:<14} {:<24} LAST ERROR",
+        "{:<w$} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<13} {:<16} {:<14} {:<24} LAST ERROR",
         "ID",
         "STATUS",
         "ITER",
@@ -95,7 +102,7 @@ pub fn status(args: StatusArgs) -> Result<i32, Failure> {
         }
         let _ = writeln!(
             out,
-            "{:<24} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<13} {:<16} {:<14} {:<24} {}",
+            "{:<w$} {:<14} {:>6} {:>6} {:>6} {:>7}  {:<13} {:<16} {:<14} {:<24} {}",
             t.id,
             status,
             t.iteration,

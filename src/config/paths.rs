@@ -62,9 +62,15 @@ fn default_for(euid: u32, env: &[(String, String)]) -> PathBuf {
     }
 }
 
-/// For `status`: an explicit or configured directory, else the `run` state
-/// in the current directory when there is one, else the service's.
+/// For `status`: `$STATE_DIRECTORY` (systemd, as the daemon reads it), else
+/// a configured directory, else the `run` state in the current directory when
+/// there is one, else the service's.
 pub fn client_state_dir(loaded: &Loaded, env: &[(String, String)], prefer_local: bool) -> PathBuf {
+    if let Some((_, v)) = env.iter().find(|(k, _)| k == "STATE_DIRECTORY")
+        && let Some(first) = v.split(':').find(|s| !s.is_empty())
+    {
+        return PathBuf::from(first);
+    }
     let configured = &loaded.config.paths.state_dir;
     if !configured.is_empty() {
         return PathBuf::from(configured);
