@@ -708,3 +708,49 @@ fn secrets_stay_out_of_logs_dumps_and_detailed_health() {
     assert!(everything.contains("KIRO_API_KEY"), "the name may show");
     assert!(!everything.contains(secret), "a secret leaked");
 }
+
+/// The port opens only once what it shows is true: a scraper that connects
+/// the first moment it can sees the counters an earlier run left (a 0
+/// before them reads as a counter reset) and the workers up.
+#[test]
+fn the_port_opens_only_after_counters_are_restored_and_workers_are_up() {
+    let sb = Sandbox::new("port-order");
+    std::fs::create_dir_all(sb.state_dir()).unwrap();
+    sb.write(
+        "state/metrics.json",
+        r#"{"requests":7,"retries":0,"iterations_success":7,"iterations_failure":0,"error_types":{},"buckets":[0,0,0,0,0,0,0,0,0,0,7],"duration_micros":7000000,"spent":{}}"#,
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let c = sb.daemon_cmd("complete-after.sh", &[]);
+    let args: Vec<String> = c
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let i = args.iter().position(|a| a == "--health-port").unwrap();
+    let mut args = args;
+    args[i + 1] = port.to_string();
+    let d = start(sb.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    let addr = format!("127.0.0.1:{port}");
+    // Connect the first moment the port accepts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        if let Ok(mut s) = TcpStream::connect(&addr) {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut buf = String::new();
+            let _ = s.read_to_string(&mut buf);
+            break buf;
+        }
+        assert!(Instant::now() < deadline, "the port never opened");
+        std::thread::yield_now();
+    };
+    assert!(first.contains("\nqchat_requests_total 7\n"), "{first}");
+    let detailed = json(&get(&addr, "/health/detailed"));
+    assert_eq!(detailed["workers"]["total"], 5, "{detailed}");
+    stop(d);
+}

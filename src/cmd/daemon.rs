@@ -64,9 +64,6 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
         }
         return Ok(exit::OK);
     };
-    if http.is_none() {
-        http = super::setup::start_http(&cfg, &shared, None)?;
-    }
 
     let store = TaskStore::new(&state_dir);
     let contain = super::setup::contain(&cfg, &state_dir, &shared)?;
@@ -79,17 +76,23 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
         contain.clone(),
     )
     .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start workers: {e}")))?;
-    // The directory is ours and the first snapshot (pauses an earlier run
-    // left included) is published: say where our port is.
-    if let Some(h) = &http {
-        h.write_port_file(&state_dir);
-    }
     let (tasks, problems) = store.load_all();
     for p in &problems {
         log::error!("{p}; that task is left as it is on disk and not run");
     }
     for t in tasks {
         scheduler.adopt(t);
+    }
+    // The port opens only once what it shows is true: the workers are up, the
+    // counters an earlier run left are restored (a /metrics at 0 before them
+    // reads as a counter reset), the tasks on disk are taken over, and that
+    // snapshot is published.
+    scheduler.publish_now();
+    if http.is_none() {
+        http = super::setup::start_http(&cfg, &shared, None)?;
+    }
+    if let Some(h) = &http {
+        h.write_port_file(&state_dir);
     }
     let stop = intake::Stop::new();
     let intake = Intake {

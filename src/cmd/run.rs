@@ -155,24 +155,26 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
         s.loaded.source_of("monitoring.health_check_port"),
         crate::config::Source::Flag(_)
     );
-    let http = if asked {
-        let mut c = cfg.clone();
-        c.monitoring.health_check_enabled = true;
-        super::setup::start_http(&c, &shared, Some(&s.state_dir))?
-    } else {
-        None
-    };
+    let mut http_cfg = cfg.clone();
+    http_cfg.monitoring.health_check_enabled = true;
     let contain = super::setup::contain(&cfg, &s.state_dir, &shared)?;
     let mut scheduler = Scheduler::new(
         cfg,
         store,
         Mode::Run,
         Notifier::disabled(),
-        shared,
+        shared.clone(),
         contain.clone(),
     )
     .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start worker: {e}")))?;
     scheduler.adopt(state);
+    // As the daemon: the port opens on a published, restored snapshot.
+    scheduler.publish_now();
+    let http = if asked {
+        super::setup::start_http(&http_cfg, &shared, Some(&s.state_dir))?
+    } else {
+        None
+    };
     let finished = signals::serve(scheduler, Some(Duration::ZERO), None, caught)
         .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot run: {e}")))?;
     contain.close();

@@ -1222,6 +1222,12 @@ impl Scheduler {
         }
     }
 
+    /// Publishes the snapshot now, whatever changed (before the port opens).
+    pub fn publish_now(&mut self) {
+        self.publish_due = true;
+        self.publish();
+    }
+
     /// Gives readers (HTTP) a fresh view when anything they show changed.
     fn publish(&mut self) {
         let circuit = self.gates.circuit();
