@@ -946,3 +946,60 @@ fn relative_agent_command_means_the_operators_directory() {
     await_status(&sb, "t1", "completed", 10);
     d.stop();
 }
+
+/// A half-open circuit lets one probe go; however that probe ends — even
+/// cancelled, or stopped at its task's max_runtime — the next request may go.
+#[test]
+fn every_ending_of_the_circuits_probe_releases_it() {
+    let sb = Sandbox::new("probe");
+    sb.write_exec(
+        "agent.sh",
+        "#!/bin/sh\necho \"$RALPH_QCHAT_TASK_ID\" >> \"$FAKE_TRACE\"\ncase \"$RALPH_QCHAT_TASK_ID\" in\n  bad*) echo broken >&2; exit 1 ;;\n  hang*) exec sleep 300 ;;\nesac\nprintf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\"\n",
+    );
+    sb.write(
+        "cfg.toml",
+        "[circuit_breaker]\nfailure_threshold = 1\ncooldown = 1.0\n[adapter]\nmax_retries = 0\nkill_grace = 0.5\n[orchestrator]\nmax_consecutive_failures = 1\n",
+    );
+    let agent = sb.path("agent.sh").display().to_string();
+    let mut c = sb.daemon_cmd(
+        &agent,
+        &["--config", "cfg.toml", "--log-file", "daemon.log"],
+    );
+    c.env("FAKE_TRACE", sb.path("trace"));
+    let d = start(c);
+    let ran = |id: &str| sb.read("trace").lines().any(|l| l == id);
+    let sd = sb.state_dir().display().to_string();
+    for (n, ending) in ["cancel", "max_runtime"].iter().enumerate() {
+        // A failure opens the circuit.
+        let bad = format!("bad{n}");
+        sb.submit("# t\n", &bad, &[]);
+        await_status(&sb, &bad, "failed", 15);
+        // The next task is the probe once the cooldown is over; it hangs.
+        let probe = format!("hang{n}");
+        let extra: &[&str] = if *ending == "max_runtime" {
+            &["--max-runtime", "1.5"]
+        } else {
+            &[]
+        };
+        sb.submit("# t\n", &probe, extra);
+        assert!(
+            wait_until(Duration::from_secs(10), || ran(&probe)),
+            "{}",
+            log_of(&sb)
+        );
+        if *ending == "cancel" {
+            assert_eq!(
+                run(sb.cmd(&["cancel", &probe, "--state-dir", &sd])).code(),
+                0
+            );
+            await_status(&sb, &probe, "cancelled", 15);
+        } else {
+            await_status(&sb, &probe, "limit_reached", 15);
+        }
+        // Released: a good task still runs.
+        let good = format!("good{n}");
+        sb.submit("# t\n", &good, &[]);
+        await_status(&sb, &good, "completed", 10);
+    }
+    d.stop();
+}
