@@ -169,8 +169,11 @@ fn an_expired_q_login_ends_run_after_one_launch_with_what_to_do() {
     let s = sb.state();
     assert_eq!(s["successful_iterations"], 1);
     assert_eq!(s["reason"], "auth");
-    // The expired attempt is not counted as an iteration.
-    assert_eq!(s["iteration"], 1);
+    // The expired attempt is neither a success nor a failure; iteration 2
+    // keeps its number for the next run (counters never go back, #14).
+    assert_eq!(s["failed_iterations"], 0);
+    assert_eq!(s["iteration"], 2);
+    assert_eq!(s["rerun_iteration"], true);
 }
 
 #[test]
@@ -486,8 +489,16 @@ fn q_quota_pauses_until_the_reset_date_it_names() {
         r.stdout
     );
     assert_eq!(sb.runs(), 1);
+    // The quota attempt is neither a success nor a failure: iteration 1
+    // waits under its number (counters never go back, #14).
     assert!(
-        wait_until(Duration::from_secs(5), || sb.task("a")["iteration"] == 0),
+        wait_until(Duration::from_secs(5), || {
+            let t = sb.task("a");
+            t["rerun_iteration"] == true
+                && t["iteration"] == 1
+                && t["failed_iterations"] == 0
+                && t["successful_iterations"] == 0
+        }),
         "the quota attempt is not an iteration: {}",
         sb.task("a")
     );

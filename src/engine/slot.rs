@@ -89,7 +89,7 @@ impl Slot {
     /// finished, an iteration that was running when the last process died
     /// runs again (and is counted as interrupted).
     pub fn adopt(mut state: TaskState) -> Slot {
-        let mut rerun = false;
+        let mut rerun = state.rerun_iteration && !state.status.is_finished();
         let phase = if state.status.is_finished() {
             Phase::Finished
         } else {
@@ -134,6 +134,7 @@ impl Slot {
             st.iteration = next;
         }
         self.rerun = false;
+        st.rerun_iteration = false;
         st.status = Status::Running;
         st.in_progress = Some(st.iteration);
         if st.started_at.is_none() {
@@ -178,14 +179,14 @@ impl Slot {
         st.throttled += 1;
         st.in_progress = None;
         st.last_error = Some(detail.to_string());
-        if self.retries_now == 0 && !self.rerun {
-            // The next start counts this iteration's number again.
-            st.iteration = st.iteration.saturating_sub(1);
-        }
+        // The next start runs this iteration again under its number: the
+        // counter never goes back.
+        self.rerun = true;
+        st.rerun_iteration = true;
     }
 
     /// The attempt could not work at all (agent missing, no quota, no
-    /// login): the iteration is not counted and starts afresh later.
+    /// login): the iteration starts afresh later, retries and all.
     pub fn not_counted(&mut self, detail: &str) {
         // Waiting for the account is not running: the clock of max_runtime
         // stops until the next attempt starts.
@@ -194,10 +195,12 @@ impl Slot {
         }
         let st = &mut self.state;
         st.in_progress = None;
-        st.iteration = st.iteration.saturating_sub(1);
         st.last_error = Some(detail.to_string());
         self.retries_now = 0;
-        self.rerun = false;
+        // The iteration did not run: the next start runs it under the same
+        // number (the counter never goes back).
+        self.rerun = true;
+        self.state.rerun_iteration = true;
     }
 
     pub fn retrying(&mut self, detail: &str) {
@@ -250,21 +253,28 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// The scheduler's rule for what an attempt starts (check_attempt).
+    fn start(s: &mut Slot) {
+        let new = s.retries_now == 0 && !s.rerun;
+        let next = s.state.iteration + u64::from(new);
+        s.begin(new, next);
+    }
+
     #[test]
-    fn an_attempt_that_could_not_work_is_not_counted_and_stops_the_clock() {
+    fn an_attempt_that_could_not_work_runs_its_iteration_again_and_stops_the_clock() {
         let mut s = Slot::adopt(TaskState::new("t", "/w/P.md", "/w"));
         s.active_since = Some(Instant::now() - Duration::from_secs(5));
-        s.begin(true, 1);
+        start(&mut s);
         s.not_counted("out of quota");
-        assert_eq!(s.state.iteration, 0);
+        assert_eq!(s.state.iteration, 1, "the counter does not go back");
         assert_eq!(s.state.in_progress, None);
         assert!(s.active_since.is_none());
         let ran = s.runtime();
         assert!((5.0..6.0).contains(&ran), "{ran}");
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(s.runtime(), ran, "a paused task's runtime does not grow");
-        // Its next start counts iteration 1 again.
-        s.begin(true, s.state.iteration + 1);
+        // Its next start runs iteration 1, not 2.
+        start(&mut s);
         assert_eq!(s.state.iteration, 1);
     }
 
@@ -282,14 +292,57 @@ mod tests {
     #[test]
     fn a_throttled_attempt_runs_its_iteration_again() {
         let mut s = Slot::adopt(TaskState::new("t", "/w/P.md", "/w"));
-        s.begin(true, 1);
+        start(&mut s);
         s.succeeded();
-        s.begin(true, 2);
+        start(&mut s);
         s.throttled("rate limit");
         assert_eq!(s.state.throttled, 1);
-        assert_eq!(s.state.iteration, 1);
+        assert_eq!(s.state.iteration, 2, "the counter does not go back");
         assert_eq!(s.state.failed_iterations, 0);
         assert_eq!(s.state.consecutive_failures, 0);
         assert_eq!(s.retries_now, 0);
+        start(&mut s);
+        assert_eq!(s.state.iteration, 2, "the same iteration runs again");
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the attempts' outcomes, and crashes between them, no
+        /// counter of the record ever decreases, and no iteration is counted
+        /// as both or twice.
+        #[test]
+        fn counters_never_decrease(outcomes in proptest::collection::vec(0u8..6, 1..60)) {
+            let mut s = Slot::adopt(TaskState::new("t", "/w/P.md", "/w"));
+            let counters = |st: &TaskState| [
+                st.iteration,
+                st.successful_iterations,
+                st.failed_iterations,
+                st.retries,
+                st.interrupted_iterations,
+                st.throttled,
+            ];
+            let mut last = counters(&s.state);
+            for o in outcomes {
+                start(&mut s);
+                match o {
+                    0 => s.succeeded(),
+                    1 => s.retrying("failed"),
+                    2 => { s.failed("failed"); }
+                    3 => s.throttled("rate limit"),
+                    4 => s.not_counted("agent missing"),
+                    // The process dies mid-attempt; the next one adopts the record.
+                    _ => s = Slot::adopt(s.state.clone()),
+                }
+                let now = counters(&s.state);
+                for (a, b) in last.iter().zip(now.iter()) {
+                    prop_assert!(b >= a, "{last:?} -> {now:?} after outcome {o}");
+                }
+                let st = &s.state;
+                prop_assert!(st.successful_iterations + st.failed_iterations <= st.iteration,
+                    "{now:?}");
+                last = now;
+            }
+        }
     }
 }

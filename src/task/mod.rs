@@ -115,6 +115,11 @@ pub struct TaskState {
     /// What the last agent attempt used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_attempt: Option<AttemptUse>,
+    /// The current iteration did not get to run (agent missing, out of
+    /// quota, not logged in, throttled): the next start, in this process or
+    /// the next, runs it under the same number.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rerun_iteration: bool,
 }
 
 /// What one attempt used of the machine (containment's accounting).
@@ -201,6 +206,7 @@ impl TaskState {
             cpu_seconds: 0.0,
             peak_memory_bytes: None,
             last_attempt: None,
+            rerun_iteration: false,
         }
     }
 }
