@@ -1007,3 +1007,44 @@ fn every_ending_of_the_circuits_probe_releases_it() {
     }
     d.stop();
 }
+
+/// Waiting for a missing agent (the circuit's cooldown) is not running: it
+/// does not count into max_runtime. Only attempts do.
+#[test]
+fn waiting_for_a_missing_agent_is_not_runtime() {
+    let sb = Sandbox::new("waitrt");
+    std::fs::create_dir_all(sb.path("bin")).unwrap();
+    let agent = sb.path("bin/agent").display().to_string();
+    sb.write("cfg.toml", "[circuit_breaker]\ncooldown = 1.0\n");
+    let d = start(sb.daemon_cmd(
+        &agent,
+        &["--config", "cfg.toml", "--log-file", "daemon.log"],
+    ));
+    for id in ["a", "b", "c"] {
+        sb.submit("# t\n", id, &[]);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || log_of(&sb)
+            .matches("not found")
+            .count()
+            >= 3),
+        "{}",
+        log_of(&sb)
+    );
+    sb.write_exec(
+        "bin/agent",
+        "#!/bin/sh\nprintf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\"\n",
+    );
+    let ids: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+    await_finished(&sb, &ids, 15);
+    for id in &ids {
+        let t = sb.task(id);
+        assert_eq!(t["status"], "completed", "{t}");
+        let rt = t["runtime_secs"].as_f64().unwrap_or(f64::MAX);
+        assert!(
+            rt < 1.0,
+            "{id}: {rt} s of runtime for a few ms of attempts: {t}"
+        );
+    }
+    d.stop();
+}
