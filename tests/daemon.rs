@@ -1048,3 +1048,27 @@ fn waiting_for_a_missing_agent_is_not_runtime() {
     }
     d.stop();
 }
+
+/// An agent that replaces its prompt file by a FIFO (or a link to /dev/zero)
+/// fails its own task with a clear error; the scheduler never blocks on it,
+/// other tasks go on, and SIGTERM still stops the daemon.
+#[test]
+fn a_prompt_replaced_by_a_fifo_or_a_device_fails_only_its_task() {
+    let sb = Sandbox::new("fifo");
+    sb.write_exec(
+        "agent.sh",
+        "#!/bin/sh\ncase \"$RALPH_QCHAT_TASK_ID\" in\n  fifo) rm -f \"$RALPH_QCHAT_PROMPT_FILE\"; mkfifo \"$RALPH_QCHAT_PROMPT_FILE\" ;;\n  zero) ln -sf /dev/zero \"$RALPH_QCHAT_PROMPT_FILE\" ;;\n  *) n=$(cat count 2>/dev/null || echo 0); n=$((n+1)); echo $n > count; [ $n -ge 3 ] && printf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\" ;;\nesac\nexit 0\n",
+    );
+    let agent = sb.path("agent.sh").display().to_string();
+    let d = start(sb.daemon_cmd(&agent, &["--log-file", "daemon.log"]));
+    for id in ["fifo", "zero", "other"] {
+        sb.submit("# t\n", id, &[]);
+    }
+    for (id, what) in [("fifo", "is a FIFO"), ("zero", "a character device")] {
+        await_status(&sb, id, "failed", 15);
+        let t = sb.task(id);
+        assert!(t["last_error"].as_str().unwrap_or("").contains(what), "{t}");
+    }
+    await_status(&sb, "other", "completed", 15);
+    d.stop();
+}

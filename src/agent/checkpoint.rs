@@ -39,7 +39,12 @@ pub fn checkpoint(job: &CheckpointJob, contain: &Containment) -> Done {
     let mut done = Done::default();
     if let Some(dir) = &job.archive_dir {
         let dest = dir.join(format!("prompt-{:06}.md", job.iteration));
-        match std::fs::create_dir_all(dir).and_then(|_| std::fs::copy(&job.prompt_file, &dest)) {
+        // Read as the scheduler reads it: a prompt the agent replaced by a
+        // FIFO must not block this worker.
+        let copy = std::fs::create_dir_all(dir)
+            .and_then(|_| crate::sys::regular::read(&job.prompt_file, u64::MAX - 1))
+            .and_then(|bytes| std::fs::write(&dest, bytes));
+        match copy {
             Ok(_) => done.archived = Some(dest),
             Err(e) => done.notes.push(format!(
                 "cannot archive {} to {}: {e}",

@@ -17,9 +17,14 @@ pub enum Refusal {
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Refusal::TooLarge { size, max } => write!(
+            // Only max + 1 bytes are ever read: say "over", not a size.
+            Refusal::TooLarge { size, max } if *size > *max + 1 => write!(
                 f,
                 "prompt file is {size} bytes, over limits.max_prompt_size ({max} bytes)"
+            ),
+            Refusal::TooLarge { max, .. } => write!(
+                f,
+                "prompt file is over limits.max_prompt_size ({max} bytes)"
             ),
             Refusal::Blocked(p) => write!(
                 f,

@@ -35,7 +35,10 @@ pub struct WatchSpec {
 /// failing, too many files): no fingerprint never counts as a stall.
 pub fn fingerprint(w: &WatchSpec, contain: &Containment) -> Option<u64> {
     let mut h = DefaultHasher::new();
-    std::fs::read(&w.prompt_file).ok()?.hash(&mut h);
+    // Bounded and never blocking: the agent may have made it a FIFO.
+    crate::sys::regular::read(&w.prompt_file, 64 * 1024 * 1024)
+        .ok()?
+        .hash(&mut h);
     // Only a state directory inside the working directory (run's
     // WORKDIR/.ralph-qchat) is left out; a daemon's task workspace lies
     // inside the state directory and is looked at whole.

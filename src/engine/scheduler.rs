@@ -27,7 +27,7 @@ use crate::task::rules::{self, Limits, Verdict};
 use crate::task::{Status, TaskState};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -532,7 +532,8 @@ impl Scheduler {
             slot.active_since = Some(Instant::now());
         }
         let prompt_path = slot.state.prompt_file.clone();
-        match std::fs::read(&prompt_path) {
+        let max = self.cfg.limits.max_prompt_size;
+        match crate::sys::regular::read(Path::new(&prompt_path), max) {
             Ok(raw) => {
                 if slot.read_failures > 0 {
                     log::info!(task = id; "prompt file readable again after {} failed reads", slot.read_failures);
@@ -540,7 +541,14 @@ impl Scheduler {
                 }
                 Some(raw)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Gone, or replaced by something that is not a file (a FIFO
+            // would block, /dev/zero never ends): this task's error alone.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput
+                ) =>
+            {
                 let msg = format!("cannot read prompt file {prompt_path}: {e}");
                 self.finish(id, Status::Failed, "prompt_unreadable", Some(msg));
                 None
@@ -991,9 +999,12 @@ impl Scheduler {
         if slot.state.iteration as usize > keep {
             self.persist.prune_transcripts(id, keep);
         }
-        let complete = std::fs::read(&slot.state.prompt_file)
-            .map(|t| prompt_complete(&t, &o.completion_marker))
-            .unwrap_or(false);
+        let complete = crate::sys::regular::read(
+            Path::new(&slot.state.prompt_file),
+            self.cfg.limits.max_prompt_size,
+        )
+        .map(|t| prompt_complete(&t, &o.completion_marker))
+        .unwrap_or(false);
         if complete {
             return self.complete(id, "completion_marker");
         }

@@ -1,9 +1,10 @@
 //! The operating system, in one place: /proc readings, cgroups, the child
-//! subreaper, time formatting, and the malloc tuning of the long-running
-//! commands.
+//! subreaper, bounded reads of files others may replace, time formatting,
+//! and the malloc tuning of the long-running commands.
 
 pub mod cgroup;
 pub mod malloc;
 pub mod proc;
 pub mod reaper;
+pub mod regular;
 pub mod time;
