@@ -437,9 +437,11 @@ fn parse_submit(args: Vec<OsString>) -> Result<Command, Failure> {
     if a.max_iterations == Some(0) {
         return Err(usage("--max-iterations must be at least 1"));
     }
-    if a.max_runtime.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+    if a.max_runtime
+        .is_some_and(|r| !(r.is_finite() && r > 0.0 && r <= crate::config::MAX_SECONDS))
+    {
         return Err(usage(
-            "--max-runtime must be a number of seconds greater than 0",
+            "--max-runtime must be a number of seconds greater than 0 and at most ten years",
         ));
     }
     Ok(Command::Submit(a))

@@ -10,6 +10,8 @@ pub const PROMPT_REFUSED: i32 = 65;
 /// The prompt file, the task or the state directory asked for is not there.
 pub const NO_INPUT: i32 = 66;
 pub const UNAVAILABLE: i32 = 69;
+/// A bug: a panic in any thread ends the process with this status.
+pub const SOFTWARE: i32 = 70;
 pub const CANT_CREATE: i32 = 73;
 pub const TEMPFAIL: i32 = 75;
 pub const CONFIG: i32 = 78;

@@ -197,3 +197,34 @@ fn second_run_on_the_same_state_exits_75_naming_the_holder() {
     assert_eq!(r.code(), 143);
     sb.assert_nothing_left();
 }
+
+/// A panic in any thread (here the scheduler's, injected) ends the process
+/// promptly with status 70 and a clear line, so that systemd restarts it;
+/// it never leaves a half-dead daemon that ignores SIGTERM.
+#[test]
+fn a_panic_in_any_thread_ends_the_process_with_status_70() {
+    let sb = Sandbox::new("panic");
+    let mut c = sb.daemon_cmd("complete-after.sh", &[]);
+    c.env("RALPH_QCHAT_TEST_PANIC", "scheduler");
+    let r = start(c).finish(Duration::from_secs(10));
+    assert_eq!(r.code(), 70, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("internal error in thread scheduler"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// Durations past ten years are refused naming the key, not accepted and
+/// then overflowing the clock.
+#[test]
+fn absurd_durations_are_refused_naming_the_key() {
+    let sb = Sandbox::new("absurd");
+    let r = run(sb.run_cmd(
+        "complete-after.sh",
+        &["--timeout", "1e20", "--max-runtime", "1e20"],
+    ));
+    assert_eq!(r.code(), 78, "{}", r.stderr);
+    assert!(r.stderr.contains("adapter.timeout"), "{}", r.stderr);
+    assert!(r.stderr.contains("ten years"), "{}", r.stderr);
+}

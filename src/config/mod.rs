@@ -14,4 +14,4 @@ pub use load::{
 };
 pub use render::render;
 pub use types::*;
-pub use validate::validate;
+pub use validate::{MAX_SECONDS, validate};

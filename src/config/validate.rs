@@ -10,7 +10,21 @@ fn bad(key: &str, message: impl Into<String>) -> Result<(), Invalid> {
     Err((key.to_string(), message.into()))
 }
 
+/// The longest duration any setting may name: ten years. Anything longer is
+/// a typo, and deadlines computed from it would overflow the clock.
+pub const MAX_SECONDS: f64 = 10.0 * 365.0 * 86400.0;
+
+fn too_long(key: &str, v: f64) -> Result<(), Invalid> {
+    bad(
+        key,
+        format!("must be at most {MAX_SECONDS} seconds (ten years), found {v}"),
+    )
+}
+
 fn positive(key: &str, v: f64) -> Result<(), Invalid> {
+    if v.is_finite() && v > MAX_SECONDS {
+        return too_long(key, v);
+    }
     if v.is_finite() && v > 0.0 {
         Ok(())
     } else {
@@ -22,6 +36,9 @@ fn positive(key: &str, v: f64) -> Result<(), Invalid> {
 }
 
 fn non_negative(key: &str, v: f64) -> Result<(), Invalid> {
+    if v.is_finite() && v > MAX_SECONDS {
+        return too_long(key, v);
+    }
     if v.is_finite() && v >= 0.0 {
         Ok(())
     } else {

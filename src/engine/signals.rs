@@ -32,6 +32,12 @@ pub fn serve(
     let engine = std::thread::Builder::new()
         .name("scheduler".into())
         .spawn(move || {
+            // Fault injection for the test that a panic ends the process
+            // (debug builds only).
+            #[cfg(debug_assertions)]
+            if std::env::var_os("RALPH_QCHAT_TEST_PANIC").is_some_and(|v| v == "scheduler") {
+                panic!("injected by RALPH_QCHAT_TEST_PANIC");
+            }
             let finished = scheduler.run();
             handle.close();
             finished

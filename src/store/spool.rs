@@ -242,9 +242,11 @@ fn from_spec(
     }
     if spec
         .max_runtime
-        .is_some_and(|r| !(r.is_finite() && r > 0.0))
+        .is_some_and(|r| !(r.is_finite() && r > 0.0 && r <= crate::config::MAX_SECONDS))
     {
-        return Entry::Reject("max_runtime must be a number of seconds greater than 0".into());
+        return Entry::Reject(
+            "max_runtime must be a number of seconds greater than 0 and at most ten years".into(),
+        );
     }
     let mut t = TaskState::new(
         &id,
