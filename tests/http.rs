@@ -754,3 +754,45 @@ fn the_port_opens_only_after_counters_are_restored_and_workers_are_up() {
     assert_eq!(detailed["workers"]["total"], 5, "{detailed}");
     stop(d);
 }
+
+/// Bound beyond loopback with no allowlist: the daemon warns at start, and
+/// /tasks (tails of agents' output) answers only this machine's loopback,
+/// while /health still answers the network.
+#[test]
+fn tasks_answer_only_loopback_when_the_port_is_open_to_all() {
+    // This machine's own non-loopback address, to ask from.
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    let _ = probe.connect("192.0.2.1:9");
+    let Some(own) = probe
+        .local_addr()
+        .ok()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+    else {
+        panic!("this machine has no non-loopback address to test from");
+    };
+    let sb = Sandbox::new("openport");
+    sb.write(
+        "cfg.toml",
+        "[monitoring]\nhealth_check_bind = \"0.0.0.0\"\n",
+    );
+    let (d, addr) = daemon_with_port(
+        &sb,
+        "complete-after.sh",
+        &["--config", "cfg.toml", "--log-file", "daemon.log"],
+        &[],
+    );
+    assert!(
+        log_of(&sb)
+            .contains("reachable beyond this machine and monitoring.health_check_allow is empty"),
+        "{}",
+        log_of(&sb)
+    );
+    let port = addr.rsplit(':').next().unwrap();
+    let outside = format!("{own}:{port}");
+    assert_eq!(get(&addr, "/tasks").status, 200);
+    assert_eq!(get(&outside, "/tasks").status, 403);
+    assert_eq!(get(&outside, "/tasks/x").status, 403);
+    assert_eq!(get(&outside, "/health").status, 200);
+    stop(d);
+}

@@ -64,6 +64,14 @@ pub fn start_http(
         "serving /health, /health/detailed, /metrics and /tasks on http://{}",
         server.addr
     );
+    if !server.addr.ip().is_loopback() && m.health_check_allow.is_empty() {
+        log::warn!(
+            "the health port {} is reachable beyond this machine and monitoring.health_check_allow is empty: \
+             /health, /health/detailed and /metrics answer anyone who reaches it, /tasks (tails of agents' output) \
+             answers loopback only; name who may ask in health_check_allow",
+            server.addr
+        );
+    }
     if let Some(dir) = port_file_in {
         server.write_port_file(dir);
     }

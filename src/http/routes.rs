@@ -55,6 +55,15 @@ pub fn handle(rq: Request, shared: &Shared, allow: &[Cidr], cpu: &CpuMeter) {
     let _ = rq.respond(resp);
 }
 
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+        v4 => v4.is_loopback(),
+    }
+}
+
 fn route(rq: &Request, shared: &Shared, allow: &[Cidr], cpu: &CpuMeter) -> Reply {
     if let Some(addr) = rq.remote_addr() {
         if !allowed(allow, addr.ip()) {
@@ -67,6 +76,17 @@ fn route(rq: &Request, shared: &Shared, allow: &[Cidr], cpu: &CpuMeter) -> Reply
         return r;
     }
     let path = rq.url().split('?').next().unwrap_or("");
+    // /tasks carries the tails of agents' output: with no allowlist it
+    // answers this machine only, wherever the port listens.
+    if path.starts_with("/tasks")
+        && allow.is_empty()
+        && rq.remote_addr().is_some_and(|a| !is_loopback(a.ip()))
+    {
+        return error(
+            403,
+            "forbidden: /tasks answers only loopback and the addresses in health_check_allow",
+        );
+    }
     match path {
         "/health" => {
             let (code, v) = health(shared);
