@@ -1072,3 +1072,38 @@ fn a_prompt_replaced_by_a_fifo_or_a_device_fails_only_its_task() {
     await_status(&sb, "other", "completed", 15);
     d.stop();
 }
+
+/// A prompt dropped into the spool under the name an earlier task came from
+/// is another drop: it is rejected with its reason, and never touches the
+/// earlier task's files (it used to overwrite its workspace prompt, also
+/// while it ran, and vanish without a word).
+#[test]
+fn a_second_drop_under_a_taken_name_never_touches_the_first_task() {
+    let sb = Sandbox::new("samename");
+    let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
+    c.env("FAKE_N", "1");
+    let d = start(c);
+    let spool = sb.state_dir().join("spool");
+    assert!(wait_until(Duration::from_secs(10), || spool.is_dir()));
+    std::fs::write(spool.join(".t1.md"), "# first\n").unwrap();
+    std::fs::rename(spool.join(".t1.md"), spool.join("t1.md")).unwrap();
+    await_status(&sb, "t1", "completed", 15);
+    let ws = sb.state_dir().join("workspaces/t1/PROMPT.md");
+    let before = std::fs::read_to_string(&ws).unwrap();
+    std::fs::write(spool.join(".t1.md"), "# SECOND\n").unwrap();
+    std::fs::rename(spool.join(".t1.md"), spool.join("t1.md")).unwrap();
+    let rejected = spool.join("rejected/t1.md");
+    assert!(
+        wait_until(Duration::from_secs(10), || rejected.is_file()),
+        "{}",
+        log_of(&sb)
+    );
+    assert_eq!(std::fs::read_to_string(&ws).unwrap(), before);
+    assert!(
+        log_of(&sb).contains("a task with id \"t1\" already exists"),
+        "{}",
+        log_of(&sb)
+    );
+    assert_eq!(std::fs::read_to_string(&rejected).unwrap(), "# SECOND\n");
+    d.stop();
+}

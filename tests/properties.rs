@@ -121,10 +121,12 @@ proptest! {
         let name = if ext.is_empty() { "entry".to_string() } else { format!("entry.{ext}") };
         let path = spool.join(&name);
         std::fs::write(&path, &bytes).unwrap();
-        match ralph_qchat::store::spool::examine(&dir, &path, 1 << 20, &|_| false) {
+        let none = |_: &str, _: &str| ralph_qchat::store::spool::Known::No;
+        match ralph_qchat::store::spool::examine(&dir, &path, 1 << 20, &none) {
             ralph_qchat::store::spool::Entry::Reject(reason) => prop_assert!(!reason.is_empty()),
             ralph_qchat::store::spool::Entry::Task(t) => prop_assert!(ralph_qchat::task::valid_id(&t.id)),
             ralph_qchat::store::spool::Entry::Skip => {}
+            ralph_qchat::store::spool::Entry::Taken(_) => prop_assert!(false, "no task is known"),
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -240,24 +240,40 @@ impl Intake {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        // A task from this very entry means the entry outlived a crash after
-        // the task was recorded: the scheduler will just remove it.
-        let exists = |id: &str| {
+        // A task from this very file means the entry outlived a restart
+        // after the task was recorded; a later file of the same name is
+        // another drop, never the same task.
+        let known = |id: &str, key: &str| {
             let state = tasks.join(id).join("state.json");
             match std::fs::read(&state) {
-                Ok(b) => serde_json::from_slice::<crate::task::TaskState>(&b)
-                    .map(|t| t.source.as_deref() != Some(name.as_str()))
-                    .unwrap_or(true),
-                Err(_) => false,
+                Ok(b) => match serde_json::from_slice::<crate::task::TaskState>(&b) {
+                    Ok(t)
+                        if t.source.as_deref() == Some(name.as_str())
+                            && t.source_key.as_deref() == Some(key) =>
+                    {
+                        spool::Known::ThisEntry
+                    }
+                    _ => spool::Known::Other,
+                },
+                Err(_) => spool::Known::No,
             }
         };
         match spool::examine(
             &self.state_dir,
             path,
             self.max_prompt.load(Ordering::Relaxed),
-            &exists,
+            &known,
         ) {
             Entry::Skip => true,
+            Entry::Taken(id) => {
+                match std::fs::remove_file(path) {
+                    Ok(()) => log::info!(task = id.as_str();
+                        "spool entry {name} had been taken already (before a restart); removed"),
+                    Err(e) => log::warn!(task = id.as_str();
+                        "spool entry {name} had been taken already, but cannot be removed: {e}"),
+                }
+                true
+            }
             Entry::Reject(reason) => {
                 match spool::reject(spool, path, &reason) {
                     Ok(dest) => log::warn!(

@@ -1315,12 +1315,17 @@ impl Scheduler {
     fn submit(&mut self, state: TaskState, entry: PathBuf) {
         let id = state.id.clone();
         if let Some(existing) = self.slots.get(&id) {
-            if existing.state.source.is_some() && existing.state.source == state.source {
+            if existing.state.source.is_some()
+                && existing.state.source == state.source
+                && existing.state.source_key == state.source_key
+            {
                 // Taken before a crash that kept the entry: nothing new.
                 let _ = std::fs::remove_file(&entry);
             } else {
                 let spool = entry.parent().map(PathBuf::from).unwrap_or_default();
-                let reason = format!("a task with id {id:?} already exists");
+                let reason = format!(
+                    "a task with id {id:?} already exists; drop the prompt under another name (or a spec with another id)"
+                );
                 match crate::store::spool::reject(&spool, &entry, &reason) {
                     Ok(d) => {
                         log::warn!("spool entry rejected: {reason} (moved to {})", d.display())

@@ -89,6 +89,9 @@ pub fn match_owner(state_dir: &Path, paths: &[&Path]) {
 pub enum Entry {
     /// Still being written, or ours (dot files, the rejected folder).
     Skip,
+    /// This very entry was taken as task `0` before a restart that kept it:
+    /// only the entry is to be removed.
+    Taken(String),
     Task(Box<TaskState>),
     Reject(String),
 }
@@ -102,13 +105,39 @@ fn being_written(name: &str) -> bool {
         .any(|suffix| name.ends_with(suffix))
 }
 
+/// What is known of a task id when an entry names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    /// No such task.
+    No,
+    /// A task taken from this very entry (same name and same file).
+    ThisEntry,
+    /// Another task, or one from an earlier file of the same name.
+    Other,
+}
+
+/// What tells one spool file from a later one of the same name: device,
+/// inode, modification time, size.
+pub fn entry_key(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{}:{}:{}.{:09}:{}",
+        meta.dev(),
+        meta.ino(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.len()
+    )
+}
+
 /// Reads a spool entry without following symlinks. A prompt file becomes a
-/// task in a fresh workspace; a spec names its prompt and workdir.
+/// task in a fresh workspace; a spec names its prompt and workdir. An entry
+/// that names an existing task never touches that task's files.
 pub fn examine(
     state_dir: &Path,
     path: &Path,
     max_prompt: u64,
-    task_exists: &dyn Fn(&str) -> bool,
+    known: &dyn Fn(&str, &str) -> Known,
 ) -> Entry {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
         return Entry::Reject("the file name is not valid UTF-8".into());
@@ -141,6 +170,16 @@ pub fn examine(
         Ok(b) => b,
         Err(e) => return Entry::Reject(format!("cannot be read: {e}")),
     };
+    let key = entry_key(&meta);
+    let task_exists = |id: &str| -> Option<Entry> {
+        match known(id, &key) {
+            Known::No => None,
+            Known::ThisEntry => Some(Entry::Taken(id.to_string())),
+            Known::Other => Some(Entry::Reject(format!(
+                "a task with id {id:?} already exists; drop the prompt under another name (or a spec with another id)"
+            ))),
+        }
+    };
     match ext {
         "md" => {
             if !valid_id(stem) {
@@ -148,8 +187,8 @@ pub fn examine(
                     "{stem:?} is not a valid task id (letters, digits, - _ . only)"
                 ));
             }
-            if task_exists(stem) {
-                return Entry::Reject(format!("a task with id {stem:?} already exists"));
+            if let Some(e) = task_exists(stem) {
+                return e;
             }
             let ws = workspace_dir(state_dir, stem);
             let prompt = ws.join("PROMPT.md");
@@ -164,6 +203,7 @@ pub fn examine(
                 &ws.display().to_string(),
             );
             t.source = Some(name.to_string());
+            t.source_key = Some(key);
             Entry::Task(Box::new(t))
         }
         "toml" => {
@@ -181,7 +221,13 @@ pub fn examine(
                     return Entry::Reject(format!("line {line}: {}", e.message().trim()));
                 }
             };
-            from_spec(spec, stem, name, max_prompt, task_exists)
+            match from_spec(spec, stem, name, max_prompt, &task_exists) {
+                Entry::Task(mut t) => {
+                    t.source_key = Some(key);
+                    Entry::Task(t)
+                }
+                other => other,
+            }
         }
         _ => Entry::Reject(
             "unknown kind of entry: expected a prompt (*.md) or a task spec (*.toml)".into(),
@@ -194,7 +240,7 @@ fn from_spec(
     stem: &str,
     name: &str,
     max_prompt: u64,
-    task_exists: &dyn Fn(&str) -> bool,
+    task_exists: &dyn Fn(&str) -> Option<Entry>,
 ) -> Entry {
     let id = spec.id.clone().unwrap_or_else(|| stem.to_string());
     if !valid_id(&id) {
@@ -202,8 +248,8 @@ fn from_spec(
             "{id:?} is not a valid task id (letters, digits, - _ . only)"
         ));
     }
-    if task_exists(&id) {
-        return Entry::Reject(format!("a task with id {id:?} already exists"));
+    if let Some(e) = task_exists(&id) {
+        return e;
     }
     let prompt = PathBuf::from(&spec.prompt_file);
     let workdir = match &spec.workdir {
@@ -308,4 +354,41 @@ pub fn publish(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<PathBuf>
     std::fs::rename(&tmp, &dest)?;
     File::open(dir)?.sync_all()?;
     Ok(dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_naming_a_known_task_never_writes_its_workspace() {
+        let dir = std::env::temp_dir().join(format!("spool-known-{}", std::process::id()));
+        let spool = dir.join("spool");
+        std::fs::create_dir_all(&spool).unwrap();
+        let ws = workspace_dir(&dir, "t1");
+        std::fs::create_dir_all(&ws).unwrap();
+        std::fs::write(ws.join("PROMPT.md"), "the agent's work").unwrap();
+        let entry = spool.join("t1.md");
+        std::fs::write(&entry, "# new\n").unwrap();
+        let key = entry_key(&std::fs::metadata(&entry).unwrap());
+        // The same file, outliving a restart: only the entry goes.
+        let same = |_: &str, k: &str| {
+            if k == key {
+                Known::ThisEntry
+            } else {
+                Known::Other
+            }
+        };
+        assert!(matches!(examine(&dir, &entry, 1000, &same), Entry::Taken(id) if id == "t1"));
+        // Another file of that name: rejected.
+        let other = |_: &str, _: &str| Known::Other;
+        assert!(
+            matches!(examine(&dir, &entry, 1000, &other), Entry::Reject(r) if r.contains("already exists"))
+        );
+        assert_eq!(
+            std::fs::read_to_string(ws.join("PROMPT.md")).unwrap(),
+            "the agent's work"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

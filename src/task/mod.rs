@@ -73,9 +73,12 @@ pub struct TaskState {
     pub max_runtime: Option<f64>,
     #[serde(default)]
     pub submitted_at: Option<String>,
-    /// The spool entry the task came from.
+    /// The spool entry the task came from, and which file of that name it
+    /// was (`spool::entry_key`): a later file of the same name is another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_key: Option<String>,
     /// The class of the last agent attempt (success, throttled, auth, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_class: Option<String>,
@@ -193,6 +196,7 @@ impl TaskState {
             max_runtime: None,
             submitted_at: Some(now),
             source: None,
+            source_key: None,
             last_class: None,
             throttled: 0,
             credits: 0.0,
