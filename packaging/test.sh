@@ -20,18 +20,14 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-command -v cargo-deb >/dev/null || cargo install --locked cargo-deb
-command -v cargo-generate-rpm >/dev/null || cargo install --locked cargo-generate-rpm
 
 # ------------------------------------------------------------------ build
-say "building packages"
-mkdir -p target/man
-for m in man/*; do gzip -9n -c "$m" > "target/man/$(basename "$m").gz"; done
-cargo deb -q >/dev/null
-cargo generate-rpm
-deb=$(ls -t target/debian/ralph-qchat_*.deb | head -1)
-rpmf=$(ls -t target/generate-rpm/ralph-qchat-*.rpm | head -1)
+say "building packages (packaging/build.sh, the README's command)"
+built=$(bash packaging/build.sh)
+deb=$(sed -n 1p <<<"$built")
+rpmf=$(sed -n 2p <<<"$built")
 echo "$deb"; echo "$rpmf"
+[ -f "$deb" ] && [ -f "$rpmf" ] || fail "packaging/build.sh did not build both packages"
 
 say "lintian"
 # Its exit status decides: 0 only when it checked the package and found no
