@@ -20,6 +20,8 @@ impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Source::Default => write!(f, "built-in default"),
+            // Line 0: about the file as a whole (it cannot be read).
+            Source::File { path, line: 0 } => write!(f, "{}", path.display()),
             Source::File { path, line } => write!(f, "{} line {}", path.display(), line),
             Source::Env(v) => write!(f, "environment variable {v}"),
             Source::Flag(fl) => write!(f, "flag {fl}"),
@@ -260,6 +262,23 @@ fn apply_file(
         path: path.to_path_buf(),
         line,
     };
+    // Each key on its own first: every unknown key and wrong type of the
+    // file is reported at once, with its key and line, in words.
+    let errors = key_errors(text);
+    if let Some((key, line, message)) = errors.first() {
+        let mut message = message.clone();
+        for (k, l, m) in &errors[1..] {
+            message.push_str(&format!(
+                "\n  also {} line {l}: key `{k}`: {m}",
+                path.display()
+            ));
+        }
+        return Err(ConfigError {
+            key: key.clone(),
+            source: at(*line),
+            message,
+        });
+    }
     // The strict pass: unknown keys and wrong types, with the line they are on.
     if let Err(e) = toml::from_str::<Config>(text) {
         let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(1);
@@ -304,6 +323,91 @@ fn apply_file(
     }
     rule_lines(text, path, sources);
     Ok(())
+}
+
+/// (key, line, what is wrong) of every key of the file that is unknown or
+/// of the wrong type, each deserialised on its own. Empty when the file does
+/// not parse as tables of keys (the caller's strict pass says why).
+fn key_errors(text: &str) -> Vec<(String, usize, String)> {
+    type Spans = BTreeMap<String, BTreeMap<String, Spanned<Value>>>;
+    let Ok(spans) = toml::from_str::<Spans>(text) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (section, keys) in spans {
+        for (key, spanned) in keys {
+            let line = line_of(text, spanned.span().start);
+            let mut one = Table::new();
+            let mut inner = Table::new();
+            inner.insert(key.clone(), spanned.into_inner());
+            one.insert(section.clone(), Value::Table(inner));
+            if let Err(e) = one.try_into::<Config>() {
+                let e = e.to_string();
+                if e.contains(&format!("unknown field `{section}`")) {
+                    let m = in_words(&e).replacen("unknown key", "unknown section", 1);
+                    let m = m.replacen("the keys here are", "the sections are", 1);
+                    if !out.iter().any(|(k, _, _)| *k == format!("[{section}]")) {
+                        out.push((format!("[{section}]"), line, m));
+                    }
+                } else {
+                    out.push((format!("{section}.{key}"), line, in_words(&e)));
+                }
+            }
+        }
+    }
+    out.sort_by_key(|(_, line, _)| *line);
+    out
+}
+
+/// serde's wording for a type error, in the words of the configuration:
+/// "invalid type: string \"sixty\", expected f64" → "must be a number, found
+/// the text \"sixty\"".
+fn in_words(message: &str) -> String {
+    let m = message.trim().trim_end_matches('.');
+    let m = m.lines().next().unwrap_or(m);
+    // "unknown field `timout`, expected one of `name`, `timeout`, …"
+    if let Some(rest) = m.strip_prefix("unknown field `")
+        && let Some((word, known)) = rest.split_once('`')
+    {
+        let known: Vec<&str> = known.split('`').skip(1).step_by(2).collect();
+        return match super::nearest(word, known.iter().copied()) {
+            Some(k) => format!("unknown key; did you mean `{k}`?"),
+            None => format!("unknown key; the keys here are {}", known.join(", ")),
+        };
+    }
+    let Some((found, expected)) = m
+        .strip_prefix("invalid type: ")
+        .or_else(|| m.strip_prefix("invalid value: "))
+        .and_then(|r| r.rsplit_once(", expected "))
+    else {
+        return m.to_string();
+    };
+    let expected = match expected {
+        "f32" | "f64" => "a number".to_string(),
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number, 0 or more".to_string(),
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number".to_string(),
+        "a boolean" => "true or false".to_string(),
+        "a sequence" => "an array, [ … ]".to_string(),
+        "a string" => "a string in quotes".to_string(),
+        other => other.to_string(),
+    };
+    let found = if let Some(v) = found.strip_prefix("string ") {
+        format!("the text {v}")
+    } else if let Some(v) = found
+        .strip_prefix("integer ")
+        .or_else(|| found.strip_prefix("floating point "))
+    {
+        v.trim_matches('`').to_string()
+    } else if let Some(v) = found.strip_prefix("boolean ") {
+        v.trim_matches('`').to_string()
+    } else if found == "sequence" {
+        "an array".to_string()
+    } else if found == "map" {
+        "a table".to_string()
+    } else {
+        found.to_string()
+    };
+    format!("must be {expected}, found {found}")
 }
 
 /// The line of each `[[adapter.rules]]` table, as `adapter.rules[N]`.
@@ -505,7 +609,49 @@ mod tests {
         let (_d, p) = file_with("[adapter]\ntimeout = 10\n\n[performance]\nbufer_size = 5\n");
         let e = load(&layers(&p)).unwrap_err();
         assert_eq!(e.source, Source::File { path: p, line: 5 });
-        assert!(e.message.contains("bufer_size"), "{e}");
+        // The key is named (now in `key`), and the nearest known one offered.
+        assert_eq!(e.key, "performance.bufer_size", "{e}");
+        assert!(e.message.contains("did you mean `buffer_size`?"), "{e}");
+    }
+
+    #[test]
+    fn every_type_error_of_a_file_is_named_at_once_in_words() {
+        let (_d, p) = file_with(
+            "[adapter]\ntimeout = \"sixty\"\nmax_retries = -1\n[orchestrator]\nmax_iterations = \"x\"\n[bogus]\na = 1\nb = 2\n",
+        );
+        let e = load(&layers(&p)).unwrap_err();
+        assert_eq!(e.key, "adapter.timeout");
+        assert_eq!(
+            e.source,
+            Source::File {
+                path: p.clone(),
+                line: 2
+            }
+        );
+        let text = e.to_string();
+        for want in [
+            "key `adapter.timeout`: must be a number, found the text \"sixty\"",
+            "line 3: key `adapter.max_retries`: must be a whole number, 0 or more, found -1",
+            "line 5: key `orchestrator.max_iterations`: must be a whole number, 0 or more",
+            "key `[bogus]`: unknown section",
+        ] {
+            assert!(text.contains(want), "{want:?} not in: {text}");
+        }
+        assert_eq!(text.matches("[bogus]").count(), 1, "{text}");
+        assert!(!text.contains("f64") && !text.contains("u32"), "{text}");
+    }
+
+    #[test]
+    fn a_missing_file_is_not_at_line_0() {
+        let p = std::path::PathBuf::from("/nonexistent/ralph-qchat.toml");
+        let mut l = layers(&p);
+        l.file_required = true;
+        let e = load(&l).unwrap_err().to_string();
+        assert!(
+            e.starts_with("configuration error in /nonexistent/ralph-qchat.toml: cannot read"),
+            "{e}"
+        );
+        assert!(!e.contains("line 0"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 mod load;
 pub mod paths;
 mod render;
+mod suggest;
 mod types;
 mod validate;
 
@@ -13,5 +14,6 @@ pub use load::{
     ConfigError, ENV_KEYS, Layers, Loaded, Override, Source, line_of, load, process_env,
 };
 pub use render::render;
+pub use suggest::nearest;
 pub use types::*;
 pub use validate::{MAX_SECONDS, validate};
