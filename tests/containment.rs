@@ -73,6 +73,19 @@ fn run_in(
     c
 }
 
+/// `run` with an agent that leaves a `kind` of process and works on; once
+/// the leftover is there, `sig` to run, and how run ended.
+fn hang_then(sb: &Sandbox, mode: &str, kind: &str, sig: i32) -> Finished {
+    let r = start(run_in(sb, mode, kind, "hang", &[]));
+    assert!(
+        wait_until(Duration::from_secs(10), || !escaped(sb, "escaped.pids")
+            .is_empty()),
+        "the fake never started"
+    );
+    r.signal(sig);
+    r.finish(Duration::from_secs(15))
+}
+
 #[test]
 fn run_ends_every_kind_of_escape_when_the_agent_exits() {
     for mode in ["cgroup", "subreaper"] {
@@ -136,14 +149,7 @@ fn run_ends_escapes_on_timeout_idle_timeout_and_sigterm() {
 
         // SIGTERM to run while the agent works.
         let sb = Sandbox::new(&format!("esc-term-{mode}"));
-        let r = start(run_in(&sb, mode, deep, "hang", &[]));
-        assert!(
-            wait_until(Duration::from_secs(10), || !escaped(&sb, "escaped.pids")
-                .is_empty()),
-            "the fake never started"
-        );
-        r.signal(libc::SIGTERM);
-        let f = r.finish(Duration::from_secs(15));
+        let f = hang_then(&sb, mode, deep, libc::SIGTERM);
         assert_eq!(f.code(), 143, "{}", f.stderr);
         assert_gone(&escaped(&sb, "escaped.pids"), &format!("{mode} SIGTERM"));
     }
@@ -163,14 +169,7 @@ fn what_a_killed_run_left_is_ended_at_the_next_start() {
         ),
     ] {
         let sb = Sandbox::new(&format!("esc-kill9-{mode}"));
-        let r = start(run_in(&sb, mode, kind, "hang", &[]));
-        assert!(
-            wait_until(Duration::from_secs(10), || !escaped(&sb, "escaped.pids")
-                .is_empty()),
-            "the fake never started"
-        );
-        r.signal(libc::SIGKILL);
-        let _ = r.finish(Duration::from_secs(10));
+        let _ = hang_then(&sb, mode, kind, libc::SIGKILL);
         let pids = escaped(&sb, "escaped.pids");
         // What the next start must clean: still there after the kill.
         assert!(pids.iter().all(|p| alive(*p)), "{mode}: {pids:?}");
