@@ -7,9 +7,10 @@
 use super::attempt::Cancel;
 use super::contain::Containment;
 use super::spawn::{Launcher, SpawnError, Spec};
+use super::supervise::pidfd_open;
 use std::ffi::OsString;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
 use std::sync::mpsc;
@@ -187,13 +188,6 @@ fn wait_exit(pidfd: Option<&OwnedFd>, wait: Duration) {
         }
         None => std::thread::sleep(wait.min(Duration::from_millis(5))),
     }
-}
-
-fn pidfd_open(pid: i32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    // SAFETY: a fresh fd returned by the kernel.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 #[cfg(test)]

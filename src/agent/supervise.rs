@@ -503,7 +503,7 @@ fn signal_group(pgid: i32, sig: i32) {
 
 /// A pidfd becomes readable when the child exits, so exits need no polling.
 /// None on kernels before 5.3.
-fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+pub(super) fn pidfd_open(pid: i32) -> Option<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {

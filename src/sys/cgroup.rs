@@ -533,11 +533,7 @@ fn read_u64(path: &Path) -> Option<u64> {
 }
 
 fn keyed(path: &Path, key: &str) -> Option<u64> {
-    let s = fs::read_to_string(path).ok()?;
-    s.lines().find_map(|l| {
-        let (k, v) = l.split_once(' ')?;
-        (k == key).then(|| v.trim().parse().ok()).flatten()
-    })
+    key_of(&fs::read_to_string(path).ok()?, key)
 }
 
 impl Cell {
