@@ -1,23 +1,25 @@
-//! The monitoring face: tiny_http on threads of its own, reading only atomics
-//! and what the engine publishes (`engine::Shared`); nothing here changes
-//! state, and the engine does not know this module exists.
+//! The monitoring face: a bounded HTTP/1.1 server (server.rs) on threads of
+//! its own, reading only atomics and what the engine publishes
+//! (`engine::Shared`); nothing here changes state, and the engine does not
+//! know this module exists.
 
 pub mod allow;
 pub mod client;
 mod routes;
+pub mod server;
+pub mod wire;
 
 use crate::engine::Shared;
 use std::path::Path;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 pub struct HttpServer {
-    server: Arc<tiny_http::Server>,
-    threads: Vec<JoinHandle<()>>,
+    server: server::Server,
     pub addr: std::net::SocketAddr,
 }
 
-const HANDLERS: usize = 4;
+/// Threads computing answers; connections are held by one more.
+const HANDLERS: usize = 2;
 
 #[derive(Debug)]
 pub enum StartError {
@@ -57,42 +59,24 @@ pub fn start(
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Other(format!("cannot read the listening address: {e}")))?;
-    let server = tiny_http::Server::from_listener(listener, None)
-        .map_err(|e| StartError::Other(format!("cannot serve on {addr}: {e}")))?;
-    let server = Arc::new(server);
     let allow: Vec<allow::Cidr> = allow.iter().filter_map(|c| allow::Cidr::parse(c)).collect();
-    let cpu = Arc::new(crate::sys::proc::CpuMeter::new());
-    let mut threads = Vec::new();
-    for i in 0..HANDLERS {
-        let server = server.clone();
-        let shared = shared.clone();
-        let allow = allow.clone();
-        let cpu = cpu.clone();
-        let t = std::thread::Builder::new()
-            .name(format!("http-{i}"))
-            .spawn(move || {
-                while let Ok(rq) = server.recv() {
-                    routes::handle(rq, &shared, &allow, &cpu);
-                }
-            })
-            .map_err(|e| StartError::Other(format!("cannot start HTTP thread: {e}")))?;
-        threads.push(t);
-    }
-    Ok(HttpServer {
-        server,
-        threads,
-        addr,
-    })
+    let cpu = crate::sys::proc::CpuMeter::new();
+    let handler = move |rq: &wire::Request, peer: std::net::SocketAddr| {
+        routes::handle(rq, peer, &shared, &allow, &cpu)
+    };
+    let server = server::serve(
+        listener,
+        server::Limits::default(),
+        HANDLERS,
+        Arc::new(handler),
+    )
+    .map_err(|e| StartError::Other(format!("cannot serve on {addr}: {e}")))?;
+    Ok(HttpServer { server, addr })
 }
 
 impl HttpServer {
     pub fn stop(self) {
-        for _ in 0..self.threads.len() {
-            self.server.unblock();
-        }
-        for t in self.threads {
-            let _ = t.join();
-        }
+        self.server.stop();
     }
 
     /// `<state_dir>/http.port`: where to find this instance's port (useful

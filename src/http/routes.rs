@@ -1,14 +1,15 @@
 //! Requests to responses: /health, /health/detailed, /metrics, /tasks.
 
 use super::allow::{Cidr, allowed};
+use super::wire::{Reply, Request};
 use crate::engine::{Shared, Snapshot};
 use crate::metrics::{self, Gauges, METRICS};
 use crate::store::pauses::PauseKind;
 use crate::sys::proc::{self, CpuMeter};
 use crate::task::valid_id;
 use serde_json::{Value, json};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use tiny_http::{Header, Method, Request, Response};
 
 const STATUSES: [&str; 7] = [
     "queued",
@@ -20,39 +21,22 @@ const STATUSES: [&str; 7] = [
     "stalled",
 ];
 
-struct Reply {
-    status: u16,
-    content_type: &'static str,
-    body: Vec<u8>,
-    allow: bool,
-}
-
 fn json_reply(status: u16, v: &Value) -> Reply {
-    Reply {
-        status,
-        content_type: "application/json",
-        body: serde_json::to_vec(v).unwrap_or_default(),
-        allow: false,
-    }
+    Reply::json(status, v)
 }
 
 fn error(status: u16, msg: &str) -> Reply {
-    json_reply(status, &json!({ "error": msg }))
+    Reply::error(status, msg)
 }
 
-pub fn handle(rq: Request, shared: &Shared, allow: &[Cidr], cpu: &CpuMeter) {
-    let reply = route(&rq, shared, allow, cpu);
-    let mut resp = Response::from_data(reply.body).with_status_code(reply.status);
-    if let Ok(h) = Header::from_bytes("Content-Type", reply.content_type) {
-        resp.add_header(h);
-    }
-    if reply.allow {
-        if let Ok(h) = Header::from_bytes("Allow", "GET, HEAD") {
-            resp.add_header(h);
-        }
-    }
-    // The body, if any, is never read: nothing here takes input.
-    let _ = rq.respond(resp);
+pub fn handle(
+    rq: &Request,
+    peer: SocketAddr,
+    shared: &Shared,
+    allow: &[Cidr],
+    cpu: &CpuMeter,
+) -> Reply {
+    route(rq, peer, shared, allow, cpu)
 }
 
 fn is_loopback(ip: std::net::IpAddr) -> bool {
@@ -64,24 +48,19 @@ fn is_loopback(ip: std::net::IpAddr) -> bool {
     }
 }
 
-fn route(rq: &Request, shared: &Shared, allow: &[Cidr], cpu: &CpuMeter) -> Reply {
-    if let Some(addr) = rq.remote_addr() {
-        if !allowed(allow, addr.ip()) {
-            return error(403, "forbidden: this address is not in health_check_allow");
-        }
+fn route(rq: &Request, peer: SocketAddr, shared: &Shared, allow: &[Cidr], cpu: &CpuMeter) -> Reply {
+    if !allowed(allow, peer.ip()) {
+        return error(403, "forbidden: this address is not in health_check_allow");
     }
-    if !matches!(rq.method(), Method::Get | Method::Head) {
+    if rq.method != "GET" && rq.method != "HEAD" {
         let mut r = error(405, "method not allowed: GET and HEAD only");
-        r.allow = true;
+        r.allow = Some("GET, HEAD");
         return r;
     }
-    let path = rq.url().split('?').next().unwrap_or("");
+    let path = rq.path.as_str();
     // /tasks carries the tails of agents' output: with no allowlist it
     // answers this machine only, wherever the port listens.
-    if path.starts_with("/tasks")
-        && allow.is_empty()
-        && rq.remote_addr().is_some_and(|a| !is_loopback(a.ip()))
-    {
+    if path.starts_with("/tasks") && allow.is_empty() && !is_loopback(peer.ip()) {
         return error(
             403,
             "forbidden: /tasks answers only loopback and the addresses in health_check_allow",
@@ -101,7 +80,7 @@ fn route(rq: &Request, shared: &Shared, allow: &[Cidr], cpu: &CpuMeter) -> Reply
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             body: metrics_text(shared).into_bytes(),
-            allow: false,
+            allow: None,
         },
         "/tasks" | "/tasks/" => {
             let snap = shared.snapshot();

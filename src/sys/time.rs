@@ -22,6 +22,27 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// The HTTP Date format (IMF-fixdate, RFC 9110 §5.6.7):
+/// `Sun, 06 Nov 1994 08:49:37 GMT`.
+pub fn http_date(t: SystemTime) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let days = secs.div_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let rem = secs.rem_euclid(86_400);
+    format!(
+        "{}, {d:02} {} {y:04} {:02}:{:02}:{:02} GMT",
+        DAYS[days.rem_euclid(7) as usize],
+        MONTHS[(m as usize).saturating_sub(1).min(11)],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -46,5 +67,8 @@ mod tests {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let t = UNIX_EPOCH + Duration::from_millis(1_709_210_096_789);
         assert_eq!(rfc3339(t), "2024-02-29T12:34:56.789Z");
+        assert_eq!(http_date(t), "Thu, 29 Feb 2024 12:34:56 GMT");
+        let rfc_example = UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(http_date(rfc_example), "Sun, 06 Nov 1994 08:49:37 GMT");
     }
 }

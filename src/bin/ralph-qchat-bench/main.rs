@@ -193,10 +193,12 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
 - **Memory**: glibc's per-thread malloc caches held about 1.4 MB of the
   daemon and kept growing slowly under load (threads free each other's
   allocations); `daemon` and `run` re-execute themselves once with
-  `glibc.malloc.tcache_count=0` (see src/malloc.rs). The price shows in
-  /health, whose requests allocate: 0.6 to 1.1 of bare tiny_http between
-  runs, against 0.9 to 1.0 with the caches (tried with `GLIBC_TUNABLES` set
-  to the default); always several times its target.
+  `glibc.malloc.tcache_count=0` (see src/malloc.rs). The price showed in
+  /health, whose requests allocate, when the port was tiny_http's: 0.6 to 1.1
+  of a bare tiny_http between runs, against 0.9 to 1.0 with the caches. With
+  the server of our own (src/http/server.rs, whose floor is the same server
+  answering a constant) /health is at about 1.0 of its floor and always
+  several times its target.
 - **Output capture** against `cat > /dev/null`: `cat` only reads there (a
   write to /dev/null returns at once; 0.013 to 0.043 s for 50 MB between
   runs), while the daemon writes what it captures to the transcript on disk.
