@@ -1107,3 +1107,70 @@ fn a_second_drop_under_a_taken_name_never_touches_the_first_task() {
     assert_eq!(std::fs::read_to_string(&rejected).unwrap(), "# SECOND\n");
     d.stop();
 }
+
+/// Two agents in one tree corrupt each other's git state: tasks whose
+/// workdirs are the same or nested never run at once, the later one waits
+/// and `status` says for which task; a task elsewhere runs beside them.
+#[test]
+fn tasks_in_one_tree_never_run_at_once_and_status_says_who_waits() {
+    let sb = Sandbox::new("trees");
+    std::fs::create_dir_all(sb.path("repo/sub")).unwrap();
+    std::fs::create_dir_all(sb.path("other")).unwrap();
+    std::os::unix::fs::symlink(sb.path("repo"), sb.path("alias")).unwrap();
+    let repo = sb.path("repo").display().to_string();
+    let sub = sb.path("repo/sub").display().to_string();
+    let alias = sb.path("alias").display().to_string();
+    let other = sb.path("other").display().to_string();
+    for (id, dir) in [
+        ("a", &repo),
+        ("b", &repo),
+        ("c", &sub),
+        ("d", &alias),
+        ("e", &other),
+    ] {
+        sb.submit("# task\n", id, &["--workdir", dir]);
+    }
+    let shared = sb.path("shared.log").display().to_string();
+    let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
+    c.env("QCHAT_MAX_CONCURRENT", "5")
+        .env("FAKE_N", "1")
+        .env("FAKE_DELAY", "0.6")
+        .env("FAKE_SHARED_LOG", &shared);
+    let d = start(c);
+    let sd = sb.state_dir().display().to_string();
+    let mut said = String::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            said = run(sb.cmd(&["status", "--state-dir", &sd])).stdout;
+            said.contains("task b waits for task a")
+        }),
+        "{said}\n{}",
+        log_of(&sb)
+    );
+    assert!(said.contains(&repo), "{said}");
+    let all: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).to_vec();
+    await_finished(&sb, &all, 30);
+    d.stop();
+    let iv = intervals(&sb.read("shared.log"));
+    assert_eq!(iv.len(), 5, "{iv:?}");
+    let of = |id: &str| iv.iter().find(|(i, _, _)| i == id).cloned().unwrap();
+    let tree = ["a", "b", "c", "d"].map(of);
+    for (i, x) in tree.iter().enumerate() {
+        for y in &tree[i + 1..] {
+            assert!(x.2 <= y.1 || y.2 <= x.1, "{x:?} and {y:?} ran at once");
+        }
+    }
+    let e = of("e");
+    assert!(
+        tree.iter().any(|t| t.1 < e.2 && e.1 < t.2),
+        "the task in another tree waited too: {iv:?}"
+    );
+    for id in &all {
+        assert_eq!(sb.task(id)["status"], "completed", "{id}");
+        assert!(
+            sb.task(id).get("waits_for").is_none(),
+            "{id}: {}",
+            sb.task(id)
+        );
+    }
+}

@@ -119,6 +119,16 @@ pub fn status(args: StatusArgs) -> Result<i32, Failure> {
     if tasks.is_empty() {
         let _ = writeln!(out, "(no tasks)");
     }
+    for t in tasks.iter().filter(|t| !t.status.is_finished()) {
+        if let Some(h) = &t.waits_for {
+            let _ = writeln!(
+                out,
+                "task {} waits for task {h}: its workdir {} is, lies in or contains that task's, \
+                 and two agents never work in one tree at once",
+                t.id, t.workdir
+            );
+        }
+    }
     let (pauses, warning) = crate::store::pauses::load(&state_dir);
     if let Some(w) = warning {
         let _ = writeln!(out, "warning: {w}");

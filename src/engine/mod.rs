@@ -27,6 +27,7 @@ pub mod scheduler;
 pub mod signals;
 pub mod slot;
 pub mod stats;
+pub mod trees;
 pub mod worker;
 
 pub use msg::{Control, Event, Shared, Snapshot};

@@ -13,6 +13,7 @@ use super::pool::Pool;
 use super::request::{self, Inputs};
 use super::slot::{Phase, Slot};
 use super::stats::{self, Stats};
+use super::trees::{self, Trees};
 use crate::agent::Containment;
 use crate::agent::checkpoint::{CheckpointJob, Done};
 use crate::agent::classify::Rules;
@@ -67,6 +68,8 @@ pub struct Scheduler {
     store: TaskStore,
     slots: BTreeMap<String, Slot>,
     ready: VecDeque<String>,
+    /// Working trees of started tasks: no two tasks run in one.
+    trees: Trees,
     pool: Pool,
     gates: Gates,
     persist: Persist,
@@ -161,6 +164,7 @@ impl Scheduler {
             store,
             slots: BTreeMap::new(),
             ready: VecDeque::new(),
+            trees: Trees::default(),
             events,
             events_tx,
             trimmed: true,
@@ -488,15 +492,22 @@ impl Scheduler {
     }
 
     fn dispatch(&mut self) {
+        // In queue order; a task whose tree another task holds keeps its
+        // place and the ones behind it go ahead.
+        let mut i = 0;
         while self.shutdown.is_none() && self.pool.has_room() {
-            let Some(id) = self.ready.front().cloned() else {
+            let Some(id) = self.ready.get(i).cloned() else {
                 break;
             };
             if self.slots.get(&id).map(|s| s.phase) != Some(Phase::Ready) {
-                self.ready.pop_front();
+                self.ready.remove(i);
                 continue;
             }
-            // Closed gates keep the task at the head of the queue, unspent.
+            if self.tree_taken(&id) {
+                i += 1;
+                continue;
+            }
+            // Closed gates keep the task in its place, unspent.
             match self.gates.admit(Instant::now()) {
                 Err(Closed::Circuit) => {
                     self.stats.paused_by_circuit += 1;
@@ -505,9 +516,33 @@ impl Scheduler {
                 Err(Closed::Rate | Closed::Account) => break,
                 Ok(()) => {}
             }
-            self.ready.pop_front();
+            self.ready.remove(i);
             self.start(&id);
         }
+    }
+
+    /// Whether another started task works in this task's tree (noted on the
+    /// task for `status`); else the tree is this task's until it ends.
+    fn tree_taken(&mut self, id: &str) -> bool {
+        let Some(slot) = self.slots.get_mut(id) else {
+            return false;
+        };
+        let tree = slot
+            .tree
+            .get_or_insert_with(|| trees::key(&slot.state.workdir))
+            .clone();
+        let holder = self.trees.holder(id, &tree).map(str::to_string);
+        if slot.state.waits_for != holder {
+            if let Some(h) = &holder {
+                log::info!(task = id; "waits for task {h}, which works in the same tree as {}", slot.state.workdir);
+            }
+            slot.state.waits_for = holder.clone();
+            slot.dirty = true;
+        }
+        if holder.is_none() {
+            self.trees.take(id, tree);
+        }
+        holder.is_some()
     }
 
     /// Starts the next attempt of a ready task, or ends it.
@@ -1165,6 +1200,7 @@ impl Scheduler {
             return self.start_hook(id);
         }
         slot.phase = Phase::Finished;
+        self.trees.release(id);
     }
 
     /// Runs the on_task_end hook, once: "running" is on disk before it
@@ -1224,6 +1260,7 @@ impl Scheduler {
         slot.state.hook = Some(result);
         slot.dirty = true;
         slot.phase = Phase::Finished;
+        self.trees.release(id);
     }
 
     /// Hands every changed record to the writer as one batch.

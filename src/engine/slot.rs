@@ -82,6 +82,8 @@ pub struct Slot {
     pub read_failures: u32,
     /// The record as last written, for readers on other threads.
     pub published: Arc<TaskState>,
+    /// The working tree (`trees::key` of the workdir), once looked up.
+    pub tree: Option<std::path::PathBuf>,
 }
 
 impl Slot {
@@ -115,6 +117,7 @@ impl Slot {
             cancel_pending: false,
             read_failures: 0,
             published: Arc::new(TaskState::new("", "", "")),
+            tree: None,
         }
     }
 
@@ -226,6 +229,7 @@ impl Slot {
         st.status = status;
         st.reason = Some(reason.to_string());
         st.finished_at = Some(now_rfc3339());
+        st.waits_for = None;
         if error.is_some() {
             st.last_error = error;
         }

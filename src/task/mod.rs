@@ -123,6 +123,10 @@ pub struct TaskState {
     /// the next, runs it under the same number.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rerun_iteration: bool,
+    /// The task whose working directory this one's is, lies in or contains:
+    /// this one starts when that one has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waits_for: Option<String>,
 }
 
 /// What one attempt used of the machine (containment's accounting).
@@ -211,6 +215,7 @@ impl TaskState {
             peak_memory_bytes: None,
             last_attempt: None,
             rerun_iteration: false,
+            waits_for: None,
         }
     }
 }
