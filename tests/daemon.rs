@@ -734,11 +734,12 @@ fn kill_9_at_random_moments_loses_nothing_and_leaves_nothing() {
     await_finished(&sb, &all, 60);
     d.stop();
     assert_eq!(sb.task_ids(), all, "tasks lost or duplicated");
-    let spool: Vec<_> = std::fs::read_dir(sb.state_dir().join("spool"))
-        .unwrap()
-        .flatten()
+    // Neither waiting nor claimed-and-not-recorded.
+    let spool: Vec<_> = ["spool", "spool/.claimed"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(sb.state_dir().join(d)).unwrap().flatten())
         .map(|e| e.file_name())
-        .filter(|n| n != "rejected")
+        .filter(|n| n != "rejected" && n != ".claimed")
         .collect();
     assert!(spool.is_empty(), "left in the spool: {spool:?}");
     for id in &all {

@@ -81,12 +81,21 @@ pub fn submit(a: SubmitArgs) -> Result<i32, Failure> {
         }
         None => {
             let ws = spool::workspace_dir(&state_dir, &id);
-            std::fs::create_dir_all(ws.parent().unwrap_or(&state_dir))
-                .map_err(|e| super::setup::io("create", &ws, e))?;
-            std::fs::create_dir(&ws).map_err(|e| super::setup::io("create workspace", &ws, e))?;
-            let dest = ws.join("PROMPT.md");
-            std::fs::copy(&prompt, &dest)
-                .map_err(|e| super::setup::io("copy the prompt to", &dest, e))?;
+            if ws.exists() {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    format!(
+                        "workspace {} already exists; choose another --id",
+                        ws.display()
+                    ),
+                ));
+            }
+            let bytes = crate::sys::regular::read(&prompt, max_prompt)
+                .map_err(|e| super::setup::io("read", &prompt, e))?;
+            // Synced before the spec that names it is published: after a
+            // power loss the daemon never finds a spec and an empty prompt.
+            let dest = spool::write_workspace_prompt(&ws, &bytes)
+                .map_err(|e| super::setup::io("copy the prompt to", &ws, e))?;
             spec.workdir = Some(ws.display().to_string());
             spec.prompt_file = dest.display().to_string();
             owned.push(ws);

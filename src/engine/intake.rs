@@ -16,7 +16,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// An entry handed over but not yet removed is offered again after this long
-/// (the scheduler could not persist it).
+/// (the scheduler could not persist it). Entries are claimed first (moved to
+/// `spool/.claimed/` by a rename that replaces nothing), so what the
+/// scheduler removes is the file it recorded, never a later drop of the same
+/// name.
 const RESEND: Duration = Duration::from_secs(5);
 
 pub struct Intake {
@@ -161,7 +164,8 @@ impl Intake {
     fn run(self) {
         let spool = spool::spool_dir(&self.state_dir);
         let cancels = spool::cancel_dir(&self.state_dir);
-        for d in [&spool, &cancels] {
+        let claimed = spool::claimed_dir(&self.state_dir);
+        for d in [&spool, &cancels, &claimed] {
             if let Err(e) = std::fs::create_dir_all(d) {
                 log::error!(
                     "cannot create {}: {e}; submissions there are not taken",
@@ -186,17 +190,47 @@ impl Intake {
             sent.retain(|p, at| {
                 std::fs::symlink_metadata(p).is_ok() && now.duration_since(*at) < RESEND
             });
-            for path in entries(&spool) {
+            // Entries claimed before a restart first: they are the oldest.
+            for path in entries(&claimed) {
                 if sent.contains_key(&path) {
+                    continue;
+                }
+                if !self.spool_entry(&spool, &path) {
+                    return;
+                }
+                sent.insert(path, now);
+            }
+            for path in entries(&spool) {
+                let Some(name) = path.file_name().map(|n| n.to_os_string()) else {
+                    continue;
+                };
+                // Ours, or still being written under a temporary name.
+                if name.as_encoded_bytes().starts_with(b".")
+                    || spool::being_written(&name.to_string_lossy())
+                {
                     continue;
                 }
                 if !settled(&path, &ready) {
                     pending_settle = true;
                     continue;
                 }
-                if let Some(n) = path.file_name() {
-                    ready.remove(n);
-                }
+                ready.remove(&name);
+                let path = match spool::claim(&self.state_dir, &path) {
+                    Ok(Some(p)) => p,
+                    // The entry of that name taken before is still on its
+                    // way (or this one vanished): look again later.
+                    Ok(None) => {
+                        pending_settle = true;
+                        continue;
+                    }
+                    Err(e) => {
+                        log::error!(
+                            "cannot take spool entry {}: {e}; it stays where it is",
+                            path.display()
+                        );
+                        continue;
+                    }
+                };
                 if !self.spool_entry(&spool, &path) {
                     return;
                 }

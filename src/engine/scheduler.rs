@@ -1359,7 +1359,7 @@ impl Scheduler {
                 // Taken before a crash that kept the entry: nothing new.
                 let _ = std::fs::remove_file(&entry);
             } else {
-                let spool = entry.parent().map(PathBuf::from).unwrap_or_default();
+                let spool = crate::store::spool::spool_dir(self.store.state_dir());
                 let reason = format!(
                     "a task with id {id:?} already exists; drop the prompt under another name (or a spec with another id)"
                 );

@@ -1,5 +1,8 @@
 //! Durable replacement of a file: write a temporary, fsync, rename, fsync the
-//! directory. A reader sees the old content or the new, never a mix.
+//! directory. A reader sees the old content or the new, never a mix. And the
+//! other orderings a power loss must not undo: a new directory is synced in
+//! its parent before anything inside it is relied on, and an entry is
+//! claimed by a rename that never replaces another.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -31,6 +34,59 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
+/// fsync of a directory: the entries made in it (a new file, a rename, a
+/// new directory) survive a power loss.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and whatever of its parents is missing, syncing each new
+/// entry in its parent: what is then written inside cannot be lost with the
+/// directory that holds it.
+pub fn create_dirs(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    create_dirs(parent)?;
+    match std::fs::create_dir(dir) {
+        Ok(()) => sync_dir(parent),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Renames `from` to `to` unless `to` exists (then `AlreadyExists`), in one
+/// step: renameat2(RENAME_NOREPLACE), or where the file system lacks it a
+/// hard link (which never replaces either) and an unlink.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a path"))
+    };
+    let (a, b) = (c(from)?, c(to)?);
+    // SAFETY: valid C strings; AT_FDCWD resolves them as paths.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+        return Err(e);
+    }
+    std::fs::hard_link(from, to)?;
+    std::fs::remove_file(from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -44,6 +100,21 @@ mod tests {
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_claim_never_replaces_what_is_there() {
+        let dir =
+            std::env::temp_dir().join(format!("ralph-qchat-noreplace-{}", std::process::id()));
+        create_dirs(&dir.join("a/b")).unwrap();
+        std::fs::write(dir.join("one"), "first").unwrap();
+        std::fs::write(dir.join("two"), "second").unwrap();
+        rename_noreplace(&dir.join("one"), &dir.join("a/b/x")).unwrap();
+        let e = rename_noreplace(&dir.join("two"), &dir.join("a/b/x")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_to_string(dir.join("a/b/x")).unwrap(), "first");
+        assert_eq!(std::fs::read_to_string(dir.join("two")).unwrap(), "second");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

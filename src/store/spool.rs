@@ -30,6 +30,31 @@ pub fn spool_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("spool")
 }
 
+/// Where the intake moves an entry it takes (`claim`), until the task it
+/// holds is recorded.
+pub fn claimed_dir(state_dir: &Path) -> PathBuf {
+    spool_dir(state_dir).join(".claimed")
+}
+
+/// Takes `entry` out of the spool into `claimed_dir` under its name, never
+/// replacing a claimed entry of that name (None then: an earlier file of that
+/// name is still being taken; try later). What is claimed is the intake's
+/// alone: a later drop under the same name is another entry, never read or
+/// removed in its place.
+pub fn claim(state_dir: &Path, entry: &Path) -> std::io::Result<Option<PathBuf>> {
+    let dir = claimed_dir(state_dir);
+    super::atomic::create_dirs(&dir)?;
+    let Some(name) = entry.file_name() else {
+        return Ok(None);
+    };
+    let dest = dir.join(name);
+    match super::atomic::rename_noreplace(entry, &dest) {
+        Ok(()) => Ok(Some(dest)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 pub fn workspace_dir(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join("workspaces").join(id)
 }
@@ -42,8 +67,18 @@ pub fn cancel_dir(state_dir: &Path) -> PathBuf {
 /// A task of this id is recorded, or waiting in the spool.
 pub fn task_known(state_dir: &Path, id: &str) -> bool {
     state_dir.join("tasks").join(id).exists()
-        || spool_dir(state_dir).join(format!("{id}.toml")).exists()
-        || spool_dir(state_dir).join(format!("{id}.md")).exists()
+        || [spool_dir(state_dir), claimed_dir(state_dir)]
+            .iter()
+            .any(|d| d.join(format!("{id}.toml")).exists() || d.join(format!("{id}.md")).exists())
+}
+
+/// A task's own copy of its prompt, durable (file, then its directory and
+/// any new parent) before anything names it.
+pub fn write_workspace_prompt(ws: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    super::atomic::create_dirs(ws)?;
+    let prompt = ws.join("PROMPT.md");
+    super::atomic::write_atomic(&prompt, bytes)?;
+    Ok(prompt)
 }
 
 /// A fresh task id for a prompt file: its stem, the time to the second, and
@@ -99,7 +134,7 @@ pub enum Entry {
 /// Names that tools and editors give a file while it is written, before
 /// renaming it into place: taking (and rejecting) such a file would make the
 /// writer's rename fail and lose the task.
-fn being_written(name: &str) -> bool {
+pub fn being_written(name: &str) -> bool {
     [".tmp", ".part", ".swp", "~"]
         .iter()
         .any(|suffix| name.ends_with(suffix))
@@ -191,12 +226,12 @@ pub fn examine(
                 return e;
             }
             let ws = workspace_dir(state_dir, stem);
-            let prompt = ws.join("PROMPT.md");
-            if let Err(e) =
-                std::fs::create_dir_all(&ws).and_then(|_| std::fs::write(&prompt, &bytes))
-            {
-                return Entry::Reject(format!("cannot create workspace {}: {e}", ws.display()));
-            }
+            let prompt = match write_workspace_prompt(&ws, &bytes) {
+                Ok(p) => p,
+                Err(e) => {
+                    return Entry::Reject(format!("cannot create workspace {}: {e}", ws.display()));
+                }
+            };
             let mut t = TaskState::new(
                 stem,
                 &prompt.display().to_string(),

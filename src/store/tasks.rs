@@ -47,7 +47,7 @@ impl TaskStore {
         let dir = self.task_dir(&state.id);
         let transcripts = self.transcript_dir(&state.id);
         if !transcripts.is_dir() {
-            std::fs::create_dir_all(&transcripts)?;
+            super::atomic::create_dirs(&transcripts)?;
         }
         let json = serde_json::to_vec_pretty(state).map_err(io::Error::other)?;
         write_atomic(&dir.join("state.json"), &json)

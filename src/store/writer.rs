@@ -169,7 +169,7 @@ fn write_batch(store: &TaskStore, batch: BTreeMap<String, Vec<u8>>) -> Written {
         let tmp = dir.join(&tmp_name);
         let written = (|| {
             if !iterations.is_dir() {
-                std::fs::create_dir_all(&iterations)?;
+                super::atomic::create_dirs(&iterations)?;
             }
             let mut f = OpenOptions::new()
                 .write(true)

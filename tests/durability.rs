@@ -1,0 +1,232 @@
+//! What a power loss must not undo, read from the system calls in the order
+//! the kernel saw them (strace): a prompt is on disk before anything names
+//! it, a task is recorded before its spool entry goes, a new directory is
+//! synced in its parent, and a spool entry is claimed by a rename that
+//! replaces nothing.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+fn strace_available() -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("strace").is_file()))
+        .unwrap_or(false);
+    if !found {
+        assert!(std::env::var_os("CI").is_none(), "CI must provide strace");
+        eprintln!("strace not on PATH: skipping (CI runs it)");
+    }
+    found
+}
+
+/// `c` run under `strace -f -y`, tracing what orders writes on disk.
+fn traced(c: &Command, log: &Path) -> Command {
+    let mut s = Command::new("strace");
+    s.args(["-f", "-y", "-qq", "-s", "512", "-o"])
+        .arg(log)
+        .arg("-e")
+        .arg("trace=fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat,mkdir,mkdirat,link,linkat")
+        .arg(c.get_program())
+        .args(c.get_args())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(d) = c.get_current_dir() {
+        s.current_dir(d);
+    }
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => s.env(k, v),
+            None => s.env_remove(k),
+        };
+    }
+    s
+}
+
+/// The system-call lines of a trace, without pids and results.
+fn calls(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.contains("= -1 "))
+        .map(|l| l.split_once(' ').map_or(l, |(_, rest)| rest).to_string())
+        .collect()
+}
+
+/// Each step found after the one before it: the first call at or after the
+/// previous step's that starts with the step's name and contains all its
+/// parts.
+fn in_order(calls: &[String], steps: &[(&str, &str, &[&str])]) {
+    let mut from = 0;
+    for (what, name, parts) in steps {
+        let Some(i) = calls[from..]
+            .iter()
+            .position(|c| c.starts_with(name) && parts.iter().all(|p| c.contains(p)))
+        else {
+            panic!(
+                "{what} ({name} with {parts:?}) is missing after call {from}:\n{}",
+                calls.join("\n")
+            );
+        };
+        from += i + 1;
+    }
+}
+
+#[test]
+fn submit_syncs_the_workspace_prompt_before_publishing_the_spec() {
+    if !strace_available() {
+        return;
+    }
+    let sb = Sandbox::new("sync-submit");
+    let p = sb.write("fix.md", "# fix it\n");
+    let sd = sb.state_dir();
+    std::fs::create_dir_all(&sd).unwrap();
+    let log = sb.path("strace.log");
+    let c = sb.cmd(&[
+        "submit",
+        p.to_str().unwrap(),
+        "--state-dir",
+        sd.to_str().unwrap(),
+        "--id",
+        "fix",
+    ]);
+    let r = run(traced(&c, &log));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let c = calls(&log);
+    let ws = format!("{}/workspaces/fix", sd.display());
+    in_order(
+        &c,
+        &[
+            (
+                "workspaces/ synced after fix/ is made",
+                "fsync",
+                &[&format!("{}/workspaces>", sd.display())],
+            ),
+            (
+                "the prompt's content synced",
+                "fsync",
+                &[&format!("{ws}/.PROMPT.md.tmp")],
+            ),
+            (
+                "the prompt renamed into place",
+                "rename",
+                &[&format!("{ws}/PROMPT.md\"")],
+            ),
+            ("the workspace synced", "fsync", &[&format!("{ws}>")]),
+            ("the spec published", "rename", &["spool/fix.toml\""]),
+        ],
+    );
+}
+
+#[test]
+fn intake_claims_copies_records_then_removes_in_that_order() {
+    if !strace_available() {
+        return;
+    }
+    let sb = Sandbox::new("sync-intake");
+    let sd = sb.state_dir();
+    std::fs::create_dir_all(sd.join("spool")).unwrap();
+    let log = sb.path("strace.log");
+    let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
+    c.env("FAKE_N", "1");
+    let d = start(traced(&c, &log));
+    // The daemon is strace's child.
+    let strace = d.pid();
+    let mut daemon = 0;
+    assert!(wait_until(Duration::from_secs(10), || {
+        daemon = std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        daemon > 0 && sd.join("http.port").is_file()
+    }));
+    std::fs::write(sd.join("spool/.drop.tmp"), "# dropped\n").unwrap();
+    std::fs::rename(sd.join("spool/.drop.tmp"), sd.join("spool/drop.md")).unwrap();
+    await_status(&sb, "drop", "completed", 20);
+    unsafe { libc::kill(daemon, libc::SIGTERM) };
+    let f = d.finish(Duration::from_secs(20));
+    assert_eq!(f.code(), 0, "{}", f.stderr);
+    let c = calls(&log);
+    let spool = format!("{}/spool", sd.display());
+    let ws = format!("{}/workspaces/drop", sd.display());
+    let task = format!("{}/tasks/drop", sd.display());
+    in_order(
+        &c,
+        &[
+            (
+                "claimed without replacing",
+                "renameat2",
+                &[
+                    &format!("{spool}/drop.md\""),
+                    ".claimed/drop.md\"",
+                    "RENAME_NOREPLACE",
+                ],
+            ),
+            (
+                "the prompt's content synced",
+                "fsync",
+                &[&format!("{ws}/.PROMPT.md.tmp")],
+            ),
+            (
+                "the prompt renamed into place",
+                "rename",
+                &[&format!("{ws}/PROMPT.md\"")],
+            ),
+            ("the workspace synced", "fsync", &[&format!("{ws}>")]),
+            (
+                "tasks/ synced after drop/ is made",
+                "fsync",
+                &[&format!("{}/tasks>", sd.display())],
+            ),
+            (
+                "the record's content synced",
+                "fsync",
+                &[&format!("{task}/.state.json.tmp")],
+            ),
+            (
+                "the record renamed into place",
+                "rename",
+                &[&format!("{task}/state.json\"")],
+            ),
+            ("the task directory synced", "fsync", &[&format!("{task}>")]),
+            (
+                "the claimed entry removed",
+                "unlink",
+                &[".claimed/drop.md\""],
+            ),
+        ],
+    );
+}
+
+/// A crash between claiming an entry and recording its task leaves it in
+/// spool/.claimed: the next start takes it; one whose task was recorded is
+/// only removed.
+#[test]
+fn entries_claimed_before_a_crash_are_taken_at_the_next_start() {
+    let sb = Sandbox::new("claimed");
+    let claimed = sb.state_dir().join("spool/.claimed");
+    std::fs::create_dir_all(&claimed).unwrap();
+    std::fs::write(claimed.join("orphan.md"), "# claimed, never recorded\n").unwrap();
+    let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
+    c.env("FAKE_N", "1");
+    let d = start(c);
+    await_status(&sb, "orphan", "completed", 20);
+    assert!(
+        wait_until(Duration::from_secs(5), || !claimed
+            .join("orphan.md")
+            .exists()),
+        "{}",
+        log_of(&sb)
+    );
+    d.stop();
+    let prompt = sb.state_dir().join("workspaces/orphan/PROMPT.md");
+    assert!(
+        std::fs::read_to_string(prompt)
+            .unwrap()
+            .starts_with("# claimed, never recorded")
+    );
+}
