@@ -1175,3 +1175,52 @@ fn tasks_in_one_tree_never_run_at_once_and_status_says_who_waits() {
         );
     }
 }
+
+/// A prompt file on a hung file system, or a large one, must not stall every
+/// task: the prompt is read by workers (before an attempt, for the
+/// completion check after one), never by the scheduler thread.
+#[test]
+fn the_scheduler_thread_never_reads_a_prompt_file() {
+    if !strace_available() {
+        return;
+    }
+    let sb = Sandbox::new("offthread");
+    sb.submit("# t\n", "t", &[]);
+    let log = sb.path("strace.log");
+    let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
+    c.env("FAKE_N", "2");
+    let d = start(traced(&c, &log, "openat"));
+    let daemon = traced_child(d.pid());
+    await_status(&sb, "t", "completed", 20);
+    let names: std::collections::HashMap<String, String> =
+        std::fs::read_dir(format!("/proc/{daemon}/task"))
+            .unwrap()
+            .flatten()
+            .map(|t| {
+                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                (
+                    t.file_name().to_string_lossy().into_owned(),
+                    comm.trim().to_string(),
+                )
+            })
+            .collect();
+    unsafe { libc::kill(daemon, libc::SIGTERM) };
+    let f = d.finish(Duration::from_secs(20));
+    assert_eq!(f.code(), 0, "{}", f.stderr);
+    let trace = std::fs::read_to_string(&log).unwrap();
+    let readers: Vec<&str> = trace
+        .lines()
+        .filter(|l| l.contains("workspaces/t/PROMPT.md") && !l.contains("= -1 "))
+        .filter(|l| l.contains("O_RDONLY") && !l.contains("O_WRONLY") && !l.contains("O_RDWR"))
+        .filter_map(|l| names.get(l.split_whitespace().next()?).map(String::as_str))
+        .collect();
+    assert!(names.values().any(|n| n == "scheduler"), "{names:?}");
+    assert!(
+        !readers.is_empty(),
+        "no thread of the daemon read the prompt:\n{trace}"
+    );
+    assert!(
+        readers.iter().all(|n| n.starts_with("worker-")),
+        "read by {readers:?}"
+    );
+}

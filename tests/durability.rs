@@ -6,54 +6,11 @@
 
 mod common;
 use common::*;
-use std::path::Path;
-use std::process::Command;
+
+/// What orders writes on disk.
+const DISK: &str =
+    "fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat,mkdir,mkdirat,link,linkat";
 use std::time::Duration;
-
-fn strace_available() -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("strace").is_file()))
-        .unwrap_or(false);
-    if !found {
-        assert!(std::env::var_os("CI").is_none(), "CI must provide strace");
-        eprintln!("strace not on PATH: skipping (CI runs it)");
-    }
-    found
-}
-
-/// `c` run under `strace -f -y`, tracing what orders writes on disk.
-fn traced(c: &Command, log: &Path) -> Command {
-    let mut s = Command::new("strace");
-    s.args(["-f", "-y", "-qq", "-s", "512", "-o"])
-        .arg(log)
-        .arg("-e")
-        .arg("trace=fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat,mkdir,mkdirat,link,linkat")
-        .arg(c.get_program())
-        .args(c.get_args())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    if let Some(d) = c.get_current_dir() {
-        s.current_dir(d);
-    }
-    for (k, v) in c.get_envs() {
-        match v {
-            Some(v) => s.env(k, v),
-            None => s.env_remove(k),
-        };
-    }
-    s
-}
-
-/// The system-call lines of a trace, without pids and results.
-fn calls(log: &Path) -> Vec<String> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| !l.contains("= -1 "))
-        .map(|l| l.split_once(' ').map_or(l, |(_, rest)| rest).to_string())
-        .collect()
-}
 
 /// Each step found after the one before it: the first call at or after the
 /// previous step's that starts with the step's name and contains all its
@@ -92,7 +49,7 @@ fn submit_syncs_the_workspace_prompt_before_publishing_the_spec() {
         "--id",
         "fix",
     ]);
-    let r = run(traced(&c, &log));
+    let r = run(traced(&c, &log, DISK));
     assert_eq!(r.code(), 0, "{}", r.stderr);
     let c = calls(&log);
     let ws = format!("{}/workspaces/fix", sd.display());
@@ -131,19 +88,12 @@ fn intake_claims_copies_records_then_removes_in_that_order() {
     let log = sb.path("strace.log");
     let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
     c.env("FAKE_N", "1");
-    let d = start(traced(&c, &log));
+    let d = start(traced(&c, &log, DISK));
     // The daemon is strace's child.
-    let strace = d.pid();
-    let mut daemon = 0;
-    assert!(wait_until(Duration::from_secs(10), || {
-        daemon = std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
-        daemon > 0 && sd.join("http.port").is_file()
-    }));
+    let daemon = traced_child(d.pid());
+    assert!(wait_until(Duration::from_secs(10), || sd
+        .join("http.port")
+        .is_file()));
     std::fs::write(sd.join("spool/.drop.tmp"), "# dropped\n").unwrap();
     std::fs::rename(sd.join("spool/.drop.tmp"), sd.join("spool/drop.md")).unwrap();
     await_status(&sb, "drop", "completed", 20);

@@ -31,6 +31,9 @@ pub struct Gates {
     circuit_on: bool,
     threshold: u32,
     cooldown: f64,
+    /// Admitted and not yet started or given up (their prompt is being
+    /// read): each holds a token it has not taken, and the circuit's probe.
+    reserved: u32,
 }
 
 fn cache_for(c: &config::Cache) -> Option<Cache> {
@@ -50,6 +53,7 @@ impl Gates {
             circuit_on,
             threshold: cb.failure_threshold,
             cooldown: cb.cooldown,
+            reserved: 0,
         }
     }
 
@@ -70,7 +74,8 @@ impl Gates {
     }
 
     /// May a request go now? A closed gate keeps the task at the head of the
-    /// queue, unspent.
+    /// queue, unspent. An admitted request holds its place in the gates
+    /// until it `take`s them or is given up (`unreserve`).
     pub fn admit(&mut self, now: Instant) -> Result<(), Closed> {
         if self.account.closed(now, unix_now()).is_some() {
             return Err(Closed::Account);
@@ -78,11 +83,25 @@ impl Gates {
         if self.circuit_on && !self.circuit.allows(now) {
             return Err(Closed::Circuit);
         }
-        if self.bucket.wait(now).is_some() {
+        if self.bucket.wait_behind(now, self.reserved).is_some() {
             self.bucket.limited_total += 1;
             return Err(Closed::Rate);
         }
+        if self.circuit_on {
+            // A half-open circuit's one probe is this request's from now.
+            self.circuit.dispatched();
+        }
+        self.reserved += 1;
         Ok(())
+    }
+
+    /// An admitted request ended before an agent was asked (the task ended,
+    /// waits, or the daemon stops): its token stays, its probe is released.
+    pub fn unreserve(&mut self) {
+        self.reserved = self.reserved.saturating_sub(1);
+        if self.circuit_on {
+            self.circuit.undecided();
+        }
     }
 
     /// When a closed gate may open.
@@ -91,7 +110,7 @@ impl Gates {
             return self.account.opens_at(now, unix_now());
         }
         self.bucket
-            .wait(now)
+            .wait_behind(now, self.reserved)
             .into_iter()
             .chain(self.circuit.reopens_at())
             .max()
@@ -107,6 +126,7 @@ impl Gates {
     /// A recorded answer to an identical request; None: the request goes
     /// to an agent, and takes its token (and the circuit's probe) now.
     pub fn take(&mut self, key: Option<u64>, now: Instant) -> Option<AgentOutcome> {
+        self.reserved = self.reserved.saturating_sub(1);
         if let (Some(c), Some(k)) = (self.cache.as_mut(), key) {
             if let Some(hit) = c.get(k, now) {
                 return Some(hit);

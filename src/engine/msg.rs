@@ -52,8 +52,20 @@ pub enum Event {
     },
 }
 
+/// Reading the prompt file is a worker's job, never the scheduler's: a file
+/// on a hung file system, or a large one, must not stall every task.
+pub struct PromptCheck {
+    pub path: std::path::PathBuf,
+    pub max: u64,
+    pub marker: String,
+}
+
 pub enum Job {
-    Agent(Box<AgentRequest>),
+    /// An agent attempt; then, when asked, whether the prompt file now
+    /// carries the completion marker.
+    Agent(Box<AgentRequest>, Option<PromptCheck>),
+    /// Reads the prompt file for the next attempt.
+    ReadPrompt(PromptCheck),
     /// A command run under the same supervision, for the engine (a hook).
     Command(Box<AgentRequest>),
     Checkpoint(CheckpointJob),
@@ -69,7 +81,9 @@ pub struct JobMsg {
 }
 
 pub enum JobResult {
-    Agent(Box<AgentOutcome>),
+    /// The outcome, and whether the prompt file was complete after it.
+    Agent(Box<AgentOutcome>, bool),
+    Prompt(std::io::Result<Vec<u8>>),
     Command(Box<AgentOutcome>),
     Checkpoint(Done),
 }

@@ -40,14 +40,21 @@ impl Bucket {
 
     /// None when a request may go now, else when the next token is due.
     pub fn wait(&mut self, now: Instant) -> Option<Instant> {
+        self.wait_behind(now, 0)
+    }
+
+    /// The same, with `ahead` requests admitted that have not taken their
+    /// token yet.
+    pub fn wait_behind(&mut self, now: Instant, ahead: u32) -> Option<Instant> {
         if self.per_minute == 0 {
             return None;
         }
         self.refill(now);
-        if self.tokens >= 1.0 {
+        let need = 1.0 + f64::from(ahead);
+        if self.tokens >= need {
             None
         } else {
-            let secs = (1.0 - self.tokens) * 60.0 / self.per_minute as f64;
+            let secs = (need - self.tokens) * 60.0 / self.per_minute as f64;
             Some(now + Duration::from_secs_f64(secs))
         }
     }

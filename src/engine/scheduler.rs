@@ -6,7 +6,7 @@
 use super::account::{Account, MAX_PAUSE, unix_now};
 use super::diagnostics::{self, TaskView, Throttle, View};
 use super::gates::{Closed, Gates};
-use super::msg::{Control, Event, Job, JobResult, Shared, Snapshot};
+use super::msg::{Control, Event, Job, JobResult, PromptCheck, Shared, Snapshot};
 use super::notify::Notifier;
 use super::persist::Persist;
 use super::pool::Pool;
@@ -28,7 +28,7 @@ use crate::task::rules::{self, Limits, Verdict};
 use crate::task::{Status, TaskState};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::{BTreeMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -419,7 +419,7 @@ impl Scheduler {
             Event::Done { task, seq, result } if task == PREFLIGHT => {
                 if self.preflight_seq == Some(seq) {
                     self.pool.done();
-                    if let JobResult::Agent(o) = result {
+                    if let JobResult::Agent(o, _) = result {
                         self.preflight_done(*o);
                     }
                 }
@@ -430,11 +430,12 @@ impl Scheduler {
                 }
                 self.pool.done();
                 match result {
-                    JobResult::Agent(o) => {
+                    JobResult::Agent(o, complete) => {
                         METRICS.active.fetch_sub(1, Ordering::Relaxed);
                         stats::count_in_metrics(&o);
-                        self.agent_done(&task, *o)
+                        self.agent_done(&task, *o, complete)
                     }
+                    JobResult::Prompt(read) => self.prompt_read(&task, read),
                     JobResult::Checkpoint(d) => self.checkpoint_done(&task, d),
                     JobResult::Command(o) => match self.slots.get(&task).map(|s| s.phase) {
                         Some(Phase::Verifying { reason, .. }) => {
@@ -545,30 +546,71 @@ impl Scheduler {
         holder.is_some()
     }
 
-    /// Starts the next attempt of a ready task, or ends it.
+    /// Starts the next attempt of a ready task: a worker reads its prompt
+    /// file first (`prompt_read` goes on from there).
     fn start(&mut self, id: &str) {
         let seq = self.next_seq();
-        let Some(raw) = self.read_prompt(id) else {
+        let max = self.cfg.limits.max_prompt_size;
+        let marker = self.cfg.orchestrator.completion_marker.clone();
+        let Some(slot) = self.slots.get_mut(id) else {
             return;
+        };
+        if slot.active_since.is_none() {
+            slot.active_since = Some(Instant::now());
+        }
+        slot.phase = Phase::Reading { seq };
+        let check = PromptCheck {
+            path: PathBuf::from(&slot.state.prompt_file),
+            max,
+            marker,
+        };
+        self.pool.send(id, seq, Job::ReadPrompt(check));
+    }
+
+    /// The prompt file was read (or not): the attempt goes ahead, or the
+    /// task ends or waits and gives its place in the gates back.
+    fn prompt_read(&mut self, id: &str, read: std::io::Result<Vec<u8>>) {
+        if !self.attempt_from(id, read) {
+            self.gates.unreserve();
+        }
+    }
+
+    /// True when the attempt was launched.
+    fn attempt_from(&mut self, id: &str, read: std::io::Result<Vec<u8>>) -> bool {
+        let Some(slot) = self.slots.get_mut(id) else {
+            return false;
+        };
+        if slot.cancel_pending {
+            slot.cancel_pending = false;
+            slot.state.in_progress = None;
+            slot.phase = Phase::Waiting(Instant::now());
+            self.finish(id, Status::Cancelled, "cancelled", None);
+            return false;
+        }
+        if self.shutdown.is_some() {
+            // Not started: the next process starts it.
+            slot.phase = Phase::Ready;
+            return false;
+        }
+        let Some(raw) = self.read_prompt(id, read) else {
+            return false;
         };
         let Some(attempt) = self.check_attempt(id, raw) else {
-            return;
+            return false;
         };
+        let seq = self.next_seq();
         self.launch(id, seq, attempt);
+        true
     }
 
     /// The prompt file's bytes. None when the task ended (the file is gone)
     /// or waits to read it again (out of descriptors, I/O trouble: the task
     /// keeps its iteration and its place).
-    fn read_prompt(&mut self, id: &str) -> Option<Vec<u8>> {
+    fn read_prompt(&mut self, id: &str, read: std::io::Result<Vec<u8>>) -> Option<Vec<u8>> {
         let a = &self.cfg.adapter;
         let slot = self.slots.get_mut(id)?;
-        if slot.active_since.is_none() {
-            slot.active_since = Some(Instant::now());
-        }
         let prompt_path = slot.state.prompt_file.clone();
-        let max = self.cfg.limits.max_prompt_size;
-        match crate::sys::regular::read(Path::new(&prompt_path), max) {
+        match read {
             Ok(raw) => {
                 if slot.read_failures > 0 {
                     log::info!(task = id; "prompt file readable again after {} failed reads", slot.read_failures);
@@ -713,15 +755,22 @@ impl Scheduler {
                     .open(path)
                     .and_then(|mut f| std::io::Write::write_all(&mut f, note.as_bytes()));
             }
-            return self.agent_done(id, hit);
+            // No agent ran: the prompt is as the check before found it.
+            return self.agent_done(id, hit, false);
         }
         METRICS.active.fetch_add(1, Ordering::Relaxed);
-        self.pool.send(id, seq, Job::Agent(Box::new(req)));
+        let check = PromptCheck {
+            path: PathBuf::from(&slot.state.prompt_file),
+            max: self.cfg.limits.max_prompt_size,
+            marker: self.cfg.orchestrator.completion_marker.clone(),
+        };
+        self.pool
+            .send(id, seq, Job::Agent(Box::new(req), Some(check)));
     }
 
     /// What an agent run means for its task: success, retry, failure, a
     /// wait for the account, or the end of the task.
-    fn agent_done(&mut self, id: &str, o: AgentOutcome) {
+    fn agent_done(&mut self, id: &str, o: AgentOutcome, complete: bool) {
         self.stats.record_request(&o);
         let delay_base = self.cfg.adapter.retry_delay;
         let delay_cap = self.cfg.adapter.max_retry_delay;
@@ -783,7 +832,7 @@ impl Scheduler {
                         log::info!(task = id, iteration = it; "iteration changed nothing ({n} in a row, limit {max_stalled})");
                     }
                 }
-                self.after_iteration(id);
+                self.after_iteration(id, complete);
             }
             Verdict::Retry => {
                 METRICS.retries.fetch_add(1, Ordering::Relaxed);
@@ -811,7 +860,7 @@ impl Scheduler {
                         Some(detail),
                     );
                 }
-                self.after_iteration(id);
+                self.after_iteration(id, complete);
             }
             Verdict::Throttled => {
                 slot.throttled(&detail);
@@ -983,7 +1032,8 @@ impl Scheduler {
         log::info!("preflight: {}", argv.join(" "));
         self.preflight_seq = Some(seq);
         self.gates.account.preflight_running = true;
-        self.pool.send(PREFLIGHT, seq, Job::Agent(Box::new(req)));
+        self.pool
+            .send(PREFLIGHT, seq, Job::Agent(Box::new(req), None));
     }
 
     fn preflight_done(&mut self, o: AgentOutcome) {
@@ -1022,7 +1072,9 @@ impl Scheduler {
     }
 
     /// After an iteration that did not end the task: completion, checkpoint, pause.
-    fn after_iteration(&mut self, id: &str) {
+    /// `complete`: the prompt file carried the marker after the attempt
+    /// (read by the worker).
+    fn after_iteration(&mut self, id: &str, complete: bool) {
         let o = &self.cfg.orchestrator;
         let delay = Duration::from_secs_f64(o.iteration_delay);
         let keep = (o.keep_transcripts as usize).max(1);
@@ -1034,12 +1086,6 @@ impl Scheduler {
         if slot.state.iteration as usize > keep {
             self.persist.prune_transcripts(id, keep);
         }
-        let complete = crate::sys::regular::read(
-            Path::new(&slot.state.prompt_file),
-            self.cfg.limits.max_prompt_size,
-        )
-        .map(|t| prompt_complete(&t, &o.completion_marker))
-        .unwrap_or(false);
         if complete {
             return self.complete(id, "completion_marker");
         }
@@ -1402,7 +1448,7 @@ impl Scheduler {
                     c.request(CancelReason::Cancel);
                 }
             }
-            Phase::Checkpointing { .. } => slot.cancel_pending = true,
+            Phase::Checkpointing { .. } | Phase::Reading { .. } => slot.cancel_pending = true,
             Phase::Hook { .. } => {
                 log::info!(task = id; "cancel request ignored: the task already ended {}; its on_task_end hook runs", slot.state.status.as_str())
             }

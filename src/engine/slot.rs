@@ -14,6 +14,10 @@ pub enum Phase {
     Ready,
     /// Waiting for a timer (iteration delay or retry back-off).
     Waiting(Instant),
+    /// A worker reads the prompt file for the next attempt.
+    Reading {
+        seq: u64,
+    },
     Running {
         seq: u64,
         since: Instant,
@@ -39,6 +43,7 @@ impl Phase {
     pub fn job(self) -> Option<u64> {
         match self {
             Phase::Running { seq, .. }
+            | Phase::Reading { seq }
             | Phase::Checkpointing { seq, .. }
             | Phase::Verifying { seq, .. }
             | Phase::Hook { seq } => Some(seq),
@@ -53,6 +58,7 @@ impl Phase {
                 "waiting {:.1} s",
                 t.saturating_duration_since(Instant::now()).as_secs_f64()
             ),
+            Phase::Reading { .. } => "reading the prompt file".into(),
             Phase::Running { .. } => "running agent".into(),
             Phase::Checkpointing { .. } => "checkpointing".into(),
             Phase::Verifying { .. } => "running verify_command".into(),

@@ -4,6 +4,7 @@
 use super::msg::{Event, Job, JobMsg, JobResult};
 use crate::agent::checkpoint::checkpoint;
 use crate::agent::{Containment, Supervisor};
+use crate::task::completion::prompt_complete;
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,12 +36,21 @@ pub fn spawn_worker(
             };
             for msg in jobs.iter() {
                 let result = match &msg.job {
-                    Job::Agent(req) => {
+                    Job::Agent(req, check) => {
                         set(Some(format!(
                             "agent for task {} iteration {}",
                             req.task_id, req.iteration
                         )));
-                        JobResult::Agent(Box::new(run_watched(&mut supervisor, req, &contain)))
+                        let o = run_watched(&mut supervisor, req, &contain);
+                        let complete = check.as_ref().is_some_and(|c| {
+                            crate::sys::regular::read(&c.path, c.max)
+                                .is_ok_and(|t| prompt_complete(&t, &c.marker))
+                        });
+                        JobResult::Agent(Box::new(o), complete)
+                    }
+                    Job::ReadPrompt(c) => {
+                        set(Some(format!("reading the prompt of task {}", msg.task)));
+                        JobResult::Prompt(crate::sys::regular::read(&c.path, c.max))
                     }
                     Job::Command(req) => {
                         set(Some(format!("{} of task {}", req.shown, req.task_id)));

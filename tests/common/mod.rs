@@ -428,3 +428,69 @@ impl Sandbox {
         })
     }
 }
+
+/// strace is on PATH (CI must have it; elsewhere its tests are skipped).
+pub fn strace_available() -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("strace").is_file()))
+        .unwrap_or(false);
+    if !found {
+        assert!(std::env::var_os("CI").is_none(), "CI must provide strace");
+        eprintln!("strace not on PATH: skipping (CI runs it)");
+    }
+    found
+}
+
+/// `c` run under `strace -f -y`, tracing the system calls `trace` names.
+pub fn traced(c: &Command, log: &Path, trace: &str) -> Command {
+    let mut s = Command::new("strace");
+    s.args(["-f", "-y", "-qq", "-s", "512", "-o"])
+        .arg(log)
+        .arg("-e")
+        .arg(format!("trace={trace}"))
+        .arg(c.get_program())
+        .args(c.get_args())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(d) = c.get_current_dir() {
+        s.current_dir(d);
+    }
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => s.env(k, v),
+            None => s.env_remove(k),
+        };
+    }
+    s
+}
+
+/// The successful system-call lines of a trace, without thread ids.
+pub fn calls(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.contains("= -1 "))
+        .map(|l| {
+            l.split_once(' ')
+                .map_or(l, |(_, rest)| rest)
+                .trim_start()
+                .to_string()
+        })
+        .collect()
+}
+
+/// The process strace started (its first child), once it runs.
+pub fn traced_child(strace: i32) -> i32 {
+    let mut pid = 0;
+    assert!(wait_until(Duration::from_secs(10), || {
+        pid = std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        pid > 0
+    }));
+    pid
+}
