@@ -215,6 +215,30 @@ fn a_panic_in_any_thread_ends_the_process_with_status_70() {
     );
 }
 
+/// A worker that panics as it takes an agent job ends the process the same
+/// way; its task is not left running: the next start runs it to the end.
+#[test]
+fn a_panicking_worker_ends_the_process_and_its_task_resumes() {
+    let sb = Sandbox::new("panicworker");
+    sb.submit("# t\n", "t", &[]);
+    let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
+    c.env("RALPH_QCHAT_TEST_PANIC", "worker").env("FAKE_N", "1");
+    let r = start(c).finish(Duration::from_secs(10));
+    assert_eq!(r.code(), 70, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("internal error in thread worker-"),
+        "{}",
+        r.stderr
+    );
+    sb.assert_nothing_left();
+    let mut c = sb.daemon_cmd("complete-after.sh", &["--log-file", "daemon.log"]);
+    c.env("FAKE_N", "1");
+    let d = start(c);
+    await_status(&sb, "t", "completed", 20);
+    d.stop();
+    assert_eq!(sb.task("t")["successful_iterations"], 1);
+}
+
 /// Durations past ten years are refused naming the key, not accepted and
 /// then overflowing the clock.
 #[test]

@@ -287,7 +287,7 @@ pub fn wait_hint(text: &str, now: i64) -> Option<Duration> {
             };
         }
         // Beyond any real reset; also keeps from_secs_f64 from overflowing.
-        return Some(Duration::from_secs_f64(secs.min(1e10)));
+        return Some(crate::sys::time::seconds(secs.min(1e10)));
     }
     if let Some(c) = ON.captures(text) {
         let month: u32 = c[1].parse().ok()?;

@@ -41,14 +41,14 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
             format!("cannot create state directory {}: {e}", state_dir.display()),
         )
     })?;
-    let poll = Duration::from_secs_f64(cfg.performance.poll_interval);
+    let poll = crate::sys::time::seconds(cfg.performance.poll_interval);
     let shared = Shared::new(
         cfg.adapter.name.as_str(),
         &cfg.adapter.effective_command(),
         state_dir.clone(),
     );
     shared.standby.store(standby, Ordering::SeqCst);
-    shared.set_check_every(Duration::from_secs_f64(
+    shared.set_check_every(crate::sys::time::seconds(
         cfg.monitoring.health_check_interval,
     ));
     // A standby instance answers /health while it waits; a normal one opens

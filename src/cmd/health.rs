@@ -4,7 +4,6 @@
 use crate::cli::HealthArgs;
 use crate::exit::{self, Failure};
 use crate::http::client::get;
-use std::time::Duration;
 
 fn default_url(a: &HealthArgs) -> Result<String, Failure> {
     let (file, required) = crate::config::paths::config_file(a.config.as_deref());
@@ -29,7 +28,7 @@ pub fn probe(a: HealthArgs) -> Result<i32, Failure> {
         Some(u) => u.clone(),
         None => default_url(&a)?,
     };
-    let timeout = Duration::from_secs_f64(a.timeout.unwrap_or(5.0).max(0.001));
+    let timeout = crate::sys::time::seconds(a.timeout.unwrap_or(5.0).max(0.001));
     match get(&url, timeout) {
         Ok((code, body)) => {
             println!("{}", body.trim());

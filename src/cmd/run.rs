@@ -147,7 +147,7 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
         &cfg.adapter.effective_command(),
         s.state_dir.clone(),
     );
-    shared.set_check_every(Duration::from_secs_f64(
+    shared.set_check_every(crate::sys::time::seconds(
         cfg.monitoring.health_check_interval,
     ));
     // A foreground run serves HTTP only when asked to with --health-port.

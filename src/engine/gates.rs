@@ -10,7 +10,7 @@ use super::ratelimit::Bucket;
 use crate::agent::{AgentOutcome, AgentRequest};
 use crate::config::{self, Config};
 use crate::task::rules::Verdict;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Why a request may not go now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +38,7 @@ pub struct Gates {
 
 fn cache_for(c: &config::Cache) -> Option<Cache> {
     c.enabled
-        .then(|| Cache::new(c.max_size as usize, Duration::from_secs_f64(c.ttl)))
+        .then(|| Cache::new(c.max_size as usize, crate::sys::time::seconds(c.ttl)))
 }
 
 impl Gates {
@@ -46,7 +46,7 @@ impl Gates {
         let cb = &cfg.circuit_breaker;
         Gates {
             account,
-            circuit: Circuit::new(cb.failure_threshold, Duration::from_secs_f64(cb.cooldown)),
+            circuit: Circuit::new(cb.failure_threshold, crate::sys::time::seconds(cb.cooldown)),
             bucket: Bucket::new(cfg.performance.max_requests_per_minute, now),
             cache: cache_for(&cfg.cache),
             cache_cfg: cfg.cache.clone(),
@@ -62,7 +62,7 @@ impl Gates {
     pub fn configure(&mut self, cfg: &Config) {
         let cb = &cfg.circuit_breaker;
         self.circuit
-            .configure(cb.failure_threshold, Duration::from_secs_f64(cb.cooldown));
+            .configure(cb.failure_threshold, crate::sys::time::seconds(cb.cooldown));
         self.threshold = cb.failure_threshold;
         self.cooldown = cb.cooldown;
         self.bucket

@@ -1,7 +1,7 @@
 //! One token bucket across all tasks: `per_minute` requests a minute, bursts
 //! of up to one second's worth (at least one).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[derive(Debug)]
 pub struct Bucket {
@@ -55,7 +55,7 @@ impl Bucket {
             None
         } else {
             let secs = (need - self.tokens) * 60.0 / self.per_minute as f64;
-            Some(now + Duration::from_secs_f64(secs))
+            Some(now + crate::sys::time::seconds(secs))
         }
     }
 
@@ -79,6 +79,7 @@ impl Bucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn unlimited_never_waits() {

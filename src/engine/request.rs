@@ -10,7 +10,6 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 pub struct Inputs<'a> {
     pub cfg: &'a Config,
@@ -144,11 +143,11 @@ pub fn build(i: Inputs) -> (AgentRequest, bool) {
         shown,
         env,
         workdir: PathBuf::from(&i.task.workdir),
-        timeout: Duration::from_secs_f64(timeout),
+        timeout: crate::sys::time::seconds(timeout),
         timeout_is_runtime: i.remaining_runtime < request_timeout,
-        idle_timeout: (a.idle_timeout > 0.0).then(|| Duration::from_secs_f64(a.idle_timeout)),
-        kill_grace: Duration::from_secs_f64(a.kill_grace),
-        poll_interval: Duration::from_secs_f64(i.cfg.performance.poll_interval),
+        idle_timeout: (a.idle_timeout > 0.0).then(|| crate::sys::time::seconds(a.idle_timeout)),
+        kill_grace: crate::sys::time::seconds(a.kill_grace),
+        poll_interval: crate::sys::time::seconds(i.cfg.performance.poll_interval),
         buffer_size: i.cfg.performance.buffer_size as usize,
         max_output: i.cfg.limits.max_output_size,
         max_memory_mb: i.cfg.limits.max_memory_mb,
@@ -162,7 +161,7 @@ pub fn build(i: Inputs) -> (AgentRequest, bool) {
             workdir: PathBuf::from(&i.task.workdir),
             state_dir: i.state_dir.to_path_buf(),
             baseline: i.task.tree_fingerprint.is_none(),
-            timeout: Duration::from_secs_f64(o.checkpoint_timeout),
+            timeout: crate::sys::time::seconds(o.checkpoint_timeout),
         }),
         transcript: i.transcript,
         stream: i.stream,
@@ -193,11 +192,11 @@ fn command(
         shown,
         env,
         workdir,
-        timeout: Duration::from_secs_f64(timeout),
+        timeout: crate::sys::time::seconds(timeout),
         timeout_is_runtime: false,
         idle_timeout: None,
-        kill_grace: Duration::from_secs_f64(cfg.adapter.kill_grace),
-        poll_interval: Duration::from_secs_f64(cfg.performance.poll_interval),
+        kill_grace: crate::sys::time::seconds(cfg.adapter.kill_grace),
+        poll_interval: crate::sys::time::seconds(cfg.performance.poll_interval),
         buffer_size: cfg.performance.buffer_size as usize,
         max_output: 1024 * 1024,
         max_memory_mb: 0,

@@ -159,7 +159,7 @@ impl Scheduler {
             mode,
             stream_output: cfg.logging.verbose,
             next_summary: (interval > 0.0)
-                .then(|| Instant::now() + Duration::from_secs_f64(interval)),
+                .then(|| Instant::now() + crate::sys::time::seconds(interval)),
             cfg,
             store,
             slots: BTreeMap::new(),
@@ -372,7 +372,7 @@ impl Scheduler {
             && t <= now
         {
             log::info!("{}", self.stats.summary());
-            let every = Duration::from_secs_f64(self.cfg.monitoring.metrics_interval);
+            let every = crate::sys::time::seconds(self.cfg.monitoring.metrics_interval);
             self.next_summary = Some(now + every);
         }
         if let Some((deadline, _)) = self.shutdown
@@ -449,8 +449,8 @@ impl Scheduler {
     }
 
     fn shut_down(&mut self, grace: Option<Duration>, signal: i32) {
-        let grace =
-            grace.unwrap_or_else(|| Duration::from_secs_f64(self.cfg.orchestrator.shutdown_grace));
+        let grace = grace
+            .unwrap_or_else(|| crate::sys::time::seconds(self.cfg.orchestrator.shutdown_grace));
         if self.shutdown.is_some() {
             log::info!("signal {signal} again: stopping running requests now");
             self.cancel_all(CancelReason::Shutdown);
@@ -918,7 +918,7 @@ impl Scheduler {
     fn pause_quota(&mut self, message: &str, hint: Option<Duration>) {
         let a = &self.cfg.adapter;
         let wait = hint
-            .unwrap_or_else(|| Duration::from_secs_f64(a.quota_pause))
+            .unwrap_or_else(|| crate::sys::time::seconds(a.quota_pause))
             .min(MAX_PAUSE);
         let until = unix_now() + wait.as_secs().max(1) as i64;
         let remedy = format!(
@@ -983,7 +983,7 @@ impl Scheduler {
             since: unix_now(),
         });
         self.gates.account.preflight_at =
-            Some(Instant::now() + Duration::from_secs_f64(a.preflight_interval));
+            Some(Instant::now() + crate::sys::time::seconds(a.preflight_interval));
         if new {
             log::error!(
                 "agent profile {}: not logged in: {message}; every task of the profile pauses; {remedy}",
@@ -1076,7 +1076,7 @@ impl Scheduler {
     /// (read by the worker).
     fn after_iteration(&mut self, id: &str, complete: bool) {
         let o = &self.cfg.orchestrator;
-        let delay = Duration::from_secs_f64(o.iteration_delay);
+        let delay = crate::sys::time::seconds(o.iteration_delay);
         let keep = (o.keep_transcripts as usize).max(1);
         let interval = o.checkpoint_interval;
         let Some(slot) = self.slots.get_mut(id) else {
@@ -1110,8 +1110,8 @@ impl Scheduler {
             archive_dir: o.archive_prompts.then(|| self.store.archive_dir(id)),
             git: o.git_checkpoint,
             state_dir: self.store.state_dir().to_path_buf(),
-            timeout: Duration::from_secs_f64(o.checkpoint_timeout),
-            kill_grace: Duration::from_secs_f64(self.cfg.adapter.kill_grace),
+            timeout: crate::sys::time::seconds(o.checkpoint_timeout),
+            kill_grace: crate::sys::time::seconds(self.cfg.adapter.kill_grace),
             cancel: Arc::new(Cancel::default()),
         };
         // Shutdown stops a checkpoint that outlives the grace period.
@@ -1123,7 +1123,7 @@ impl Scheduler {
     }
 
     fn checkpoint_done(&mut self, id: &str, d: Done) {
-        let delay = Duration::from_secs_f64(self.cfg.orchestrator.iteration_delay);
+        let delay = crate::sys::time::seconds(self.cfg.orchestrator.iteration_delay);
         let Some(slot) = self.slots.get_mut(id) else {
             return;
         };
@@ -1174,7 +1174,7 @@ impl Scheduler {
     }
 
     fn verify_done(&mut self, id: &str, reason: &'static str, o: AgentOutcome) {
-        let delay = Duration::from_secs_f64(self.cfg.orchestrator.iteration_delay);
+        let delay = crate::sys::time::seconds(self.cfg.orchestrator.iteration_delay);
         let failure = crate::engine::request::verify_failure(&self.cfg, &o);
         let Some(slot) = self.slots.get_mut(id) else {
             return;
@@ -1482,12 +1482,12 @@ impl Scheduler {
         self.max_prompt
             .store(cfg.limits.max_prompt_size, Ordering::Relaxed);
         self.shared.set_command(&cfg.adapter.effective_command());
-        self.shared.set_check_every(Duration::from_secs_f64(
+        self.shared.set_check_every(crate::sys::time::seconds(
             cfg.monitoring.health_check_interval,
         ));
         let interval = cfg.monitoring.metrics_interval;
         self.next_summary =
-            (interval > 0.0).then(|| Instant::now() + Duration::from_secs_f64(interval));
+            (interval > 0.0).then(|| Instant::now() + crate::sys::time::seconds(interval));
         let target = cfg.performance.max_concurrent as usize;
         let before = self.pool.size();
         let paths = self.cfg.paths.clone();

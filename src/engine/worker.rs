@@ -37,6 +37,13 @@ pub fn spawn_worker(
             for msg in jobs.iter() {
                 let result = match &msg.job {
                     Job::Agent(req, check) => {
+                        // Fault injection for the test that a worker's panic
+                        // ends the process (debug builds only).
+                        #[cfg(debug_assertions)]
+                        if std::env::var_os("RALPH_QCHAT_TEST_PANIC").is_some_and(|v| v == "worker")
+                        {
+                            panic!("injected by RALPH_QCHAT_TEST_PANIC");
+                        }
                         set(Some(format!(
                             "agent for task {} iteration {}",
                             req.task_id, req.iteration

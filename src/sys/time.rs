@@ -2,7 +2,23 @@
 //! a clock set before 1970 and fails after 9999, and the clock is outside
 //! input; this one prints a clock before 1970 as the epoch and never fails.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The longest wait anything here computes, about 317 years: far beyond any
+/// real one, and small enough that adding it to an Instant cannot overflow.
+pub const LONGEST: f64 = 1e10;
+
+/// Seconds as a Duration, total: negative or NaN is zero, more than
+/// `LONGEST` (infinity too) is `LONGEST`. `Duration::from_secs_f64` panics
+/// on each of those, and seconds come from configuration, agents' messages
+/// and files.
+pub fn seconds(s: f64) -> Duration {
+    if s > 0.0 {
+        Duration::from_secs_f64(s.min(LONGEST))
+    } else {
+        Duration::ZERO
+    }
+}
 
 pub fn now_rfc3339() -> String {
     rfc3339(SystemTime::now())
@@ -61,6 +77,16 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn seconds_never_panic() {
+        assert_eq!(seconds(f64::NAN), Duration::ZERO);
+        assert_eq!(seconds(-1.0), Duration::ZERO);
+        assert_eq!(seconds(1.5), Duration::from_millis(1500));
+        assert_eq!(seconds(f64::INFINITY), Duration::from_secs_f64(LONGEST));
+        assert_eq!(seconds(1e300), Duration::from_secs_f64(LONGEST));
+        let _ = std::time::Instant::now() + seconds(f64::MAX);
+    }
 
     #[test]
     fn known_instants() {

@@ -42,7 +42,7 @@ pub fn limit_before(
 pub fn retry_delay(base: f64, attempt: u32, cap: f64, jitter: f64) -> Duration {
     let exp = 2f64.powi(attempt.saturating_sub(1).min(60) as i32);
     let d = (base * exp * (1.0 + 0.25 * jitter.clamp(0.0, 1.0))).min(cap);
-    Duration::from_secs_f64(d.max(0.0))
+    crate::sys::time::seconds(d.max(0.0))
 }
 
 #[derive(Debug, Clone, PartialEq)]
