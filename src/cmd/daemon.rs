@@ -76,12 +76,10 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
         contain.clone(),
     )
     .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start workers: {e}")))?;
-    let (tasks, problems) = store.load_all();
+    let problems = store.for_each(|t| scheduler.adopt(t));
+    scheduler.adopted();
     for p in &problems {
         log::error!("{p}; that task is left as it is on disk and not run");
-    }
-    for t in tasks {
-        scheduler.adopt(t);
     }
     // The port opens only once what it shows is true: the workers are up, the
     // counters an earlier run left are restored (a /metrics at 0 before them

@@ -19,6 +19,7 @@ pub mod gates;
 pub mod intake;
 pub mod msg;
 pub mod notify;
+pub mod past;
 pub mod persist;
 pub mod pool;
 pub mod ratelimit;

@@ -92,7 +92,10 @@ pub enum JobResult {
 /// when anything in it changed, never locked for longer than a clone.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
+    /// Unfinished tasks and the last `past::RECENT` finished, by id.
     pub tasks: Vec<Arc<TaskState>>,
+    /// Finished tasks not in `tasks`, by status.
+    pub older: Vec<(&'static str, u64)>,
     pub workers_total: usize,
     pub workers_busy: usize,
     pub queue_depth: usize,

@@ -96,6 +96,13 @@ impl Persist {
         }
     }
 
+    /// A record of this task waits to be written again.
+    pub fn retrying(&self, id: &str) -> bool {
+        self.retry
+            .as_ref()
+            .is_some_and(|(_, ids)| ids.iter().any(|i| i == id))
+    }
+
     /// When records that failed are due to be written again.
     pub fn retry_at(&self) -> Option<Instant> {
         self.retry.as_ref().map(|(t, _)| *t)

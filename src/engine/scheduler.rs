@@ -8,6 +8,7 @@ use super::diagnostics::{self, TaskView, Throttle, View};
 use super::gates::{Closed, Gates};
 use super::msg::{Control, Event, Job, JobResult, PromptCheck, Shared, Snapshot};
 use super::notify::Notifier;
+use super::past::Past;
 use super::persist::Persist;
 use super::pool::Pool;
 use super::request::{self, Inputs};
@@ -70,6 +71,8 @@ pub struct Scheduler {
     ready: VecDeque<String>,
     /// Working trees of started tasks: no two tasks run in one.
     trees: Trees,
+    /// Finished tasks out of `slots`: the last few, and counts.
+    past: Past,
     pool: Pool,
     gates: Gates,
     persist: Persist,
@@ -165,6 +168,7 @@ impl Scheduler {
             slots: BTreeMap::new(),
             ready: VecDeque::new(),
             trees: Trees::default(),
+            past: Past::default(),
             events,
             events_tx,
             trimmed: true,
@@ -211,8 +215,14 @@ impl Scheduler {
         self.events_tx.clone()
     }
 
-    /// Takes over a task as found on disk (see `Slot::adopt`).
+    /// Takes over a task as found on disk (see `Slot::adopt`); a finished
+    /// one with nothing left to do goes straight to the past.
     pub fn adopt(&mut self, state: TaskState) {
+        let hook_due = matches!(state.hook.as_deref(), Some("pending" | "running"));
+        if state.status.is_finished() && !hook_due && state.in_progress.is_none() {
+            self.past.restore(state);
+            return;
+        }
         let id = state.id.clone();
         let mut slot = Slot::adopt(state);
         if slot.phase == Phase::Ready {
@@ -230,11 +240,22 @@ impl Scheduler {
         }
     }
 
+    /// Every task on disk is adopted: the past in the order /tasks shows it.
+    pub fn adopted(&mut self) {
+        self.past.sort();
+    }
+
     /// One line for systemd's STATUS= and logs.
     pub fn status_line(&self) -> String {
         let mut by = BTreeMap::new();
         for s in self.slots.values() {
             *by.entry(s.state.status.as_str()).or_insert(0) += 1;
+        }
+        for st in Status::ALL.into_iter().filter(|s| s.is_finished()) {
+            let n = self.past.count(st);
+            if n > 0 {
+                *by.entry(st.as_str()).or_insert(0) += n;
+            }
         }
         let tasks: Vec<String> = by.iter().map(|(k, v)| format!("{v} {k}")).collect();
         format!(
@@ -323,8 +344,14 @@ impl Scheduler {
         }
         // Closing the job queue lets the workers go.
         drop(self.pool);
+        let past: Vec<TaskState> = self.past.recent().map(|t| (**t).clone()).collect();
         Finished {
-            tasks: self.slots.into_values().map(|s| s.state).collect(),
+            tasks: self
+                .slots
+                .into_values()
+                .map(|s| s.state)
+                .chain(past)
+                .collect(),
             signal: self.shutdown.map(|(_, s)| s),
             unavailable: self.unavailable,
             refused: self.refused,
@@ -404,6 +431,20 @@ impl Scheduler {
         }
     }
 
+    /// A finished task whose last record is on disk leaves the hot set.
+    fn retire(&mut self, id: &str) {
+        let done = self.slots.get(id).is_some_and(|s| {
+            s.phase == Phase::Finished && !s.dirty && s.published.status.is_finished()
+        });
+        if !done || self.persist.retrying(id) {
+            return;
+        }
+        if let Some(s) = self.slots.remove(id) {
+            self.past.push(s.published);
+            self.publish_due = true;
+        }
+    }
+
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Control(Control::Shutdown { grace, signal }) => self.shut_down(grace, signal),
@@ -415,7 +456,13 @@ impl Scheduler {
             Event::Control(Control::Submit { state, entry }) => self.submit(*state, entry),
             Event::Control(Control::Cancel { id, request }) => self.cancel(&id, request),
             Event::Control(Control::Reload(cfg)) => self.reload(*cfg),
-            Event::Written(w) => self.persist.written(w, &self.shared),
+            Event::Written(mut w) => {
+                let ok = std::mem::take(&mut w.ok);
+                self.persist.written(w, &self.shared);
+                for id in ok {
+                    self.retire(&id);
+                }
+            }
             Event::Done { task, seq, result } if task == PREFLIGHT => {
                 if self.preflight_seq == Some(seq) {
                     self.pool.done();
@@ -1246,6 +1293,8 @@ impl Scheduler {
             return self.start_hook(id);
         }
         slot.phase = Phase::Finished;
+        // Written once more as finished, then it leaves the hot set (`retire`).
+        slot.dirty = true;
         self.trees.release(id);
     }
 
@@ -1306,6 +1355,8 @@ impl Scheduler {
         slot.state.hook = Some(result);
         slot.dirty = true;
         slot.phase = Phase::Finished;
+        // Written once more as finished, then it leaves the hot set (`retire`).
+        slot.dirty = true;
         self.trees.release(id);
     }
 
@@ -1343,8 +1394,16 @@ impl Scheduler {
         }
         self.publish_due = false;
         let bucket = self.gates.bucket();
+        let mut tasks: Vec<Arc<TaskState>> = self
+            .slots
+            .values()
+            .map(|s| s.published.clone())
+            .chain(self.past.recent().cloned())
+            .collect();
+        tasks.sort_by(|a, b| a.id.cmp(&b.id));
         self.shared.publish(Snapshot {
-            tasks: self.slots.values().map(|s| s.published.clone()).collect(),
+            tasks,
+            older: self.past.older(),
             workers_total: self.pool.size(),
             workers_busy: self.pool.busy(),
             queue_depth: self.ready.len(),
@@ -1397,11 +1456,17 @@ impl Scheduler {
 
     fn submit(&mut self, state: TaskState, entry: PathBuf) {
         let id = state.id.clone();
-        if let Some(existing) = self.slots.get(&id) {
-            if existing.state.source.is_some()
-                && existing.state.source == state.source
-                && existing.state.source_key == state.source_key
-            {
+        // A finished task is no longer in the hot set: its record is.
+        let existing = match self.slots.get(&id) {
+            Some(s) => Some((s.state.source.clone(), s.state.source_key.clone())),
+            None => match self.store.load(&id) {
+                Ok(Some(t)) => Some((t.source, t.source_key)),
+                Ok(None) => None,
+                Err(_) => Some((None, None)),
+            },
+        };
+        if let Some((source, source_key)) = existing {
+            if source.is_some() && source == state.source && source_key == state.source_key {
                 // Taken before a crash that kept the entry: nothing new.
                 let _ = std::fs::remove_file(&entry);
             } else {
@@ -1435,7 +1500,12 @@ impl Scheduler {
     fn cancel(&mut self, id: &str, request: PathBuf) {
         let _ = std::fs::remove_file(&request);
         let Some(slot) = self.slots.get_mut(id) else {
-            log::warn!("cancel request for unknown task {id:?} ignored");
+            match self.store.load(id) {
+                Ok(Some(t)) => {
+                    log::info!(task = id; "cancel request ignored: the task already ended {}", t.status.as_str())
+                }
+                _ => log::warn!("cancel request for unknown task {id:?} ignored"),
+            }
             return;
         };
         match slot.phase {

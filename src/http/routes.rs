@@ -96,7 +96,11 @@ fn route(rq: &Request, peer: SocketAddr, shared: &Shared, allow: &[Cidr], cpu: &
             let snap = shared.snapshot();
             match snap.tasks.iter().find(|t| t.id == id) {
                 Some(t) => json_reply(200, &serde_json::to_value(t.as_ref()).unwrap_or_default()),
-                None => error(404, "no such task"),
+                // Finished long ago: the record on disk.
+                None => match crate::store::TaskStore::new(&shared.state_dir).load(id) {
+                    Ok(Some(t)) => json_reply(200, &serde_json::to_value(t).unwrap_or_default()),
+                    _ => error(404, "no such task"),
+                },
             }
         }
         _ => error(
@@ -234,17 +238,23 @@ pub(super) fn health(shared: &Shared) -> (u16, Value) {
     }
 }
 
+/// Every task by status: those in the snapshot, and the finished ones that
+/// left it.
 fn by_status(snap: &Snapshot) -> Vec<(&'static str, u64)> {
     STATUSES
         .iter()
         .map(|s| {
-            (
-                *s,
-                snap.tasks
-                    .iter()
-                    .filter(|t| t.status.as_str() == *s)
-                    .count() as u64,
-            )
+            let older = snap
+                .older
+                .iter()
+                .find(|(k, _)| k == s)
+                .map_or(0, |(_, n)| *n);
+            let here = snap
+                .tasks
+                .iter()
+                .filter(|t| t.status.as_str() == *s)
+                .count() as u64;
+            (*s, here + older)
         })
         .collect()
 }

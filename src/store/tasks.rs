@@ -73,13 +73,21 @@ impl TaskStore {
     /// Every readable record, sorted by id, and a message for each unreadable one.
     pub fn load_all(&self) -> (Vec<TaskState>, Vec<String>) {
         let mut tasks = Vec::new();
+        let problems = self.for_each(|t| tasks.push(t));
+        tasks.sort_by(|a, b| a.id.cmp(&b.id));
+        (tasks, problems)
+    }
+
+    /// Each readable record in turn, one in memory at a time (a state
+    /// directory may hold a hundred thousand); a message for each unreadable.
+    pub fn for_each(&self, mut f: impl FnMut(TaskState)) -> Vec<String> {
         let mut problems = Vec::new();
         let dir = match std::fs::read_dir(self.tasks_dir()) {
             Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return (tasks, problems),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return problems,
             Err(e) => {
                 problems.push(format!("cannot read {}: {e}", self.tasks_dir().display()));
-                return (tasks, problems);
+                return problems;
             }
         };
         for entry in dir.flatten() {
@@ -90,13 +98,12 @@ impl TaskStore {
                 continue;
             }
             match self.load(&id) {
-                Ok(Some(t)) => tasks.push(t),
+                Ok(Some(t)) => f(t),
                 Ok(None) => {}
                 Err(e) => problems.push(e.to_string()),
             }
         }
-        tasks.sort_by(|a, b| a.id.cmp(&b.id));
-        (tasks, problems)
+        problems
     }
 
     /// Keeps the newest `keep` transcripts of a task.

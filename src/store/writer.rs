@@ -29,10 +29,12 @@ use std::time::{Duration, Instant};
 /// run again on restart).
 pub const TICK: Duration = Duration::from_millis(100);
 
-/// What the writer reports after each batch: the tasks it could not write.
+/// What the writer reports after each batch: the tasks it could not write,
+/// and those now durably on disk.
 #[derive(Debug, Default)]
 pub struct Written {
     pub failed: Vec<String>,
+    pub ok: Vec<String>,
     pub error: Option<String>,
 }
 
@@ -208,8 +210,9 @@ fn write_batch(store: &TaskStore, batch: BTreeMap<String, Vec<u8>>) -> Written {
         }
     }
     for (id, dir) in dirs {
-        if let Err(e) = File::open(&dir).and_then(|d| d.sync_all()) {
-            fail(&id, format!("cannot sync {}: {e}", dir.display()), &mut out);
+        match File::open(&dir).and_then(|d| d.sync_all()) {
+            Ok(()) => out.ok.push(id),
+            Err(e) => fail(&id, format!("cannot sync {}: {e}", dir.display()), &mut out),
         }
     }
     out

@@ -20,6 +20,16 @@ pub enum Status {
 }
 
 impl Status {
+    pub const ALL: [Status; 7] = [
+        Status::Queued,
+        Status::Running,
+        Status::Completed,
+        Status::Failed,
+        Status::LimitReached,
+        Status::Cancelled,
+        Status::Stalled,
+    ];
+
     pub fn is_finished(self) -> bool {
         !matches!(self, Status::Queued | Status::Running)
     }
