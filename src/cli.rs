@@ -43,6 +43,17 @@ pub struct CancelArgs {
 }
 
 #[derive(Debug, Default)]
+pub struct CleanArgs {
+    pub state_dir: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    /// Seconds since the task finished.
+    pub older_than: Option<f64>,
+    /// Only tasks that ended so; empty: every finished status.
+    pub statuses: Vec<crate::task::Status>,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Default)]
 pub struct HealthArgs {
     pub url: Option<String>,
     pub config: Option<PathBuf>,
@@ -55,6 +66,7 @@ pub enum Command {
     Daemon(RunArgs, bool),
     Submit(SubmitArgs),
     Cancel(CancelArgs),
+    Clean(CleanArgs),
     Health(HealthArgs),
     CheckConfig(RunArgs),
     Status(StatusArgs),
@@ -102,6 +114,7 @@ Usage:
   ralph-qchat submit PROMPT_FILE       queue a task for the daemon (prints its id)
   ralph-qchat cancel ID                stop a task of the daemon
   ralph-qchat status [ID] [--json]     list the tasks in a state directory
+  ralph-qchat clean [--older-than D]   remove finished tasks' records and transcripts
   ralph-qchat check-config [OPTIONS]   validate and print the effective configuration
   ralph-qchat health [--url URL]       probe the daemon's /health (exit 0 healthy, 1 not)
   ralph-qchat --help | --version
@@ -196,6 +209,22 @@ Asks the daemon to stop task ID: its agent's process group is terminated and
 the task is marked cancelled.
 ";
 
+pub const CLEAN_HELP: &str = "\
+Usage: ralph-qchat clean [--older-than DURATION] [--status STATUS]... [--dry-run]
+                         [--state-dir DIR] [--config FILE]
+
+Removes finished tasks' records and transcripts (<state_dir>/tasks/ID/) from
+the state directory, with or without a daemon running on it. Unfinished tasks,
+and tasks whose on_task_end hook is still due, are never touched; neither are
+workspaces (<state_dir>/workspaces/ID/: the agent's work).
+
+  --older-than DURATION  only tasks that finished at least this long ago:
+                         a number of seconds, or with a unit: 90s, 30m, 12h, 7d, 2w
+  --status STATUS        only tasks that ended so (completed, failed,
+                         limit_reached, cancelled, stalled); repeat for more
+  --dry-run              list what would be removed, remove nothing
+";
+
 pub const HEALTH_HELP: &str = "\
 Usage: ralph-qchat health [--url URL] [--config FILE] [--timeout SECS]
 
@@ -235,6 +264,7 @@ const COMMANDS: &[&str] = &[
     "daemon",
     "submit",
     "cancel",
+    "clean",
     "status",
     "health",
     "check-config",
@@ -265,7 +295,7 @@ fn text(v: OsString, flag: &str) -> Result<String, Failure> {
 pub fn parse(args: Vec<OsString>) -> Result<Command, Failure> {
     let first = args.first().and_then(|a| a.to_str()).unwrap_or("");
     let (cmd, rest): (&str, Vec<OsString>) = match first {
-        "run" | "check-config" | "status" | "daemon" | "submit" | "cancel" | "health" => {
+        "run" | "check-config" | "status" | "daemon" | "submit" | "cancel" | "clean" | "health" => {
             (first, args[1..].to_vec())
         }
         "help" => return Ok(Command::Help(MAIN_HELP)),
@@ -290,6 +320,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, Failure> {
         "status" => parse_status(rest),
         "submit" => parse_submit(rest),
         "cancel" => parse_cancel(rest),
+        "clean" => parse_clean(rest),
         "health" => parse_health(rest),
         "daemon" => {
             let standby = rest.iter().any(|a| a == "--standby");
@@ -441,6 +472,83 @@ fn parse_cancel(args: Vec<OsString>) -> Result<Command, Failure> {
     Ok(Command::Cancel(a))
 }
 
+/// `90`, `90s`, `30m`, `12h`, `7d`, `2w` as seconds.
+fn duration(v: &str) -> Option<f64> {
+    let v = v.trim();
+    let (n, unit) = match v.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&v[..i], &v[i..]),
+        None => (v, "s"),
+    };
+    let per = match unit {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        "w" => 7.0 * 86400.0,
+        _ => return None,
+    };
+    let n: f64 = n.trim().parse().ok()?;
+    (n.is_finite() && n >= 0.0 && n * per <= crate::config::MAX_SECONDS).then_some(n * per)
+}
+
+fn parse_clean(args: Vec<OsString>) -> Result<Command, Failure> {
+    use crate::task::Status;
+    let mut p = lexopt::Parser::from_args(args);
+    let mut a = CleanArgs::default();
+    while let Some(arg) = p.next().map_err(usage)? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help(CLEAN_HELP)),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            Long("state-dir") => a.state_dir = Some(p.value().map_err(usage)?.into()),
+            Long("config") => a.config = Some(p.value().map_err(usage)?.into()),
+            Long("dry-run") => a.dry_run = true,
+            Long("older-than") => {
+                let v = text(p.value().map_err(usage)?, "older-than")?;
+                a.older_than = Some(duration(&v).ok_or_else(|| {
+                    usage(format!(
+                        "--older-than takes a duration such as 3600, 90s, 30m, 12h, 7d or 2w (at most ten years), not {v:?}"
+                    ))
+                })?);
+            }
+            Long("status") => {
+                let v = text(p.value().map_err(usage)?, "status")?;
+                let finished: Vec<Status> = Status::ALL
+                    .into_iter()
+                    .filter(|s| s.is_finished())
+                    .collect();
+                match finished.iter().find(|s| s.as_str() == v) {
+                    Some(s) => a.statuses.push(*s),
+                    None => {
+                        let names: Vec<&str> = finished.iter().map(|s| s.as_str()).collect();
+                        let hint = nearest(&v, names.iter().copied())
+                            .map(|k| format!("; did you mean {k}?"))
+                            .unwrap_or_default();
+                        return Err(usage(format!(
+                            "--status {v:?} is not a status a finished task has ({}){hint}",
+                            names.join(", ")
+                        )));
+                    }
+                }
+            }
+            other => {
+                return Err(unexpected(
+                    other,
+                    &[
+                        "older-than",
+                        "status",
+                        "dry-run",
+                        "state-dir",
+                        "config",
+                        "help",
+                        "version",
+                    ],
+                ));
+            }
+        }
+    }
+    Ok(Command::Clean(a))
+}
+
 fn parse_health(args: Vec<OsString>) -> Result<Command, Failure> {
     let mut p = lexopt::Parser::from_args(args);
     let mut a = HealthArgs::default();
@@ -546,6 +654,35 @@ mod tests {
             m.contains("unknown option --frobnicate") && !m.contains("did you mean"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn clean_takes_durations_and_finished_statuses() {
+        let Ok(Command::Clean(a)) = p(&[
+            "clean",
+            "--older-than",
+            "7d",
+            "--status",
+            "failed",
+            "--status",
+            "cancelled",
+        ]) else {
+            panic!("not clean")
+        };
+        assert_eq!(a.older_than, Some(7.0 * 86400.0));
+        assert_eq!(a.statuses.len(), 2);
+        assert_eq!(duration("90"), Some(90.0));
+        assert_eq!(duration("30m"), Some(1800.0));
+        assert_eq!(duration("2w"), Some(1_209_600.0));
+        for bad in ["", "7y", "-1d", "1e20", "d"] {
+            assert_eq!(duration(bad), None, "{bad}");
+        }
+        let msg = |a: &[&str]| p(a).err().map(|f| f.message).unwrap_or_default();
+        assert!(
+            msg(&["clean", "--status", "running"]).contains("not a status a finished task has")
+        );
+        assert!(msg(&["clean", "--status", "complete"]).contains("did you mean completed?"));
+        assert!(msg(&["clean", "--older-than", "soon"]).contains("--older-than takes a duration"));
     }
 
     #[test]

@@ -17,6 +17,12 @@ pub struct CheckpointJob {
     pub workdir: PathBuf,
     /// Where to copy the prompt; None when archive_prompts is off.
     pub archive_dir: Option<PathBuf>,
+    /// How many archived prompts stay, and for how long (seconds; 0: no
+    /// limit of that kind).
+    pub keep_archived: usize,
+    pub archive_max_age: f64,
+    /// limits.max_prompt_size: a larger prompt is not archived.
+    pub max_prompt: u64,
     pub git: bool,
     /// Never committed, even when it lies inside the work tree.
     pub state_dir: PathBuf,
@@ -42,8 +48,16 @@ pub fn checkpoint(job: &CheckpointJob, contain: &Containment) -> Done {
         // Read as the scheduler reads it: a prompt the agent replaced by a
         // FIFO must not block this worker.
         let copy = std::fs::create_dir_all(dir)
-            .and_then(|_| crate::sys::regular::read(&job.prompt_file, u64::MAX - 1))
-            .and_then(|bytes| std::fs::write(&dest, bytes));
+            .and_then(|_| crate::sys::regular::read(&job.prompt_file, job.max_prompt))
+            .and_then(|bytes| {
+                if bytes.len() as u64 > job.max_prompt {
+                    return Err(std::io::Error::other(format!(
+                        "it is over limits.max_prompt_size ({} bytes)",
+                        job.max_prompt
+                    )));
+                }
+                std::fs::write(&dest, bytes)
+            });
         match copy {
             Ok(_) => done.archived = Some(dest),
             Err(e) => done.notes.push(format!(
@@ -51,6 +65,16 @@ pub fn checkpoint(job: &CheckpointJob, contain: &Containment) -> Done {
                 job.prompt_file.display(),
                 dest.display()
             )),
+        }
+        let pruned = crate::store::prune::prune(
+            dir,
+            job.keep_archived,
+            job.archive_max_age,
+            std::time::SystemTime::now(),
+        );
+        for f in pruned.failed {
+            done.notes
+                .push(format!("cannot remove an old archived prompt {f}"));
         }
     }
     if job.git {

@@ -96,6 +96,7 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     let intake = Intake {
         state_dir: state_dir.clone(),
         max_prompt: scheduler.max_prompt.clone(),
+        rejected: scheduler.rejected.clone(),
         poll,
         events: scheduler.sender(),
         stop: stop.clone(),

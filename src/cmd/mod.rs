@@ -3,6 +3,7 @@
 
 mod cancel;
 mod check_config;
+mod clean;
 mod daemon;
 mod health;
 mod run;
@@ -33,6 +34,7 @@ pub fn dispatch(cmd: Command) -> Result<i32, Failure> {
         }
         Command::Submit(a) => submit::submit(a),
         Command::Cancel(a) => cancel::cancel(a),
+        Command::Clean(a) => clean::clean(a),
         Command::Health(a) => health::probe(a),
         Command::Status(a) => status::status(a),
         Command::CheckConfig(a) => check_config::check_config(a),

@@ -219,6 +219,10 @@ pub struct Orchestrator {
     pub output_completion_marker: String,
     pub prompt_template: String,
     pub keep_transcripts: u32,
+    /// Archived prompts kept per task (the newest; 0 = no count limit),
+    /// and seconds one is kept (0 = no age limit).
+    pub keep_archived_prompts: u32,
+    pub archived_prompt_max_age: f64,
     pub shutdown_grace: f64,
     /// A task ends as limit_reached once its agent reported this many
     /// credits (Kiro) or this many US dollars (Claude); 0 = no cap.
@@ -249,6 +253,8 @@ impl Default for Orchestrator {
             output_completion_marker: String::new(),
             prompt_template: DEFAULT_PROMPT_TEMPLATE.into(),
             keep_transcripts: 20,
+            keep_archived_prompts: 100,
+            archived_prompt_max_age: 0.0,
             shutdown_grace: 30.0,
             max_credits: 0.0,
             max_cost_usd: 0.0,
@@ -408,11 +414,25 @@ impl Default for Cache {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Paths {
     /// Empty means the mode's default (`<workdir>/.ralph-qchat` for run).
     pub state_dir: String,
+    /// Entries of spool/rejected kept (the newest; 0 = no count limit).
+    pub keep_rejected: u32,
+    /// Seconds a rejected entry is kept (0 = no age limit).
+    pub rejected_max_age: f64,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths {
+            state_dir: String::new(),
+            keep_rejected: 100,
+            rejected_max_age: 30.0 * 86400.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -122,6 +122,11 @@ pub fn validate(c: &Config) -> Result<(), Invalid> {
     }
     non_negative("orchestrator.iteration_delay", o.iteration_delay)?;
     non_negative("orchestrator.shutdown_grace", o.shutdown_grace)?;
+    non_negative(
+        "orchestrator.archived_prompt_max_age",
+        o.archived_prompt_max_age,
+    )?;
+    non_negative("paths.rejected_max_age", c.paths.rejected_max_age)?;
     positive("orchestrator.verify_timeout", o.verify_timeout)?;
     positive("orchestrator.checkpoint_timeout", o.checkpoint_timeout)?;
     if o.verify_command

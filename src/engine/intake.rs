@@ -25,10 +25,32 @@ const RESEND: Duration = Duration::from_secs(5);
 pub struct Intake {
     pub state_dir: PathBuf,
     pub max_prompt: Arc<AtomicU64>,
+    /// How much of spool/rejected is kept (paths.keep_rejected,
+    /// paths.rejected_max_age), as the scheduler last configured it.
+    pub rejected: Arc<Retention>,
     pub poll: Duration,
     pub events: Sender<Event>,
     pub stop: Arc<Stop>,
 }
+
+/// A count and an age, kept current across reloads.
+#[derive(Debug, Default)]
+pub struct Retention {
+    pub keep: AtomicU64,
+    /// Milliseconds; 0 = no age limit.
+    pub max_age_ms: AtomicU64,
+}
+
+impl Retention {
+    pub fn set(&self, keep: u32, max_age: f64) {
+        self.keep.store(u64::from(keep), Ordering::Relaxed);
+        self.max_age_ms
+            .store((max_age * 1000.0) as u64, Ordering::Relaxed);
+    }
+}
+
+/// spool/rejected is pruned this often, and after each rejection.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Tells the intake to finish, waking it at once.
 pub struct Stop {
@@ -181,6 +203,7 @@ impl Intake {
             );
         }
         let mut sent: HashMap<PathBuf, Instant> = HashMap::new();
+        let mut pruned_at: Option<Instant> = None;
         // Names inotify saw closed or moved in, not yet taken.
         let mut ready = std::collections::HashSet::new();
         while !self.stop.stopped() {
@@ -236,6 +259,10 @@ impl Intake {
                 }
                 sent.insert(path, now);
             }
+            if pruned_at.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+                self.prune_rejected(&spool);
+                pruned_at = Some(Instant::now());
+            }
             for path in entries(&cancels) {
                 if sent.contains_key(&path) {
                     continue;
@@ -264,6 +291,25 @@ impl Intake {
             ready.extend(wait(inotify.as_ref(), &self.stop, limit));
             // Names of files gone meanwhile (cancel requests, removed entries).
             ready.retain(|n| spool.join(n).exists() || cancels.join(n).exists());
+        }
+    }
+
+    /// Keeps spool/rejected within paths.keep_rejected and
+    /// paths.rejected_max_age.
+    fn prune_rejected(&self, spool: &Path) {
+        let keep = self.rejected.keep.load(Ordering::Relaxed) as usize;
+        let age = self.rejected.max_age_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        let dir = spool.join("rejected");
+        let r = crate::store::prune::prune(&dir, keep, age, std::time::SystemTime::now());
+        if r.removed > 0 {
+            log::info!(
+                "removed {} old entries from {} (paths.keep_rejected = {keep}, paths.rejected_max_age = {age} s)",
+                r.removed,
+                dir.display()
+            );
+        }
+        for f in r.failed {
+            log::warn!("cannot remove old rejected entry {f}");
         }
     }
 
@@ -318,6 +364,7 @@ impl Intake {
                         "spool entry {name} rejected ({reason}) but cannot be moved aside: {e}"
                     ),
                 }
+                self.prune_rejected(spool);
                 true
             }
             Entry::Task(state) => {

@@ -70,6 +70,15 @@ impl Past {
         self.recent.iter()
     }
 
+    /// A task of this id is new (its old record was cleaned away).
+    pub fn forget(&mut self, id: &str) {
+        if let Some(i) = self.recent.iter().position(|t| t.id == id) {
+            if let Some(old) = self.recent.remove(i) {
+                self.older[index(old.status)] += 1;
+            }
+        }
+    }
+
     pub fn get(&self, id: &str) -> Option<&Arc<TaskState>> {
         self.recent.iter().find(|t| t.id == id)
     }

@@ -82,6 +82,8 @@ pub struct Scheduler {
     events_tx: Sender<Event>,
     /// Shared with the spool intake, which checks sizes before we see a task.
     pub max_prompt: Arc<AtomicU64>,
+    /// Shared with the intake, which prunes spool/rejected.
+    pub rejected: Arc<super::intake::Retention>,
     dumps: Throttle,
     stats: Stats,
     /// Set when something readers see has changed since the last publish.
@@ -157,6 +159,11 @@ impl Scheduler {
             notifier,
             dumps: Throttle::default(),
             max_prompt: Arc::new(AtomicU64::new(cfg.limits.max_prompt_size)),
+            rejected: {
+                let r = Arc::new(super::intake::Retention::default());
+                r.set(cfg.paths.keep_rejected, cfg.paths.rejected_max_age);
+                r
+            },
             shared,
             publish_due: true,
             mode,
@@ -1155,6 +1162,9 @@ impl Scheduler {
             prompt_file: slot.state.prompt_file.clone().into(),
             workdir: slot.state.workdir.clone().into(),
             archive_dir: o.archive_prompts.then(|| self.store.archive_dir(id)),
+            keep_archived: o.keep_archived_prompts as usize,
+            archive_max_age: o.archived_prompt_max_age,
+            max_prompt: self.cfg.limits.max_prompt_size,
             git: o.git_checkpoint,
             state_dir: self.store.state_dir().to_path_buf(),
             timeout: crate::sys::time::seconds(o.checkpoint_timeout),
@@ -1494,6 +1504,7 @@ impl Scheduler {
             log::warn!(task = id.as_str(); "task recorded, but its spool entry {} cannot be removed: {e}", entry.display());
         }
         log::info!(task = id.as_str(); "task accepted from the spool: prompt {}, workdir {}", state.prompt_file, state.workdir);
+        self.past.forget(&id);
         self.adopt(state);
     }
 
@@ -1551,6 +1562,8 @@ impl Scheduler {
         self.gates.account.profile = cfg.adapter.name.as_str().to_string();
         self.max_prompt
             .store(cfg.limits.max_prompt_size, Ordering::Relaxed);
+        self.rejected
+            .set(cfg.paths.keep_rejected, cfg.paths.rejected_max_age);
         self.shared.set_command(&cfg.adapter.effective_command());
         self.shared.set_check_every(crate::sys::time::seconds(
             cfg.monitoring.health_check_interval,

@@ -4,6 +4,7 @@
 pub mod atomic;
 pub mod lock;
 pub mod pauses;
+pub mod prune;
 pub mod spool;
 pub mod tasks;
 pub mod writer;
