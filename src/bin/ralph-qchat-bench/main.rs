@@ -9,15 +9,17 @@
 
 mod harness;
 mod health;
+mod history;
 mod sections;
 
 use std::fmt::Write;
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "throughput",
     "containment",
     "idle CPU",
     "memory",
+    "history",
     "output capture",
     "health",
     "start and stop",
@@ -31,7 +33,7 @@ cargo build --release. Takes a few minutes (--quick: shorter windows).
 
   --quick          shorter windows, fewer rounds
   --only SECTION   one section, by the start of its name: throughput,
-                   containment, idle, memory, output, health, start
+                   containment, idle, memory, history, output, health, start
   -h, --help       this text
 ";
 
@@ -96,11 +98,12 @@ fn main() {
         }
     );
     type Section = fn(&std::path::Path, bool) -> String;
-    let run: [Section; 7] = [
+    let run: [Section; 8] = [
         sections::throughput,
         sections::containment,
         sections::idle_cpu,
         sections::memory,
+        history::history,
         sections::output,
         health::health,
         sections::start_stop,
