@@ -66,7 +66,7 @@ pub fn checkpoint(job: &CheckpointJob, contain: &Containment) -> Done {
                 dest.display()
             )),
         }
-        let pruned = crate::store::prune::prune(
+        let pruned = crate::sys::prune::prune(
             dir,
             job.keep_archived,
             job.archive_max_age,

@@ -300,7 +300,7 @@ impl Intake {
         let keep = self.rejected.keep.load(Ordering::Relaxed) as usize;
         let age = self.rejected.max_age_ms.load(Ordering::Relaxed) as f64 / 1000.0;
         let dir = spool.join("rejected");
-        let r = crate::store::prune::prune(&dir, keep, age, std::time::SystemTime::now());
+        let r = crate::sys::prune::prune(&dir, keep, age, std::time::SystemTime::now());
         if r.removed > 0 {
             log::info!(
                 "removed {} old entries from {} (paths.keep_rejected = {keep}, paths.rejected_max_age = {age} s)",

@@ -4,7 +4,6 @@
 pub mod atomic;
 pub mod lock;
 pub mod pauses;
-pub mod prune;
 pub mod spool;
 pub mod tasks;
 pub mod writer;

@@ -5,6 +5,7 @@
 pub mod cgroup;
 pub mod malloc;
 pub mod proc;
+pub mod prune;
 pub mod reaper;
 pub mod regular;
 pub mod time;
