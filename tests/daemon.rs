@@ -1204,10 +1204,9 @@ fn the_scheduler_thread_never_reads_a_prompt_file() {
                 )
             })
             .collect();
-    // SIGKILL, not SIGTERM: see tests/durability.rs (strace once held a
-    // SIGTERM back for good). The task is done; nothing of it runs.
-    unsafe { libc::kill(daemon, libc::SIGKILL) };
-    d.finish(Duration::from_secs(20));
+    unsafe { libc::kill(daemon, libc::SIGTERM) };
+    let f = d.finish(Duration::from_secs(20));
+    assert_eq!(f.code(), 0, "{}", f.stderr);
     let trace = std::fs::read_to_string(&log).unwrap();
     let readers: Vec<&str> = trace
         .lines()

@@ -97,17 +97,21 @@ fn intake_claims_copies_records_then_removes_in_that_order() {
     std::fs::write(sd.join("spool/.drop.tmp"), "# dropped\n").unwrap();
     std::fs::rename(sd.join("spool/.drop.tmp"), sd.join("spool/drop.md")).unwrap();
     await_status(&sb, "drop", "completed", 20);
-    // Once the claimed entry is gone the trace holds every step. Ended with
-    // SIGKILL, not SIGTERM: once in a few dozen runs strace took a SIGTERM
-    // into a signal-delivery stop and never let it through.
-    assert!(wait_until(Duration::from_secs(10), || {
+    // Once the claimed entry is gone the trace holds every step.
+    let traced = wait_until(Duration::from_secs(10), || {
         !sd.join("spool/.claimed/drop.md").exists()
             && calls(&log)
                 .iter()
                 .any(|c| c.contains(".claimed/drop.md\"") && c.starts_with("unlink"))
-    }));
-    unsafe { libc::kill(daemon, libc::SIGKILL) };
-    d.finish(Duration::from_secs(20));
+    });
+    unsafe { libc::kill(daemon, libc::SIGTERM) };
+    let f = d.finish(Duration::from_secs(20));
+    assert!(
+        traced,
+        "the trace ends before the claimed entry is removed: {}",
+        f.stderr
+    );
+    assert_eq!(f.code(), 0, "{}", f.stderr);
     let c = calls(&log);
     let spool = format!("{}/spool", sd.display());
     let ws = format!("{}/workspaces/drop", sd.display());

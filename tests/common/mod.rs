@@ -480,15 +480,18 @@ pub fn calls(log: &Path) -> Vec<String> {
         .collect()
 }
 
-/// The process strace started (its first child), once it runs.
+/// The ralph-qchat that strace started, once it runs. Not simply strace's
+/// first child: strace forks short-lived probes of its own at start (of
+/// what ptrace supports), and under load a look at its children can find one.
 pub fn traced_child(strace: i32) -> i32 {
+    let ours = std::fs::canonicalize(BIN).unwrap();
     let mut pid = 0;
     assert!(wait_until(Duration::from_secs(10), || {
         pid = std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children"))
             .unwrap_or_default()
             .split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
+            .filter_map(|p| p.parse().ok())
+            .find(|p: &i32| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == ours))
             .unwrap_or(0);
         pid > 0
     }));
