@@ -4,7 +4,6 @@
 
 mod common;
 use common::*;
-use std::io::{Read, Write};
 use std::time::Duration;
 
 /// `n` finished task records, as a daemon leaves them: every tenth failed,
@@ -31,28 +30,12 @@ fn history(sb: &Sandbox, n: usize) {
     }
 }
 
+/// The body of a GET of `path` on the daemon's port.
 fn http_get(port: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    let url = format!("http://127.0.0.1:{port}{path}");
+    ralph_qchat::http::client::get(&url, Duration::from_secs(10))
+        .map(|(_, body)| body)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// (RSS in KiB once the history is taken over, tasks /tasks lists).
@@ -79,7 +62,7 @@ fn daemon_on_history(n: usize) -> (u64, usize) {
     let old: serde_json::Value =
         serde_json::from_str(&http_get(&port, "/tasks/old-00001")).unwrap();
     assert_eq!(old["status"], "completed");
-    let rss = rss_kib(d.pid());
+    let rss = proc_status(d.pid(), "VmRSS:");
     d.stop();
     (rss, listed)
 }

@@ -421,15 +421,6 @@ fn garbage_huge_headers_and_idle_connections_do_not_stop_health() {
     stop(d);
 }
 
-fn status_field(pid: i32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn open_fds(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
@@ -441,7 +432,7 @@ fn an_endless_header_is_431_and_costs_no_memory() {
     let sb = Sandbox::new("bighead");
     let (d, addr) = daemon_with_port(&sb, "complete-after.sh", &[], &[]);
     assert_eq!(get(&addr, "/health").status, 200);
-    let rss0 = status_field(d.pid(), "VmRSS:");
+    let rss0 = proc_status(d.pid(), "VmRSS:");
     let mut c = TcpStream::connect(&addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut w = c.try_clone().unwrap();
@@ -464,7 +455,7 @@ fn an_endless_header_is_431_and_costs_no_memory() {
     );
     assert!(answer.contains("Connection: close\r\n"), "{answer}");
     assert!(sent < 256 << 20, "the daemon took all of it");
-    let rss1 = status_field(d.pid(), "VmRSS:");
+    let rss1 = proc_status(d.pid(), "VmRSS:");
     assert!(rss1 < rss0 + 4096, "RSS {rss0} kB before, {rss1} kB after");
     assert_eq!(get(&addr, "/health").status, 200);
     stop(d);
@@ -494,8 +485,8 @@ fn slowloris_holds_no_threads_and_health_answers_others() {
     assert_eq!(get(&addr, "/health").status, 200);
     let pid = d.pid();
     let (threads0, rss0, fds0) = (
-        status_field(pid, "Threads:"),
-        status_field(pid, "VmRSS:"),
+        proc_status(pid, "Threads:"),
+        proc_status(pid, "VmRSS:"),
         open_fds(pid),
     );
     let head = b"GET /health HTTP/1.1\r\nHost: slow\r\nX-Slow: ";
@@ -517,8 +508,8 @@ fn slowloris_holds_no_threads_and_health_answers_others() {
             assert_eq!(r.status, 200, "{r:?}", r = r.body);
             worst = worst.max(t.elapsed());
         }
-        threads = threads.max(status_field(pid, "Threads:"));
-        rss = rss.max(status_field(pid, "VmRSS:"));
+        threads = threads.max(proc_status(pid, "Threads:"));
+        rss = rss.max(proc_status(pid, "VmRSS:"));
         fds = fds.max(open_fds(pid));
         if round < 2 {
             std::thread::sleep(Duration::from_secs(1));
@@ -742,12 +733,7 @@ fn check_exposition(text: &str) {
 /// promtool (from Debian's prometheus package) must find nothing to report.
 /// CI installs it; elsewhere the check runs when it is on PATH.
 fn promtool(text: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("promtool").is_file()))
-        .unwrap_or(false);
-    if !found {
-        assert!(std::env::var_os("CI").is_none(), "CI must provide promtool");
-        eprintln!("promtool not on PATH: skipping its check (CI runs it)");
+    if ci_tool("promtool").is_none() {
         return;
     }
     let mut child = std::process::Command::new("promtool")

@@ -16,19 +16,7 @@ fn dir() -> PathBuf {
 }
 
 fn validator() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("kubernetes-validate"))
-            .find(|f| f.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must provide kubernetes-validate"
-        );
-        eprintln!("kubernetes-validate not on PATH: skipping (CI runs it)");
-    }
-    found
+    ci_tool("kubernetes-validate")
 }
 
 /// The manifests the kustomization lists, and the Job beside it.

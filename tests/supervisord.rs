@@ -11,19 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 fn supervisord() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("supervisord"))
-            .find(|f| f.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must provide supervisord"
-        );
-        eprintln!("supervisord not on PATH: skipping (CI runs it)");
-    }
-    found
+    ci_tool("supervisord")
 }
 
 /// The shipped section with this sandbox's paths; every other key as shipped.

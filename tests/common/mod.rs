@@ -429,16 +429,34 @@ impl Sandbox {
     }
 }
 
-/// strace is on PATH (CI must have it; elsewhere its tests are skipped).
-pub fn strace_available() -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("strace").is_file()))
-        .unwrap_or(false);
-    if !found {
-        assert!(std::env::var_os("CI").is_none(), "CI must provide strace");
-        eprintln!("strace not on PATH: skipping (CI runs it)");
+/// A tool the tests need from PATH: CI must have it (.ci/run installs it);
+/// elsewhere the test says it is skipped.
+pub fn ci_tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|f| f.is_file())
+    });
+    if found.is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI must provide {name}");
+        eprintln!("{name} not on PATH: skipping (CI runs it)");
     }
     found
+}
+
+/// strace is on PATH (CI must have it; elsewhere its tests are skipped).
+pub fn strace_available() -> bool {
+    ci_tool("strace").is_some()
+}
+
+/// A number from /proc/PID/status (`VmRSS:` in KiB, `Threads:`), 0 if absent.
+pub fn proc_status(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// `c` run under `strace -f -y`, tracing the system calls `trace` names.
