@@ -3,7 +3,8 @@
 # checks them (lintian, rpm listing and scripts, rpmlint, mandoc,
 # systemd-analyze verify and security), then installs the .deb under a real
 # systemd in a systemd-nspawn container and operates the service the way an
-# administrator would. Installs what it needs when missing.
+# administrator would, then does the same with the container image (podman).
+# Installs what it needs when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { printf '\n== %s\n' "$*"; }
@@ -12,7 +13,8 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 # ------------------------------------------------------------------ tools
 need=()
 for t in systemd-nspawn:systemd-container debootstrap:debootstrap lintian:lintian rpm:rpm \
-         rpmlint:rpmlint mandoc:mandoc systemd-analyze:systemd nsenter:util-linux; do
+         rpmlint:rpmlint mandoc:mandoc systemd-analyze:systemd nsenter:util-linux \
+         podman:podman runc:runc podman-compose:podman-compose curl:curl; do
   command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -83,3 +85,9 @@ say "the .deb under a real systemd, legacy cgroup layout (subreaper mode)"
 UNIFIED=0 bash packaging/systemd-test.sh "$deb"
 say "the .deb under a real systemd, pure cgroup v2 (cgroup mode)"
 UNIFIED=1 bash packaging/systemd-test.sh "$deb"
+
+# ------------------------------------------------------------------ container
+# packaging/Dockerfile built with podman on the base system above (no image
+# registry is reachable here), and the container operated.
+say "the container image under podman"
+bash packaging/container-test.sh

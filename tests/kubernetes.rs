@@ -3,7 +3,8 @@
 //! and kept in step with the binary: the Job's podFailurePolicy names
 //! ralph-qchat's own exit codes, the grace periods cover the drain, the
 //! probes use /health and `ralph-qchat health`, the ConfigMap's qchat.toml
-//! passes check-config.
+//! passes check-config, the kustomization renders (kubectl kustomize) to a
+//! whole that validates, and the pods run as the image's user.
 
 mod common;
 use common::*;
@@ -164,4 +165,76 @@ fn the_configmaps_configuration_passes_check_config() {
         "{}",
         r.stdout
     );
+}
+
+/// What `kubectl apply -k packaging/kubernetes` applies: the kustomization
+/// rendered by kubectl's kustomize (Debian's kubectl 1.20 where no newer one
+/// is installed; both render this base alike) is the listed manifests, and it
+/// validates as a whole.
+#[test]
+fn the_kustomization_renders_and_the_result_validates() {
+    let Some(v) = validator() else { return };
+    let Some(kubectl) = ci_tool("kubectl") else {
+        return;
+    };
+    let out = Command::new(kubectl)
+        .arg("kustomize")
+        .arg(dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl kustomize: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sb = Sandbox::new("k8s-render");
+    let rendered = sb.write("rendered.yaml", &out.stdout);
+    let check = Command::new(&v)
+        .arg("--strict")
+        .arg(&rendered)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(check.status.success(), "{text}");
+    let passed = text.lines().filter(|l| l.contains(" passed ")).count();
+    let mut listed: Vec<String> = manifests()
+        .iter()
+        .filter(|f| !f.ends_with("job.yaml"))
+        .map(|f| load(&v, f)["kind"].as_str().unwrap().to_string())
+        .collect();
+    listed.sort();
+    assert_eq!(passed, listed.len(), "{text}");
+    for kind in &listed {
+        let resource = format!("resource {}/", kind.to_lowercase());
+        assert!(
+            text.lines()
+                .any(|l| l.contains(&resource) && l.contains(" passed ")),
+            "{kind} not rendered and validated: {text}"
+        );
+    }
+}
+
+/// The pods run as the user the image is built with.
+#[test]
+fn the_pods_run_as_the_images_user() {
+    let Some(v) = validator() else { return };
+    let dockerfile =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/Dockerfile"))
+            .unwrap();
+    let uid = dockerfile
+        .split_whitespace()
+        .skip_while(|w| *w != "--uid")
+        .nth(1)
+        .and_then(|u| u.parse::<i64>().ok())
+        .expect("packaging/Dockerfile creates its user with --uid N");
+    for f in ["statefulset.yaml", "job.yaml"] {
+        let m = load(&v, &dir().join(f));
+        let sc = &m["spec"]["template"]["spec"]["securityContext"];
+        assert_eq!(sc["runAsUser"].as_i64(), Some(uid), "{f}");
+        assert_eq!(sc["runAsGroup"].as_i64(), Some(uid), "{f}");
+    }
 }
