@@ -123,6 +123,9 @@ pub struct AgentOutcome {
     /// How long the output asked to wait (a throttle or quota reset), read
     /// from the last lines of both streams.
     pub wait: Option<Duration>,
+    /// The unix time `wait` counts from (a quota's reset is a date: the
+    /// pause must end at it, not a moment later).
+    pub wait_from: i64,
     pub usage: Usage,
     /// CPU, memory and processes of the whole attempt.
     pub resources: super::contain::Resources,

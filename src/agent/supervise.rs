@@ -175,13 +175,15 @@ impl Supervisor {
                     ));
                 }
             }
+            let wait_from = unix_seconds();
             let wait = matches!(class, Class::Throttled | Class::Quota)
-                .then(|| wait_hint(&said.lines.join("\n"), unix_seconds()))
+                .then(|| wait_hint(&said.lines.join("\n"), wait_from))
                 .flatten();
             let outcome = AgentOutcome {
                 class,
                 decided_by,
                 wait,
+                wait_from,
                 usage: out.map(|o| o.usage).unwrap_or_default(),
                 resources,
                 tree_before: None,

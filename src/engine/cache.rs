@@ -97,6 +97,7 @@ mod tests {
             class: crate::agent::Class::Success,
             decided_by: None,
             wait: None,
+            wait_from: 0,
             usage: Default::default(),
             resources: Default::default(),
             tree_before: None,

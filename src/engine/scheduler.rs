@@ -934,7 +934,7 @@ impl Scheduler {
                 self.ready.push_front(id.to_string());
                 let line = o.decided_by.clone().unwrap_or_else(|| detail.clone());
                 if verdict == Verdict::Quota {
-                    self.pause_quota(&line, o.wait);
+                    self.pause_quota(&line, o.wait, o.wait_from);
                 } else {
                     self.pause_auth(&line);
                 }
@@ -969,12 +969,19 @@ impl Scheduler {
 
     /// The account is out of requests: every task of the profile waits for
     /// the reset the message names, or `[adapter] quota_pause`.
-    fn pause_quota(&mut self, message: &str, hint: Option<Duration>) {
+    fn pause_quota(&mut self, message: &str, hint: Option<Duration>, hint_from: i64) {
         let a = &self.cfg.adapter;
         let wait = hint
             .unwrap_or_else(|| crate::sys::time::seconds(a.quota_pause))
             .min(MAX_PAUSE);
-        let until = unix_now() + wait.as_secs().max(1) as i64;
+        // A hint counts from when the output was read; a second may have
+        // turned since, and the reset is a date.
+        let from = if hint.is_some() {
+            hint_from
+        } else {
+            unix_now()
+        };
+        let until = (from + wait.as_secs().max(1) as i64).max(unix_now() + 1);
         let remedy = format!(
             "waiting until {} ({}); `systemctl reload ralph-qchat` does not end it, removing {} and restarting does",
             crate::sys::time::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(until as u64)),
