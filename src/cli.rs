@@ -54,6 +54,18 @@ pub struct CleanArgs {
 }
 
 #[derive(Debug, Default)]
+pub struct LogsArgs {
+    pub id: String,
+    pub state_dir: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub iteration: Option<u64>,
+    pub last: Option<usize>,
+    pub follow: bool,
+    pub json: bool,
+    pub strip_ansi: bool,
+}
+
+#[derive(Debug, Default)]
 pub struct HealthArgs {
     pub url: Option<String>,
     pub config: Option<PathBuf>,
@@ -67,6 +79,7 @@ pub enum Command {
     Submit(SubmitArgs),
     Cancel(CancelArgs),
     Clean(CleanArgs),
+    Logs(LogsArgs),
     Health(HealthArgs),
     CheckConfig(RunArgs),
     Status(StatusArgs),
@@ -114,6 +127,7 @@ Usage:
   ralph-qchat submit PROMPT_FILE       queue a task for the daemon (prints its id)
   ralph-qchat cancel ID                stop a task of the daemon
   ralph-qchat status [ID] [--json]     list the tasks in a state directory
+  ralph-qchat logs ID [--follow]       print a task's transcripts (follow the running one)
   ralph-qchat clean [--older-than D]   remove finished tasks' records and transcripts
   ralph-qchat check-config [OPTIONS]   validate and print the effective configuration
   ralph-qchat health [--url URL]       probe the daemon's /health (exit 0 healthy, 1 not)
@@ -225,6 +239,25 @@ workspaces (<state_dir>/workspaces/ID/: the agent's work).
   --dry-run              list what would be removed, remove nothing
 ";
 
+pub const LOGS_HELP: &str = "\
+Usage: ralph-qchat logs ID [--iteration N | --last K] [--follow] [--json]
+                        [--strip-ansi] [--state-dir DIR] [--config FILE]
+
+Prints the transcripts kept of task ID (orchestrator.keep_transcripts of them,
+<state_dir>/tasks/ID/iterations/), oldest first: each attempt's header
+(iteration, attempt, start, command), the agent's output as recorded (raw
+bytes), and its footer (how it ended, its class, duration, bytes, truncation).
+Reads the files alone, with or without a daemon running.
+
+  --iteration N   only iteration N
+  --last K        only the last K iterations
+  --follow        then print output as it is written, on to the next
+                  iterations, until the task ends (like tail -f)
+  --json          one JSON object per attempt (output as text, invalid UTF-8
+                  replaced); with --follow, each when it ends
+  --strip-ansi    remove terminal escape sequences from the output
+";
+
 pub const HEALTH_HELP: &str = "\
 Usage: ralph-qchat health [--url URL] [--config FILE] [--timeout SECS]
 
@@ -265,6 +298,7 @@ const COMMANDS: &[&str] = &[
     "submit",
     "cancel",
     "clean",
+    "logs",
     "status",
     "health",
     "check-config",
@@ -295,9 +329,8 @@ fn text(v: OsString, flag: &str) -> Result<String, Failure> {
 pub fn parse(args: Vec<OsString>) -> Result<Command, Failure> {
     let first = args.first().and_then(|a| a.to_str()).unwrap_or("");
     let (cmd, rest): (&str, Vec<OsString>) = match first {
-        "run" | "check-config" | "status" | "daemon" | "submit" | "cancel" | "clean" | "health" => {
-            (first, args[1..].to_vec())
-        }
+        "run" | "check-config" | "status" | "daemon" | "submit" | "cancel" | "clean" | "logs"
+        | "health" => (first, args[1..].to_vec()),
         "help" => return Ok(Command::Help(MAIN_HELP)),
         "" if args.is_empty() => ("run", args),
         s if s.starts_with('-') => {
@@ -321,6 +354,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, Failure> {
         "submit" => parse_submit(rest),
         "cancel" => parse_cancel(rest),
         "clean" => parse_clean(rest),
+        "logs" => parse_logs(rest),
         "health" => parse_health(rest),
         "daemon" => {
             let standby = rest.iter().any(|a| a == "--standby");
@@ -547,6 +581,51 @@ fn parse_clean(args: Vec<OsString>) -> Result<Command, Failure> {
         }
     }
     Ok(Command::Clean(a))
+}
+
+fn parse_logs(args: Vec<OsString>) -> Result<Command, Failure> {
+    let mut p = lexopt::Parser::from_args(args);
+    let mut a = LogsArgs::default();
+    let mut id = None;
+    while let Some(arg) = p.next().map_err(usage)? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help(LOGS_HELP)),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            Long("state-dir") => a.state_dir = Some(p.value().map_err(usage)?.into()),
+            Long("config") => a.config = Some(p.value().map_err(usage)?.into()),
+            Long("iteration") => a.iteration = Some(number(&mut p, "iteration")?),
+            Long("last") => a.last = Some(number(&mut p, "last")?),
+            Short('f') | Long("follow") => a.follow = true,
+            Long("json") => a.json = true,
+            Long("strip-ansi") => a.strip_ansi = true,
+            Value(v) if id.is_none() => id = Some(text(v, "ID")?),
+            other => {
+                return Err(unexpected(
+                    other,
+                    &[
+                        "iteration",
+                        "last",
+                        "follow",
+                        "json",
+                        "strip-ansi",
+                        "state-dir",
+                        "config",
+                        "help",
+                        "version",
+                    ],
+                ));
+            }
+        }
+    }
+    a.id =
+        id.ok_or_else(|| usage("logs needs the id of a task (ralph-qchat status lists them)"))?;
+    if a.iteration.is_some() && a.last.is_some() {
+        return Err(usage("--iteration and --last cannot be used together"));
+    }
+    if a.iteration == Some(0) || a.last == Some(0) {
+        return Err(usage("--iteration and --last count from 1"));
+    }
+    Ok(Command::Logs(a))
 }
 
 fn parse_health(args: Vec<OsString>) -> Result<Command, Failure> {

@@ -44,6 +44,9 @@ pub struct AgentRequest {
     /// Fingerprint the working tree around the attempt (stall detection).
     pub watch: Option<super::worktree::WatchSpec>,
     pub transcript: Option<PathBuf>,
+    /// Transcripts kept per task (0: none recycled): iteration N's new file
+    /// takes the emptied inode of iteration N − keep's.
+    pub keep_transcripts: usize,
     /// Echo the agent's output to our stderr as it arrives (verbose).
     pub stream: bool,
     pub cancel: Arc<Cancel>,

@@ -412,6 +412,7 @@ mod tests {
             reports: &[Report::Credits, Report::CostAndTokens, Report::Tokens],
             watch: None,
             transcript: None,
+            keep_transcripts: 0,
             stream: false,
             cancel: Arc::new(Cancel::default()),
             progress: Arc::new(Progress::default()),

@@ -1,48 +1,77 @@
 //! The iteration's transcript file, written as output arrives: buffered
 //! while the agent floods, flushed whenever its pipes run dry, so `tail -f`
-//! sees everything the agent has paused after. A write error stops the
-//! transcript, never the run.
+//! and `ralph-qchat logs --follow` see everything the agent has paused
+//! after. A write error stops the transcript, never the run.
+//!
+//! Each attempt is a header (two `=== ` lines), the output as recorded, a
+//! footer line for people and a `=== record {json}` line for `logs`: the
+//! record gives the byte lengths of header, output and footer, so a reader
+//! finds the attempt's bounds from the end of the file whatever the agent
+//! printed (store/transcripts.rs). An attempt cut off by a kill has no
+//! record; its bytes up to the last write are there.
 
 use super::attempt::{AgentOutcome, AgentRequest};
+use crate::store::transcripts::Record;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 
 pub struct Transcript {
     file: Option<BufWriter<File>>,
+    iteration: u64,
+    attempt: u32,
+    started: String,
+    command: String,
+    header_bytes: u64,
+    output_bytes: u64,
 }
 
 impl Transcript {
     /// Opens (appends to) the request's transcript and writes the header;
     /// a request without one gets a transcript that writes nothing.
     pub fn open(req: &AgentRequest) -> Transcript {
-        let Some(path) = &req.transcript else {
-            return Transcript { file: None };
+        let started = crate::sys::time::now_rfc3339();
+        let mut t = Transcript {
+            file: None,
+            iteration: req.iteration,
+            attempt: req.attempt,
+            started,
+            command: req.shown.clone(),
+            header_bytes: 0,
+            output_bytes: 0,
         };
+        let Some(path) = &req.transcript else {
+            return t;
+        };
+        recycle(path, req);
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path);
-        let mut t = match file {
-            Ok(f) => Transcript {
-                file: Some(BufWriter::with_capacity(64 * 1024, f)),
-            },
+        match file {
+            Ok(f) => t.file = Some(BufWriter::with_capacity(64 * 1024, f)),
             Err(e) => {
                 log::warn!(task = req.task_id.as_str(); "cannot write transcript {}: {e}", path.display());
-                Transcript { file: None }
             }
-        };
+        }
         let header = format!(
             "=== ralph-qchat iteration {} attempt {} started {}\n=== argv: {}\n",
             req.iteration,
             req.attempt,
-            crate::sys::time::now_rfc3339(),
-            req.shown
+            t.started,
+            req.shown.replace('\n', " ")
         );
-        t.write(header.as_bytes());
+        t.header_bytes = header.len() as u64;
+        t.put(header.as_bytes());
         t
     }
 
+    /// Output as recorded.
     pub fn write(&mut self, bytes: &[u8]) {
+        self.output_bytes += bytes.len() as u64;
+        self.put(bytes);
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
         if let Some(f) = &mut self.file
             && f.write_all(bytes).is_err()
         {
@@ -78,9 +107,61 @@ impl Transcript {
                 String::new()
             },
             used(&o.resources)
-        );
-        self.write(line.as_bytes());
+        )
+        .replace('\r', " ");
+        // One line: what the footer says may carry an agent's newline.
+        let line = format!("\n{}\n", line.trim_matches('\n').replace('\n', " "));
+        let (exit, signal) = match o.ending {
+            super::attempt::Ending::Exited(c) => (Some(c), None),
+            super::attempt::Ending::Signaled(s) => (None, Some(s)),
+            _ => (None, None),
+        };
+        let record = Record {
+            iteration: self.iteration,
+            attempt: self.attempt,
+            started: self.started.clone(),
+            command: self.command.clone(),
+            duration: o.duration.as_secs_f64(),
+            ending: o.ending.describe(),
+            exit,
+            signal,
+            class: o.class.as_str().to_string(),
+            decided_by: o.decided_by.clone(),
+            bytes_read: o.bytes_read,
+            bytes_dropped: o.bytes_dropped,
+            header_bytes: self.header_bytes,
+            output_bytes: self.output_bytes,
+            footer_bytes: line.len() as u64,
+        };
+        self.put(line.as_bytes());
+        self.put(record.line().as_bytes());
         self.flush();
+    }
+}
+
+/// A new iteration's file takes the inode of the transcript that falls out
+/// of keep_transcripts with it (iteration N − keep), emptied first: a fast
+/// loop then allocates and frees no inode per iteration (on ext4 that was
+/// the largest cost left). Emptied before renamed, so a crash between the
+/// two leaves an empty old transcript (pruned later), never old bytes under
+/// a new name; never over an existing file (a retry appends to it).
+fn recycle(path: &std::path::Path, req: &AgentRequest) {
+    let keep = req.keep_transcripts as u64;
+    let it = req.iteration;
+    if keep == 0 || it <= keep || path.file_name() != Some(format!("{it:06}.log").as_ref()) {
+        return;
+    }
+    let Some(dir) = path.parent() else { return };
+    let old = dir.join(format!("{:06}.log", it - keep));
+    if path.exists() {
+        return;
+    }
+    let emptied = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&old);
+    if emptied.is_ok() {
+        let _ = crate::store::atomic::rename_noreplace(&old, path);
     }
 }
 

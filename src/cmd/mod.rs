@@ -6,6 +6,7 @@ mod check_config;
 mod clean;
 mod daemon;
 mod health;
+mod logs;
 mod run;
 mod setup;
 mod status;
@@ -35,6 +36,7 @@ pub fn dispatch(cmd: Command) -> Result<i32, Failure> {
         Command::Submit(a) => submit::submit(a),
         Command::Cancel(a) => cancel::cancel(a),
         Command::Clean(a) => clean::clean(a),
+        Command::Logs(a) => logs::logs(a),
         Command::Health(a) => health::probe(a),
         Command::Status(a) => status::status(a),
         Command::CheckConfig(a) => check_config::check_config(a),

@@ -103,3 +103,36 @@ pub fn contain(
     }
     Ok(Arc::new(c))
 }
+
+/// The state directory a reader of records looks in (`status`, `logs`):
+/// --state-dir, else the configuration's, else ./.ralph-qchat as `run`
+/// uses; an error when it does not exist.
+pub fn reader_state_dir(
+    config: &Option<PathBuf>,
+    state_dir: &Option<PathBuf>,
+) -> Result<PathBuf, Failure> {
+    let dir = match state_dir {
+        Some(d) => d.clone(),
+        None => {
+            let (file, required) = config::paths::config_file(config.as_deref());
+            let env = config::process_env();
+            let loaded = config::load(&Layers {
+                file,
+                file_required: required,
+                env: env.clone(),
+                flags: vec![],
+            })?;
+            config::paths::client_state_dir(&loaded, &env, true)
+        }
+    };
+    if !dir.is_dir() {
+        return Err(Failure::new(
+            crate::exit::NO_INPUT,
+            format!(
+                "no state directory at {} (name one with --state-dir)",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(dir)
+}

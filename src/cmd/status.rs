@@ -2,35 +2,12 @@
 //! disk so it works whether or not anything is running.
 
 use crate::cli::StatusArgs;
-use crate::config::{self, Layers};
 use crate::exit::{self, Failure};
 use crate::store::{StateLock, TaskStore};
 use std::fmt::Write;
 
 pub fn status(args: StatusArgs) -> Result<i32, Failure> {
-    let state_dir = match &args.state_dir {
-        Some(d) => d.clone(),
-        None => {
-            let (file, required) = crate::config::paths::config_file(args.config.as_deref());
-            let env = crate::config::process_env();
-            let loaded = config::load(&Layers {
-                file,
-                file_required: required,
-                env: env.clone(),
-                flags: vec![],
-            })?;
-            crate::config::paths::client_state_dir(&loaded, &env, true)
-        }
-    };
-    if !state_dir.is_dir() {
-        return Err(Failure::new(
-            exit::NO_INPUT,
-            format!(
-                "no state directory at {} (name one with --state-dir)",
-                state_dir.display()
-            ),
-        ));
-    }
+    let state_dir = super::setup::reader_state_dir(&args.config, &args.state_dir)?;
     let store = TaskStore::new(&state_dir);
     let (mut tasks, problems) = store.load_all();
     for p in &problems {

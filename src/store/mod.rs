@@ -6,6 +6,7 @@ pub mod lock;
 pub mod pauses;
 pub mod spool;
 pub mod tasks;
+pub mod transcripts;
 pub mod writer;
 
 pub use atomic::write_atomic;

@@ -1,8 +1,9 @@
 //! The operating system, in one place: /proc readings, cgroups, the child
 //! subreaper, bounded reads of files others may replace, time formatting,
-//! and the malloc tuning of the long-running commands.
+//! inotify, and the malloc tuning of the long-running commands.
 
 pub mod cgroup;
+pub mod inotify;
 pub mod malloc;
 pub mod proc;
 pub mod prune;
