@@ -66,6 +66,21 @@ pub struct LogsArgs {
 }
 
 #[derive(Debug, Default)]
+pub struct BackupArgs {
+    pub archive: PathBuf,
+    pub state_dir: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub no_transcripts: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct RestoreArgs {
+    pub archive: PathBuf,
+    pub state_dir: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Default)]
 pub struct HealthArgs {
     pub url: Option<String>,
     pub config: Option<PathBuf>,
@@ -80,6 +95,8 @@ pub enum Command {
     Cancel(CancelArgs),
     Clean(CleanArgs),
     Logs(LogsArgs),
+    Backup(BackupArgs),
+    Restore(RestoreArgs),
     Health(HealthArgs),
     CheckConfig(RunArgs),
     Status(StatusArgs),
@@ -129,6 +146,8 @@ Usage:
   ralph-qchat status [ID] [--json]     list the tasks in a state directory
   ralph-qchat logs ID [--follow]       print a task's transcripts (follow the running one)
   ralph-qchat clean [--older-than D]   remove finished tasks' records and transcripts
+  ralph-qchat backup ARCHIVE           the state directory as a .tar.gz, daemon running or not
+  ralph-qchat restore ARCHIVE          unpack a backup into an empty state directory
   ralph-qchat check-config [OPTIONS]   validate and print the effective configuration
   ralph-qchat health [--url URL]       probe the daemon's /health (exit 0 healthy, 1 not)
   ralph-qchat --help | --version
@@ -258,6 +277,32 @@ Reads the files alone, with or without a daemon running.
   --strip-ansi    remove terminal escape sequences from the output
 ";
 
+pub const BACKUP_HELP: &str = "\
+Usage: ralph-qchat backup ARCHIVE [--no-transcripts] [--state-dir DIR] [--config FILE]
+
+Writes the state directory (default: the daemon's) to ARCHIVE, a gzip-compressed
+tar (- for standard output), while a daemon runs on it or not. Every task
+record, the pauses, the counters and the spool are those of one instant (the
+daemon's writer waits meanwhile); transcripts, prompt archives and workspaces
+are read after, as they are then. Left out: the lock, the port file, the
+record of this machine's cgroups. ARCHIVE must not exist; it appears whole or
+not at all.
+
+  --no-transcripts   leave out tasks/*/iterations/ (the agents' output)
+";
+
+pub const RESTORE_HELP: &str = "\
+Usage: ralph-qchat restore ARCHIVE [--state-dir DIR] [--config FILE]
+
+Unpacks a backup into DIR (default: the daemon's state directory), which must
+be empty or missing and used by no ralph-qchat. A daemon started on it then
+resumes every task that was running, its interrupted iteration counted. As
+root into a directory another user owns, the files become that user's.
+
+Exit status: 0 restored, 65 not a backup or a record that cannot be read,
+66 ARCHIVE missing, 73 DIR not empty or not writable, 75 DIR in use.
+";
+
 pub const HEALTH_HELP: &str = "\
 Usage: ralph-qchat health [--url URL] [--config FILE] [--timeout SECS]
 
@@ -299,6 +344,8 @@ const COMMANDS: &[&str] = &[
     "cancel",
     "clean",
     "logs",
+    "backup",
+    "restore",
     "status",
     "health",
     "check-config",
@@ -330,7 +377,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, Failure> {
     let first = args.first().and_then(|a| a.to_str()).unwrap_or("");
     let (cmd, rest): (&str, Vec<OsString>) = match first {
         "run" | "check-config" | "status" | "daemon" | "submit" | "cancel" | "clean" | "logs"
-        | "health" => (first, args[1..].to_vec()),
+        | "backup" | "restore" | "health" => (first, args[1..].to_vec()),
         "help" => return Ok(Command::Help(MAIN_HELP)),
         "" if args.is_empty() => ("run", args),
         s if s.starts_with('-') => {
@@ -355,6 +402,8 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, Failure> {
         "cancel" => parse_cancel(rest),
         "clean" => parse_clean(rest),
         "logs" => parse_logs(rest),
+        "backup" => parse_backup(rest),
+        "restore" => parse_restore(rest),
         "health" => parse_health(rest),
         "daemon" => {
             let standby = rest.iter().any(|a| a == "--standby");
@@ -626,6 +675,54 @@ fn parse_logs(args: Vec<OsString>) -> Result<Command, Failure> {
         return Err(usage("--iteration and --last count from 1"));
     }
     Ok(Command::Logs(a))
+}
+
+fn parse_backup(args: Vec<OsString>) -> Result<Command, Failure> {
+    let mut p = lexopt::Parser::from_args(args);
+    let mut a = BackupArgs::default();
+    let mut archive = None;
+    while let Some(arg) = p.next().map_err(usage)? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help(BACKUP_HELP)),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            Long("state-dir") => a.state_dir = Some(p.value().map_err(usage)?.into()),
+            Long("config") => a.config = Some(p.value().map_err(usage)?.into()),
+            Long("no-transcripts") => a.no_transcripts = true,
+            Value(v) if archive.is_none() => archive = Some(PathBuf::from(v)),
+            other => {
+                return Err(unexpected(
+                    other,
+                    &["no-transcripts", "state-dir", "config", "help", "version"],
+                ));
+            }
+        }
+    }
+    a.archive = archive
+        .ok_or_else(|| usage("backup needs the archive to write (- for standard output)"))?;
+    Ok(Command::Backup(a))
+}
+
+fn parse_restore(args: Vec<OsString>) -> Result<Command, Failure> {
+    let mut p = lexopt::Parser::from_args(args);
+    let mut a = RestoreArgs::default();
+    let mut archive = None;
+    while let Some(arg) = p.next().map_err(usage)? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help(RESTORE_HELP)),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            Long("state-dir") => a.state_dir = Some(p.value().map_err(usage)?.into()),
+            Long("config") => a.config = Some(p.value().map_err(usage)?.into()),
+            Value(v) if archive.is_none() => archive = Some(PathBuf::from(v)),
+            other => {
+                return Err(unexpected(
+                    other,
+                    &["state-dir", "config", "help", "version"],
+                ));
+            }
+        }
+    }
+    a.archive = archive.ok_or_else(|| usage("restore needs the archive to read"))?;
+    Ok(Command::Restore(a))
 }
 
 fn parse_health(args: Vec<OsString>) -> Result<Command, Failure> {

@@ -1,6 +1,7 @@
 //! The commands, one file each: thin shells that read arguments and
 //! configuration, call the library, and turn the outcome into an exit code.
 
+mod backup;
 mod cancel;
 mod check_config;
 mod clean;
@@ -37,6 +38,8 @@ pub fn dispatch(cmd: Command) -> Result<i32, Failure> {
         Command::Cancel(a) => cancel::cancel(a),
         Command::Clean(a) => clean::clean(a),
         Command::Logs(a) => logs::logs(a),
+        Command::Backup(a) => backup::backup(a),
+        Command::Restore(a) => backup::restore(a),
         Command::Health(a) => health::probe(a),
         Command::Status(a) => status::status(a),
         Command::CheckConfig(a) => check_config::check_config(a),

@@ -2,6 +2,7 @@
 //! and transcripts.
 
 pub mod atomic;
+pub mod backup;
 pub mod lock;
 pub mod pauses;
 pub mod spool;

@@ -111,6 +111,8 @@ impl Drop for Writer {
 
 fn run(store: TaskStore, tick: Duration, rx: Receiver<Msg>, report: impl Fn(Written)) {
     let mut last: Option<Instant> = None;
+    // Held per batch: a backup takes it to read every record as of one instant.
+    let lock = super::backup::RecordsLock::open(store.state_dir());
     while let Ok(first) = rx.recv() {
         // Everything queued meanwhile joins this batch; the newest record wins.
         let mut batch: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -143,6 +145,7 @@ fn run(store: TaskStore, tick: Duration, rx: Receiver<Msg>, report: impl Fn(Writ
             take(more);
         }
         last = Some(Instant::now());
+        let held = lock.hold();
         if !batch.is_empty() {
             report(write_batch(&store, batch));
         }
@@ -151,6 +154,7 @@ fn run(store: TaskStore, tick: Duration, rx: Receiver<Msg>, report: impl Fn(Writ
                 log::debug!("cannot save {}: {e}", path.display());
             }
         }
+        drop(held);
         for (id, keep) in prunes {
             store.prune_transcripts(&id, keep);
         }
