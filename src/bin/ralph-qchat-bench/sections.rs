@@ -66,6 +66,15 @@ fn floor_rate(agent: &Path, log: &Path, conc: usize, each: usize) -> Rate {
     r
 }
 
+/// CPU this process has used, its ended threads included.
+fn self_cpu_ns() -> u64 {
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: u is a valid rusage to fill.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+    ns(u.ru_utime) + ns(u.ru_stime)
+}
+
 struct Rate {
     per_sec: f64,
     gaps_ms: Vec<f64>,
@@ -105,6 +114,9 @@ pub fn throughput(bin: &Path, quick: bool) -> String {
         let (mut floor_gaps, mut our_gaps) = (Vec::new(), Vec::new());
         // Tasks that end early (stalled, failed) make the rate meaningless.
         let mut short = None;
+        // Own CPU per request, ms: the floor's spawning threads, the daemon's
+        // threads (their agents not counted).
+        let (mut floor_cpu, mut our_cpu) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             let t = if tmpfs {
                 Temp::under(shm, &format!("tp-shm-{round}"))
@@ -119,10 +131,15 @@ pub fn throughput(bin: &Path, quick: bool) -> String {
             let mut base = None;
             for which in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
                 if which == 0 {
+                    // The floor's threads are this process's (ended when
+                    // counted: rusage keeps them); the rest of it idles.
+                    let cpu0 = self_cpu_ns();
                     base = Some(floor_rate(&agent, &log, conc, n / conc));
+                    floor_cpu.push(self_cpu_ns().saturating_sub(cpu0) as f64 / 1e6 / n as f64);
                 } else {
                     let d = harness::daemon(bin, &t.0, FAST_CFG, &agent, conc);
                     harness::wait(Duration::from_secs(300), || d.all_finished(&ids));
+                    our_cpu.push(harness::cpu_ns(d.pid()) as f64 / 1e6 / n as f64);
                     d.stop();
                     let made = starts(&log);
                     if made.len() < n / conc * conc {
@@ -149,14 +166,17 @@ pub fn throughput(bin: &Path, quick: bool) -> String {
             ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         );
         if let Some(made) = short {
-            rows += &format!("| {label} | only {made} of {n} requests ran: not measured | | | |\n");
+            rows +=
+                &format!("| {label} | only {made} of {n} requests ran: not measured | | | | | |\n");
             continue;
         }
         rows += &format!(
-            "| {label} | {n} | {:.0} | {:.0} | {:.2} ({lo:.2} … {hi:.2}) |\n",
+            "| {label} | {n} | {:.0} | {:.0} | {:.2} ({lo:.2} … {hi:.2}) | {:.3} | {:.3} |\n",
             harness::pct(&mut floor_rates, 0.5),
             harness::pct(&mut our_rates, 0.5),
             harness::pct(&mut ratios, 0.5),
+            harness::pct(&mut floor_cpu, 0.5),
+            harness::pct(&mut our_cpu, 0.5),
         );
         if conc == 1 && !tmpfs {
             let (b50, b99) = (
@@ -180,8 +200,10 @@ pub fn throughput(bin: &Path, quick: bool) -> String {
          newest 20 transcripts kept; the floor spawns and reaps the same agent with the same \
          concurrency. {rounds} rounds, floor and daemon back to back in turns; medians, and the range \
          of the rounds' ratios. Target: ratio ≥ 0.9. The tmpfs row is not a target: the same run with \
-         the state directory in /dev/shm shows what the disk costs.\n\n\
-         | concurrency | requests | floor requests/s | daemon requests/s | ratio |\n|---|---|---|---|---|\n{rows}\n\
+         the state directory in /dev/shm shows what the disk costs. The last two columns are the CPU \
+         each spends of its own per request (the floor's spawning threads, the daemon's threads; \
+         their agents not counted), ms: steadier than rates on a shared machine.\n\n\
+         | concurrency | requests | floor requests/s | daemon requests/s | ratio | floor CPU | daemon CPU |\n|---|---|---|---|---|---|---|\n{rows}\n\
          Time between request starts at concurrency 1 (ms). Target: added p99 ≤ 2 ms.\n\n\
          | | p50 | p99 |\n|---|---|---|\n{latency}"
     )
