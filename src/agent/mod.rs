@@ -24,3 +24,4 @@ pub use contain::{Containment, Resources};
 pub use group::{group_alive, kill_leftovers};
 pub use spawn::MARKER_VAR;
 pub use supervise::Supervisor;
+pub use transcript::Record as TranscriptRecord;

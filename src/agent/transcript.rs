@@ -11,9 +11,37 @@
 //! record; its bytes up to the last write are there.
 
 use super::attempt::{AgentOutcome, AgentRequest};
-use crate::store::transcripts::Record;
+use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{BufWriter, Write};
+
+/// How an attempt ended, and where its parts are: the `=== record` line
+/// that ends each attempt (read back by store/transcripts.rs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub iteration: u64,
+    pub attempt: u32,
+    pub started: String,
+    pub command: String,
+    pub duration: f64,
+    pub ending: String,
+    pub exit: Option<i32>,
+    pub signal: Option<i32>,
+    pub class: String,
+    pub decided_by: Option<String>,
+    pub bytes_read: u64,
+    pub bytes_dropped: u64,
+    pub header_bytes: u64,
+    pub output_bytes: u64,
+    pub footer_bytes: u64,
+}
+
+impl Record {
+    pub fn line(&self) -> String {
+        let json = serde_json::to_string(self).unwrap_or_else(|_| "{}".into());
+        format!("=== record {json}\n")
+    }
+}
 
 pub struct Transcript {
     file: Option<BufWriter<File>>,
@@ -161,7 +189,7 @@ fn recycle(path: &std::path::Path, req: &AgentRequest) {
         .truncate(true)
         .open(&old);
     if emptied.is_ok() {
-        let _ = crate::store::atomic::rename_noreplace(&old, path);
+        let _ = crate::sys::rename::noreplace(&old, path);
     }
 }
 

@@ -140,7 +140,11 @@ pub fn write(state_dir: &Path, out: impl Write, transcripts: bool) -> io::Result
         let mut h = tar::Header::new_gnu();
         h.set_size(bytes.len() as u64);
         h.set_mode(0o644);
-        h.set_mtime(crate::engine::account::unix_now().max(0) as u64);
+        h.set_mtime(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        );
         tar.append_data(&mut h, MANIFEST, bytes.as_slice())?;
         for rel in files {
             if excluded(&rel) || claimed.contains(&rel) || (!transcripts && is_transcript(&rel)) {

@@ -6,7 +6,7 @@
 //! What has no record (an attempt cut off by a kill, a cache note, files of
 //! versions before the record) is split at our header lines instead.
 
-use serde::{Deserialize, Serialize};
+pub use crate::agent::TranscriptRecord as Record;
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -15,33 +15,6 @@ const RECORD: &[u8] = b"=== record ";
 const HEADER: &[u8] = b"=== ralph-qchat iteration ";
 const NOTE: &[u8] = b"=== iteration ";
 const FOOTER: &[u8] = b"\n=== end: ";
-
-/// How an attempt ended, and where its parts are.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Record {
-    pub iteration: u64,
-    pub attempt: u32,
-    pub started: String,
-    pub command: String,
-    pub duration: f64,
-    pub ending: String,
-    pub exit: Option<i32>,
-    pub signal: Option<i32>,
-    pub class: String,
-    pub decided_by: Option<String>,
-    pub bytes_read: u64,
-    pub bytes_dropped: u64,
-    pub header_bytes: u64,
-    pub output_bytes: u64,
-    pub footer_bytes: u64,
-}
-
-impl Record {
-    pub fn line(&self) -> String {
-        let json = serde_json::to_string(self).unwrap_or_else(|_| "{}".into());
-        format!("=== record {json}\n")
-    }
-}
 
 /// One attempt found in a transcript file (byte offsets into it).
 #[derive(Debug, Clone, PartialEq)]

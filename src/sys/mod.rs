@@ -9,4 +9,5 @@ pub mod proc;
 pub mod prune;
 pub mod reaper;
 pub mod regular;
+pub mod rename;
 pub mod time;

@@ -135,34 +135,46 @@ Measured with `perf record -g` and `strace -f -tt` on the daemon running a
 no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
 ±0.1).
 
-- **Throughput at concurrency 20** (target 0.9; 0.65 to 0.85 here on ext4,
-  about 0.9 with the state directory on tmpfs). The daemon and its agents
-  share two cores, so every cycle the daemon spends is a request the floor
-  makes instead; the CPU is saturated in both runs. Per 0.2 s of the run the
-  floor's samples are ~85% agent and ~10% the floor's own threads; the
-  daemon's are ~65% agent, ~23% workers, ~7% writer, ~2% scheduler. What the
-  daemon does per request that the floor does not:
-  - it creates the iteration's transcript and the writer removes the oldest
-    one beyond `keep_transcripts`: on this ext4 (no journal, mounted with
-    `discard`) each new inode is found by `find_inode_bit` →
-    `recently_deleted`, the largest kernel cost left. Measured by switching
-    transcripts off in a scratch build: 10 to 13% more requests a second;
-  - it starts the agent in its own process group with rlimits, every signal
-    handler reset (64 `rt_sigaction`s) and a death signal, gets a pidfd and
-    registers three descriptors with epoll, and passes the instruction as an
-    argument and its own variables in the environment (the floor runs the
-    bare script): the workers' share above, about twice what the floor's
-    threads spend spawning;
-  - it durably records the task. This was the largest cost: the writer began
-    a new batch the moment the last one ended, so it rewrote each record
-    after almost every change (~1,300 a second: a new temporary file, fsync,
-    rename, directory fsync) and took a fifth of the machine. Batches now
-    start at most every 0.1 s (`TICK` in src/store/writer.rs; a change of
-    status is written at once): the writer's
-    share fell from ~20% to 4–8% and concurrency 20 from 0.6–0.7 to 0.65–0.85.
-  An append-only journal instead of per-task record files would save part of
-  what is left of the writer's share, not the transcripts or the spawn; not
-  done, it changes what a crash leaves behind for a few percent.
+- **Throughput at concurrency 20** (target 0.9; 0.65 to 0.8 here on ext4
+  and on tmpfs alike). Until 2026-12-01 this run measured five requests per
+  task, not the number it named: the fake agent changed nothing in its
+  working directory and every task stopped as stalled after
+  `max_stalled_iterations`, so the figures before were of the start-up. With
+  2,000 requests the gap is the daemon's own CPU: the daemon and its agents
+  share two cores, so every cycle it spends is a request the floor makes
+  instead. Per request the floor's spawning threads spend about 0.1 ms, the
+  daemon's threads 0.5 to 0.8 ms (the last two columns above); for 0.9 the
+  daemon would have to spend about 0.2 ms. A profile of the daemon's own
+  threads (`perf record --no-inherit`, concurrency 20, state on tmpfs):
+  workers 82%, scheduler 12%, reaper 4%, writer 2%. System calls are 60% of
+  it: `clone3` 10%; the attempt's cgroup, made and removed per request
+  (`cgroup_mkdir` 9%, `cgroup_rmdir` 5%, its interface files looked up 2%);
+  the transcript (open, the old one emptied, written, closed: about 5%);
+  pipes, epoll and pidfds (about 4%). malloc and free are 13% (with glibc's
+  per-thread caches on or off alike: measured, no difference). What is left
+  to do, largest first: a cgroup per worker, reused from one attempt to the
+  next (the accounting read as differences) instead of one per attempt;
+  fewer allocations per request (the request, its environment and argv are
+  built afresh each time; `Plan::new` reads the whole environment); then the
+  scheduler's share.
+  - Done on the way: a new iteration's transcript takes the inode of the one
+    that falls out of `keep_transcripts` (emptied, then renamed), so ext4 no
+    longer allocates and frees an inode per iteration (`find_inode_bit` →
+    `recently_deleted` was the largest kernel cost there): the daemon's CPU
+    per request on ext4 fell from 1.1 to 0.6–0.8 ms in runs side by side,
+    on tmpfs it did not change; the writer holds a lock per batch (for
+    `backup`), which costs two system calls per 0.1 s.
+  - What a kill -9 takes back is as before: a task's record is rewritten at
+    most every 0.1 s while it iterates (a change of status at once), so up
+    to the last tenth of a second of iterations run again, counted in
+    `interrupted_iterations`; a transcript keeps everything up to the
+    agent's last write.
+  - Before: the writer began a new batch the moment the last one ended, so
+    it rewrote each record after almost every change (~1,300 a second: a new
+    temporary file, fsync, rename, directory fsync) and took a fifth of the
+    machine; batches now start at most every 0.1 s (`TICK` in
+    src/store/writer.rs). An append-only journal instead of per-task record
+    files would save part of the writer's share (2%); not done.
 - **Containment** (cgroup mode, the default as root or under the unit): per
   request the daemon makes a cgroup (`mkdirat` under an open root), starts
   the agent inside it with `clone3(CLONE_INTO_CGROUP)`, reads
@@ -180,7 +192,7 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
   reparented to the main thread, not among every running agent. The
   throughput difference between the modes is at the noise of this machine
   (the per-round differences range over ±0.1).
-- **Throughput at concurrency 1** (0.75 to 1.0): the same per-request work,
+- **Throughput at concurrency 1** (0.75 to 0.85): the same per-request work,
   on the path between one agent's exit and the next start (two thread
   hand-offs, the transcript created by the worker). The added latency per
   request meets its target (p99 added ≤ 2 ms).
