@@ -58,13 +58,12 @@ pub struct RecordsLock(Option<File>);
 
 impl RecordsLock {
     pub fn open(state_dir: &Path) -> RecordsLock {
-        RecordsLock(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(state_dir.join(LOCK))
-                .ok(),
-        )
+        let path = state_dir.join(LOCK);
+        // Made once, then held on a read-only descriptor (flock needs no
+        // more), so the file system can still be remounted read-only while
+        // the daemon runs, as with the state-directory lock.
+        let _ = OpenOptions::new().create(true).append(true).open(&path);
+        RecordsLock(File::open(&path).ok())
     }
 
     /// Holds it until the guard is dropped.
