@@ -411,3 +411,51 @@ fn cgroup_asked_for_where_there_is_none_is_a_clear_start_error_and_auto_falls_ba
         }
     }
 }
+
+/// cgroup mode keeps an empty cell for the next attempt instead of making
+/// and removing one per attempt, and each attempt still counts only its own
+/// CPU (the cell's counter read as a difference).
+#[test]
+fn attempts_reuse_an_empty_cgroup_and_count_only_their_own_cpu() {
+    let sb = Sandbox::new("reuse");
+    sb.write("cfg.toml", "[limits]\ncontainment = \"cgroup\"\n");
+    let agent = sb.write_exec(
+        "burn.sh",
+        "#!/bin/bash\ni=0; while [ $i -lt 30000 ]; do i=$((i+1)); done\necho run >> runs.log\n\
+         [ \"$(wc -l < runs.log)\" -ge 6 ] && printf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\"\nexit 0\n",
+    );
+    let cmd = sb.run_program(agent.to_str().unwrap(), &["--config", "cfg.toml"]);
+    let log = sb.path("trace");
+    let traced_run = strace_available();
+    let r = if traced_run {
+        run(traced(&cmd, &log, "mkdir,mkdirat"))
+    } else {
+        run(cmd)
+    };
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let cpu: Vec<f64> = (1..=6)
+        .map(|i| {
+            let t = sb.read(&format!(".ralph-qchat/tasks/PROMPT/iterations/{i:06}.log"));
+            let used = t
+                .split("; used ")
+                .nth(1)
+                .and_then(|u| u.split(" s CPU").next())
+                .unwrap_or_else(|| panic!("iteration {i} counted no CPU: {t}"));
+            used.parse().unwrap()
+        })
+        .collect();
+    let (lo, hi) = cpu
+        .iter()
+        .fold((f64::MAX, 0f64), |(l, h), c| (l.min(*c), h.max(*c)));
+    // The same work each time: a counter read as a total would make the
+    // sixth six times the first.
+    assert!(lo > 0.0 && hi < 3.0 * lo, "CPU per attempt {cpu:?}");
+    if traced_run {
+        let made = calls(&log)
+            .iter()
+            .filter(|c| c.starts_with("mkdirat(") && c.contains("\"PROMPT."))
+            .count();
+        assert_eq!(made, 1, "cells made for 6 attempts: {:?}", calls(&log));
+    }
+    sb.assert_nothing_left();
+}

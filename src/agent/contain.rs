@@ -19,6 +19,8 @@ const RECORD: &str = "cgroups";
 /// beyond kill_grace. A process in uninterruptible sleep (a dead NFS server)
 /// can take that long; the result is recorded then anyway, and said.
 const SETTLE: Duration = Duration::from_secs(5);
+/// Empty cells kept for reuse: one per worker is all a full pool needs.
+const MAX_SPARE: usize = 256;
 
 /// `[limits] containment`: a cgroup per attempt when this host lets us make
 /// one, else the child subreaper and the attempt's mark.
@@ -43,6 +45,11 @@ pub struct Containment {
     seq: AtomicU64,
     /// The record of our own subtree, removed with it.
     record: Option<PathBuf>,
+    /// Empty cells of ended attempts that count only CPU, for the next
+    /// attempts: making and removing a cgroup per attempt was a seventh of
+    /// the daemon's own CPU at high rates (the kernel creates and removes
+    /// its interface files).
+    spare: std::sync::Mutex<Vec<Cell>>,
 }
 
 /// What an attempt used, as far as the mode can tell.
@@ -75,6 +82,8 @@ pub struct Jail<'a> {
     pgid: i32,
     /// Processes found running when the attempt was first ended.
     left: std::cell::Cell<Option<u64>>,
+    /// CPU the cell had counted before this attempt (a reused cell).
+    cpu_before: f64,
 }
 
 impl Containment {
@@ -98,6 +107,7 @@ impl Containment {
             max_processes: AtomicU64::new(max_processes),
             seq: AtomicU64::new(0),
             record: None,
+            spare: Default::default(),
         };
         let leftovers = read_record(state_dir);
         match asked {
@@ -162,6 +172,7 @@ impl Containment {
             max_processes: AtomicU64::new(0),
             seq: AtomicU64::new(0),
             record: None,
+            spare: Default::default(),
         }
     }
 
@@ -272,6 +283,10 @@ impl Containment {
 
     /// Removes our own subtree (at exit, when no attempt runs).
     pub fn close(&self) {
+        let spare = std::mem::take(&mut *self.spare.lock().unwrap_or_else(|p| p.into_inner()));
+        for c in spare {
+            let _ = c.remove();
+        }
         if let Some(t) = &self.tree {
             t.remove();
             // Kept while something is left in our subtree (a process in
@@ -286,15 +301,29 @@ impl Containment {
 
     /// Containment for one attempt. `label` names its cgroup (the task).
     pub fn enter(&self, label: &str, marker: Option<String>) -> Jail<'_> {
+        let (m, p) = (
+            self.max_memory.load(Ordering::Relaxed),
+            self.max_processes.load(Ordering::Relaxed),
+        );
+        // An empty cell of an earlier attempt, where nothing but CPU is counted.
+        let reused = (m == 0 && p == 0)
+            .then(|| self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop())
+            .flatten();
+        if let Some(c) = reused {
+            return Jail {
+                contain: self,
+                cpu_before: c.counted().cpu_seconds,
+                cell: Some(c),
+                marker,
+                pgid: 0,
+                left: std::cell::Cell::new(None),
+            };
+        }
         let cell = self.tree.as_ref().and_then(|t| {
             let name = format!(
                 "{}.{}",
                 sanitize(label),
                 self.seq.fetch_add(1, Ordering::Relaxed)
-            );
-            let (m, p) = (
-                self.max_memory.load(Ordering::Relaxed),
-                self.max_processes.load(Ordering::Relaxed),
             );
             match t.cell(&name, m, p) {
                 Ok(c) => Some(c),
@@ -311,6 +340,7 @@ impl Containment {
             marker,
             pgid: 0,
             left: std::cell::Cell::new(None),
+            cpu_before: 0.0,
         }
     }
 }
@@ -364,31 +394,38 @@ impl Jail<'_> {
     /// After the leader is reaped: nothing of the attempt is alive when this
     /// returns (or `grace` + SETTLE has passed, said in the log). Then what
     /// it used.
-    pub fn finish(self, grace: Duration, leader: Option<(f64, u64)>, task: &str) -> Resources {
+    pub fn finish(mut self, grace: Duration, leader: Option<(f64, u64)>, task: &str) -> Resources {
         let until = Instant::now() + grace + SETTLE;
         let mut r = Resources::default();
-        match &self.cell {
+        match self.cell.take() {
             Some(c) => {
                 let left = self
                     .left
                     .get()
                     .unwrap_or_else(|| count_procs(&c.dir) as u64);
-                if !c.empty(until) {
+                let emptied = c.empty(until);
+                if !emptied {
                     log::error!(task = task;
                         "processes of cgroup {} did not end within {:.0?} of SIGKILL (uninterruptible sleep?); the cgroup is left in place and ended at the next start",
                         c.dir.display(), grace + SETTLE);
                 }
                 let counted = c.counted();
                 r = Resources {
-                    cpu_seconds: counted.cpu_seconds,
+                    cpu_seconds: (counted.cpu_seconds - self.cpu_before).max(0.0),
                     // Without a memory controller: the largest process's.
                     peak_memory: counted.peak_memory.or(leader.map(|l| l.1)),
                     processes: counted.peak_processes,
                     oom_kills: counted.oom_kills,
                     killed: left,
                 };
-                if let Err(e) = c.remove() {
-                    log::warn!(task = task; "cannot remove cgroup {}: {e}", c.dir.display());
+                let mut spare = self.contain.spare.lock().unwrap_or_else(|p| p.into_inner());
+                if emptied && c.reusable() && spare.len() < MAX_SPARE {
+                    spare.push(c);
+                } else {
+                    drop(spare);
+                    if let Err(e) = c.remove() {
+                        log::warn!(task = task; "cannot remove cgroup {}: {e}", c.dir.display());
+                    }
                 }
             }
             None => {

@@ -67,6 +67,11 @@ pub struct Cell {
     events: OwnedFd,
     memory: Option<Controller>,
     pids: Option<Controller>,
+    /// cgroup.kill was written: never reused (a child started into a
+    /// cgroup by clone3(CLONE_INTO_CGROUP) after its kill is killed at once
+    /// on this kernel line: the kill sequence is compared with the parent's
+    /// cgroup's).
+    killed: std::sync::atomic::AtomicBool,
 }
 
 /// What an attempt's cgroup counted.
@@ -274,8 +279,16 @@ impl Tree {
             if e.kind() != io::ErrorKind::AlreadyExists {
                 return Err(ctx("create", &dir, e));
             }
-            // A leftover of the same name: empty it and use it.
-            let _ = write(&dir.join("cgroup.kill"), "1");
+            // A leftover of the same name: ended and made anew, not used as
+            // it is (a child clone3'd into a killed cgroup is killed too).
+            destroy(
+                &dir,
+                std::time::Instant::now() + std::time::Duration::from_secs(2),
+            );
+            // SAFETY: as above.
+            if unsafe { libc::mkdirat(root, cname.as_ptr(), 0o755) } != 0 {
+                return Err(ctx("create", &dir, io::Error::last_os_error()));
+            }
         }
         let dir_fd = open_at(root, &cname, libc::O_RDONLY | libc::O_DIRECTORY)
             .map_err(|e| ctx("open", &dir, e))?;
@@ -292,6 +305,7 @@ impl Tree {
             pids_v1: None,
             memory: self.memory.clone(),
             pids: self.pids.clone(),
+            killed: Default::default(),
         };
         // A v1 companion only for a limit: joining one is a migration, which
         // costs every start an RCU grace period (CLONE_INTO_CGROUP spares the
@@ -554,12 +568,27 @@ impl Cell {
         self.memory.is_some()
     }
 
+    /// Whether what it counts can be counted again from a baseline: only
+    /// CPU (usage_usec grows; a difference is one attempt's). memory.peak
+    /// and pids.peak cannot be reset before Linux 6.12, and limits are
+    /// written per cell: such a cell serves one attempt, as one that was
+    /// killed does.
+    pub fn reusable(&self) -> bool {
+        !self.killed.load(std::sync::atomic::Ordering::Relaxed)
+            && self.memory.is_none()
+            && self.pids.is_none()
+            && self.memory_v1.is_none()
+            && self.pids_v1.is_none()
+    }
+
     /// Kills every process in the cgroup at once (nothing to do when empty,
     /// the common case once the command has exited).
     pub fn kill(&self) -> bool {
         if !self.populated() {
             return true;
         }
+        self.killed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let killed = write_at(&self.dir_fd, c"cgroup.kill", "1").is_ok();
         if !killed {
             kill_members(&self.dir);
