@@ -19,7 +19,8 @@ const RECORD: &str = "cgroups";
 /// beyond kill_grace. A process in uninterruptible sleep (a dead NFS server)
 /// can take that long; the result is recorded then anyway, and said.
 const SETTLE: Duration = Duration::from_secs(5);
-/// Empty cells kept for reuse: one per worker is all a full pool needs.
+/// Empty cells kept for reuse (by name; one per worker is all a full pool
+/// needs).
 const MAX_SPARE: usize = 256;
 
 /// `[limits] containment`: a cgroup per attempt when this host lets us make
@@ -45,11 +46,12 @@ pub struct Containment {
     seq: AtomicU64,
     /// The record of our own subtree, removed with it.
     record: Option<PathBuf>,
-    /// Empty cells of ended attempts that count only CPU, for the next
-    /// attempts: making and removing a cgroup per attempt was a seventh of
-    /// the daemon's own CPU at high rates (the kernel creates and removes
-    /// its interface files).
-    spare: std::sync::Mutex<Vec<Cell>>,
+    /// Names of empty cells of ended attempts that count only CPU, for the
+    /// next attempts: making and removing a cgroup per attempt was a seventh
+    /// of the daemon's own CPU at high rates (the kernel creates and removes
+    /// its interface files). Names, not open cells: a cell waiting holds no
+    /// descriptor.
+    spare: std::sync::Mutex<Vec<String>>,
 }
 
 /// What an attempt used, as far as the mode can tell.
@@ -284,10 +286,10 @@ impl Containment {
     /// Removes our own subtree (at exit, when no attempt runs).
     pub fn close(&self) {
         let spare = std::mem::take(&mut *self.spare.lock().unwrap_or_else(|p| p.into_inner()));
-        for c in spare {
-            let _ = c.remove();
-        }
         if let Some(t) = &self.tree {
+            for name in spare {
+                t.remove_cell(&name);
+            }
             t.remove();
             // Kept while something is left in our subtree (a process in
             // uninterruptible sleep): the next start ends it.
@@ -308,7 +310,12 @@ impl Containment {
         // An empty cell of an earlier attempt, where nothing but CPU is counted.
         let reused = (m == 0 && p == 0)
             .then(|| self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop())
-            .flatten();
+            .flatten()
+            .and_then(|name| {
+                let t = self.tree.as_ref()?;
+                // Gone (removed by hand): a new one is made below.
+                t.reopen(&name).ok()
+            });
         if let Some(c) = reused {
             return Jail {
                 contain: self,
@@ -420,7 +427,7 @@ impl Jail<'_> {
                 };
                 let mut spare = self.contain.spare.lock().unwrap_or_else(|p| p.into_inner());
                 if emptied && c.reusable() && spare.len() < MAX_SPARE {
-                    spare.push(c);
+                    spare.push(c.name());
                 } else {
                     drop(spare);
                     if let Err(e) = c.remove() {

@@ -290,6 +290,30 @@ impl Tree {
                 return Err(ctx("create", &dir, io::Error::last_os_error()));
             }
         }
+        self.open_cell(name, max_memory, max_processes)
+    }
+
+    /// The cell `name` under our root, made earlier and empty (a reused
+    /// one), with no limit: what `cell` gives after its mkdir.
+    pub fn reopen(&self, name: &str) -> io::Result<Cell> {
+        self.open_cell(name, 0, 0)
+    }
+
+    /// Removes the empty cell `name` (one kept for reuse, at exit).
+    pub fn remove_cell(&self, name: &str) {
+        if let Ok(c) = cstring(name) {
+            // SAFETY: a directory fd we own and a C string.
+            unsafe { libc::unlinkat(self.root_fd.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) };
+        }
+    }
+
+    fn open_cell(&self, name: &str, max_memory: u64, max_processes: u64) -> io::Result<Cell> {
+        let dir = self.root.join(name);
+        let ctx = |what: &str, p: &Path, e: io::Error| {
+            io::Error::new(e.kind(), format!("cannot {what} {}: {e}", p.display()))
+        };
+        let cname = cstring(name)?;
+        let root = self.root_fd.as_raw_fd();
         let dir_fd = open_at(root, &cname, libc::O_RDONLY | libc::O_DIRECTORY)
             .map_err(|e| ctx("open", &dir, e))?;
         let events = open_at(dir_fd.as_raw_fd(), c"cgroup.events", libc::O_RDONLY)
@@ -562,6 +586,11 @@ impl Cell {
     /// Whether any process is in the cell now.
     pub fn populated(&self) -> bool {
         populated(&self.events) != Some(false)
+    }
+
+    /// Its name under the tree's root.
+    pub fn name(&self) -> String {
+        self.name.to_string_lossy().into_owned()
     }
 
     pub fn limits_memory(&self) -> bool {
