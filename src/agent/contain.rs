@@ -316,17 +316,9 @@ impl Containment {
                 // Gone (removed by hand): a new one is made below.
                 t.reopen(&name).ok()
             });
-        if let Some(c) = reused {
-            return Jail {
-                contain: self,
-                cpu_before: c.counted().cpu_seconds,
-                cell: Some(c),
-                marker,
-                pgid: 0,
-                left: std::cell::Cell::new(None),
-            };
-        }
-        let cell = self.tree.as_ref().and_then(|t| {
+        let cpu_before = reused.as_ref().map_or(0.0, |c| c.counted().cpu_seconds);
+        let cell = reused.or_else(|| {
+            let t = self.tree.as_ref()?;
             let name = format!(
                 "{}.{}",
                 sanitize(label),
@@ -347,7 +339,7 @@ impl Containment {
             marker,
             pgid: 0,
             left: std::cell::Cell::new(None),
-            cpu_before: 0.0,
+            cpu_before,
         }
     }
 }

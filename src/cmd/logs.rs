@@ -167,8 +167,7 @@ impl Out {
             return Ok(());
         }
         self.raw(bytes)?;
-        self.lines.finish(&mut Vec::new());
-        Ok(())
+        self.held()
     }
 
     /// Bytes appended to iteration `iteration`'s file.
@@ -176,8 +175,16 @@ impl Out {
         if !self.json {
             return self.raw(bytes);
         }
+        let from = self.pending.len().saturating_sub(RECORD.len());
         self.pending.extend_from_slice(bytes);
-        // Attempts that have their record are printed; the rest waits.
+        // Attempts that have their record are printed; the rest waits (and
+        // without a new record line there is nothing to parse again).
+        if !self.pending[from..]
+            .windows(RECORD.len())
+            .any(|w| w == RECORD)
+        {
+            return Ok(());
+        }
         let attempts = transcripts::parse(&self.pending, iteration);
         let done = attempts
             .iter()
@@ -209,21 +216,32 @@ impl Out {
             }
             return Ok(());
         }
+        self.held()
+    }
+
+    /// The end of a file: what was held back as a possible record line is
+    /// output after all.
+    fn held(&mut self) -> Result<(), Failure> {
         let mut tail = Vec::new();
         self.lines.finish(&mut tail);
-        emit(&tail)
+        self.plain(&tail)
     }
 
     fn raw(&mut self, bytes: &[u8]) -> Result<(), Failure> {
         let mut kept = Vec::with_capacity(bytes.len());
         self.lines.feed(bytes, &mut kept);
+        self.plain(&kept)
+    }
+
+    /// Kept bytes, escapes stripped on request.
+    fn plain(&mut self, kept: &[u8]) -> Result<(), Failure> {
         match &mut self.strip {
             Some(s) => {
                 let mut plain = Vec::with_capacity(kept.len());
-                s.feed(&kept, &mut plain);
+                s.feed(kept, &mut plain);
                 emit(&plain)
             }
-            None => emit(&kept),
+            None => emit(kept),
         }
     }
 

@@ -18,7 +18,8 @@ const LOCK: &str = "records.lock";
 
 /// Never in a backup: the process locks, the port of a running daemon, the
 /// cgroups an instance on this machine made (another machine's daemon would
-/// kill cgroups of that name), temporary files.
+/// kill cgroups of that name), our temporary files (`.NAME.tmpPID`; a
+/// workspace's files are the agent's, whatever their names).
 fn excluded(rel: &Path) -> bool {
     let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let top = rel
@@ -27,7 +28,7 @@ fn excluded(rel: &Path) -> bool {
         .and_then(|c| c.as_os_str().to_str())
         .unwrap_or("");
     (rel.components().count() == 1 && matches!(name, "lock" | LOCK | "http.port" | "cgroups"))
-        || name.contains(".tmp")
+        || (top != "workspaces" && name.starts_with('.') && name.contains(".tmp"))
         || top.starts_with(".restore")
 }
 
@@ -108,12 +109,15 @@ pub fn write(state_dir: &Path, out: impl Write, transcripts: bool) -> io::Result
     let mut tar = tar::Builder::new(gz);
     tar.follow_symlinks(false);
     let mut sum = Summary::default();
-    let mut later: Vec<PathBuf> = Vec::new();
+    let keep = |rel: &Path| !excluded(rel) && (transcripts || !is_transcript(rel));
+    // Not even listed under the lock: a workspace may hold a project's
+    // hundred thousand files.
+    let mut later: Vec<(PathBuf, bool)> = Vec::new();
     {
         let lock = RecordsLock::open(state_dir);
         let _held = lock.hold();
         let mut files = Vec::new();
-        walk(state_dir, Path::new(""), &mut files)?;
+        walk(state_dir, Path::new(""), &mut files, Some(&mut later))?;
         // An entry claimed while the spool was listed is in both: the claim wins.
         let claimed: std::collections::HashSet<PathBuf> = files
             .iter()
@@ -146,25 +150,33 @@ pub fn write(state_dir: &Path, out: impl Write, transcripts: bool) -> io::Result
         );
         tar.append_data(&mut h, MANIFEST, bytes.as_slice())?;
         for rel in files {
-            if excluded(&rel) || claimed.contains(&rel) || (!transcripts && is_transcript(&rel)) {
-                continue;
+            if keep(&rel) && !claimed.contains(&rel) {
+                add(&mut tar, state_dir, &rel, &mut sum)?;
             }
-            if bulky(&rel) {
-                later.push(rel);
-                continue;
-            }
-            add(&mut tar, state_dir, &rel, &mut sum)?;
         }
     }
-    for rel in later {
-        add(&mut tar, state_dir, &rel, &mut sum)?;
+    for (top, is_dir) in later {
+        let mut files = vec![top.clone()];
+        if is_dir {
+            walk(state_dir, &top, &mut files, None)?;
+        }
+        for rel in files.iter().filter(|r| keep(r)) {
+            add(&mut tar, state_dir, rel, &mut sum)?;
+        }
     }
     tar.into_inner()?.finish()?.flush()?;
     Ok(sum)
 }
 
-/// Every path under `root` (directories before what they hold), relative.
-fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
+/// Every path under `root/rel` (directories before what they hold),
+/// relative; with `defer`, the bulky ones go there (with whether they are a
+/// directory) instead, not entered.
+fn walk(
+    root: &Path,
+    rel: &Path,
+    out: &mut Vec<PathBuf>,
+    mut defer: Option<&mut Vec<(PathBuf, bool)>>,
+) -> io::Result<()> {
     let dir = root.join(rel);
     let mut entries: Vec<_> = match std::fs::read_dir(&dir) {
         Ok(d) => d.flatten().collect(),
@@ -183,9 +195,15 @@ fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
     for e in entries {
         let r = rel.join(e.file_name());
         let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        if let Some(d) = defer.as_deref_mut()
+            && bulky(&r)
+        {
+            d.push((r, is_dir));
+            continue;
+        }
         out.push(r.clone());
         if is_dir {
-            walk(root, &r, out)?;
+            walk(root, &r, out, defer.as_deref_mut())?;
         }
     }
     Ok(())
@@ -447,6 +465,7 @@ mod tests {
             "pauses.json",
             "spool/x.toml",
             "workspaces/a/lock",
+            "workspaces/a/.cache.tmp1",
         ] {
             assert!(!excluded(Path::new(p)), "{p}");
         }

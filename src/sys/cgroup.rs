@@ -281,10 +281,7 @@ impl Tree {
             }
             // A leftover of the same name: ended and made anew, not used as
             // it is (a child clone3'd into a killed cgroup is killed too).
-            destroy(
-                &dir,
-                std::time::Instant::now() + std::time::Duration::from_secs(2),
-            );
+            destroy(&dir, Instant::now() + std::time::Duration::from_secs(2));
             // SAFETY: as above.
             if unsafe { libc::mkdirat(root, cname.as_ptr(), 0o755) } != 0 {
                 return Err(ctx("create", &dir, io::Error::last_os_error()));
