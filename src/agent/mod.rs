@@ -11,6 +11,7 @@ pub mod contain;
 mod group;
 pub mod instruction;
 mod output;
+mod plan;
 pub mod profile;
 mod spawn;
 mod supervise;

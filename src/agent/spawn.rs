@@ -14,13 +14,19 @@
 //! clone(CLONE_VM | CLONE_VFORK): it runs on its own small stack inside our
 //! memory, does only async-signal-safe syscalls on data prepared before the
 //! clone, and execs; the calling worker resumes once it has.
+//!
+//! A child's exit signals nobody (exit signal 0): its worker waits for it
+//! through its pidfd and wait4(__WALL), and a SIGCHLD per request would wake
+//! the reaper, which reads /proc for orphans each time (about a twentieth of
+//! the daemon's CPU at high rates). An orphan reparented to us signals
+//! SIGCHLD as ever: the kernel resets the exit signal on reparenting.
 
 use super::attempt::AgentRequest;
+use super::plan::{BaseEnv, Plan};
 use crate::sys::cgroup::Joins;
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::ExitStatus;
@@ -136,6 +142,8 @@ impl Spawned {
 pub struct Launcher {
     stack: *mut libc::c_void,
     devnull: OwnedFd,
+    env: BaseEnv,
+    plan: Plan,
 }
 
 // SAFETY: the stack is a private mapping used only by the owning worker.
@@ -165,6 +173,8 @@ impl Launcher {
         Ok(Launcher {
             stack,
             devnull: devnull.into(),
+            env: BaseEnv::of_process(),
+            plan: Plan::default(),
         })
     }
 
@@ -173,15 +183,18 @@ impl Launcher {
         let role = req.role;
         let other =
             |what: String| SpawnError::Other(format!("cannot start {role} `{shown}`: {what}"));
-        let plan = Plan::new(req).map_err(|e| other(e.to_string()))?;
+        self.plan
+            .build(req, &self.env)
+            .map_err(|e| other(e.to_string()))?;
+        let plan = &self.plan;
         let (out_r, out_w) = pipe().map_err(|e| other(format!("pipe: {e}")))?;
         let (err_r, err_w) = pipe().map_err(|e| other(format!("pipe: {e}")))?;
         let (rep_r, rep_w) = pipe().map_err(|e| other(format!("pipe: {e}")))?;
         let args = ChildArgs {
-            candidates: plan.candidates.as_ptr(),
-            argv: plan.argv.as_ptr(),
-            envp: plan.envp.as_ptr(),
-            cwd: plan.cwd.as_ptr(),
+            candidates: plan.candidates(),
+            argv: plan.argv(),
+            envp: plan.envp(),
+            cwd: plan.cwd(),
             fds: [
                 self.devnull.as_raw_fd(),
                 out_w.as_raw_fd(),
@@ -241,12 +254,7 @@ impl Launcher {
                 // SAFETY: child_main touches only `args` (alive until we
                 // return, and we are suspended until the child execs or
                 // exits) and its stack.
-                pid = libc::clone(
-                    child_main,
-                    top,
-                    libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-                    arg,
-                );
+                pid = libc::clone(child_main, top, libc::CLONE_VM | libc::CLONE_VFORK, arg);
                 e = io::Error::last_os_error();
             }
             libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
@@ -343,71 +351,6 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
     got
 }
 
-/// Everything the child needs, built before the clone: the child may not
-/// allocate (it shares our heap and its locks).
-struct Plan {
-    _strings: Vec<CString>,
-    candidates: Vec<*const libc::c_char>,
-    argv: Vec<*const libc::c_char>,
-    envp: Vec<*const libc::c_char>,
-    cwd: CString,
-}
-
-impl Plan {
-    fn new(req: &Spec) -> io::Result<Plan> {
-        let cstr = |s: &OsStr| {
-            CString::new(s.as_bytes()).map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("{:?} contains a NUL byte", s),
-                )
-            })
-        };
-        // Our environment, then the request's variables, a later one
-        // replacing an earlier one of the same name (as Command::env does).
-        let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
-        for (k, v) in req.env {
-            env.retain(|(o, _)| o != k);
-            env.push((k.clone(), v.clone()));
-        }
-        let path = env
-            .iter()
-            .find(|(k, _)| k == "PATH")
-            .map(|(_, v)| v.clone());
-        let mut strings = Vec::new();
-        let keep = |c: CString, strings: &mut Vec<CString>| {
-            let p = c.as_ptr();
-            strings.push(c);
-            p
-        };
-        let mut candidates = Vec::new();
-        for c in candidates_for(req.program, path.as_deref()) {
-            candidates.push(keep(cstr(&c)?, &mut strings));
-        }
-        let mut argv = vec![keep(cstr(req.program)?, &mut strings)];
-        for a in req.args {
-            argv.push(keep(cstr(a)?, &mut strings));
-        }
-        let mut envp = Vec::with_capacity(env.len() + 1);
-        for (k, v) in &env {
-            let mut kv = k.clone();
-            kv.push("=");
-            kv.push(v);
-            envp.push(keep(cstr(&kv)?, &mut strings));
-        }
-        candidates.push(std::ptr::null());
-        argv.push(std::ptr::null());
-        envp.push(std::ptr::null());
-        Ok(Plan {
-            _strings: strings,
-            candidates,
-            argv,
-            envp,
-            cwd: cstr(req.workdir.as_os_str())?,
-        })
-    }
-}
-
 /// Makes children join their cgroup by writing cgroup.procs, as on kernels
 /// without CLONE_INTO_CGROUP (tests of that path).
 #[cfg(test)]
@@ -443,7 +386,7 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 unsafe fn clone_into(cgroup: RawFd, stack: *mut libc::c_void, arg: *mut libc::c_void) -> i32 {
     let ca = CloneArgs {
         flags: libc::CLONE_VM as u64 | libc::CLONE_VFORK as u64 | CLONE_INTO_CGROUP,
-        exit_signal: libc::SIGCHLD as u64,
+        exit_signal: 0,
         stack: stack as u64,
         stack_size: STACK as u64,
         cgroup: cgroup as u64,
@@ -483,26 +426,6 @@ unsafe fn clone_into(cgroup: RawFd, stack: *mut libc::c_void, arg: *mut libc::c_
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn clone_into(_: RawFd, _: *mut libc::c_void, _: *mut libc::c_void) -> i32 {
     -libc::ENOSYS
-}
-
-/// The paths to try, in order, as execvp would: the program itself when it
-/// names a path, else each PATH entry (an empty entry is the working
-/// directory).
-fn candidates_for(program: &OsStr, path: Option<&OsStr>) -> Vec<OsString> {
-    if program.as_bytes().contains(&b'/') {
-        return vec![program.to_owned()];
-    }
-    let path = path.unwrap_or(OsStr::new("/bin:/usr/bin"));
-    path.as_bytes()
-        .split(|&b| b == b':')
-        .map(|dir| {
-            let dir = if dir.is_empty() { b".".as_slice() } else { dir };
-            let mut p = OsStr::from_bytes(dir).to_owned();
-            p.push("/");
-            p.push(program);
-            p
-        })
-        .collect()
 }
 
 const STAGE_SETUP: u8 = 1;
@@ -673,20 +596,5 @@ unsafe fn fail(report: libc::c_int, stage: u8) -> ! {
         let msg = [stage, e[0], e[1], e[2], e[3]];
         libc::write(report, msg.as_ptr().cast(), msg.len());
         libc::_exit(127)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn candidates_follow_execvp() {
-        let c = candidates_for(OsStr::new("q"), Some(OsStr::new("/a::/b")));
-        assert_eq!(c, ["/a/q", "./q", "/b/q"]);
-        let c = candidates_for(OsStr::new("./bin/q"), Some(OsStr::new("/a")));
-        assert_eq!(c, ["./bin/q"]);
-        let c = candidates_for(OsStr::new("q"), None);
-        assert_eq!(c, ["/bin/q", "/usr/bin/q"]);
     }
 }
