@@ -14,6 +14,7 @@ use super::attempt::{AgentOutcome, AgentRequest};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
 
 /// How an attempt ended, and where its parts are: the `=== record` line
 /// that ends each attempt (read back by store/transcripts.rs).
@@ -45,6 +46,7 @@ impl Record {
 
 pub struct Transcript {
     file: Option<BufWriter<File>>,
+    task: String,
     iteration: u64,
     attempt: u32,
     started: String,
@@ -60,6 +62,7 @@ impl Transcript {
         let started = crate::sys::time::now_rfc3339();
         let mut t = Transcript {
             file: None,
+            task: req.task_id.clone(),
             iteration: req.iteration,
             attempt: req.attempt,
             started,
@@ -70,11 +73,13 @@ impl Transcript {
         let Some(path) = &req.transcript else {
             return t;
         };
-        recycle(path, req);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path);
+        let file = match recycle(path, req) {
+            Some(f) => Ok(f),
+            None => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path),
+        };
         match file {
             Ok(f) => t.file = Some(BufWriter::with_capacity(64 * 1024, f)),
             Err(e) => {
@@ -101,17 +106,23 @@ impl Transcript {
 
     fn put(&mut self, bytes: &[u8]) {
         if let Some(f) = &mut self.file
-            && f.write_all(bytes).is_err()
+            && let Err(e) = f.write_all(bytes)
         {
-            self.file = None;
+            self.lost(e);
         }
     }
 
+    /// A write failed (a full disk): said once, the rest not attempted.
+    fn lost(&mut self, e: std::io::Error) {
+        self.file = None;
+        log::warn!(task = self.task.as_str(), iteration = self.iteration; "cannot write the transcript any more: {e}; the rest of this attempt's output is not recorded");
+    }
+
     pub fn flush(&mut self) {
-        if let Some(f) = &mut self.file {
-            if f.flush().is_err() {
-                self.file = None;
-            }
+        if let Some(f) = &mut self.file
+            && let Err(e) = f.flush()
+        {
+            self.lost(e);
         }
     }
 
@@ -172,25 +183,25 @@ impl Transcript {
 /// loop then allocates and frees no inode per iteration (on ext4 that was
 /// the largest cost left). Emptied before renamed, so a crash between the
 /// two leaves an empty old transcript (pruned later), never old bytes under
-/// a new name; never over an existing file (a retry appends to it).
-fn recycle(path: &std::path::Path, req: &AgentRequest) {
+/// a new name; never over an existing file (a retry appends to it: the old
+/// one, out of keep_transcripts already, is then left empty for the
+/// pruning). The file is opened once, for appending, and kept open.
+fn recycle(path: &std::path::Path, req: &AgentRequest) -> Option<File> {
     let keep = req.keep_transcripts as u64;
     let it = req.iteration;
     if keep == 0 || it <= keep || path.file_name() != Some(format!("{it:06}.log").as_ref()) {
-        return;
+        return None;
     }
-    let Some(dir) = path.parent() else { return };
-    let old = dir.join(format!("{:06}.log", it - keep));
-    if path.exists() {
-        return;
-    }
+    let old = path.parent()?.join(format!("{:06}.log", it - keep));
+    // O_APPEND by hand: std refuses append together with truncate.
     let emptied = std::fs::OpenOptions::new()
         .write(true)
         .truncate(true)
-        .open(&old);
-    if emptied.is_ok() {
-        let _ = crate::sys::rename::noreplace(&old, path);
-    }
+        .custom_flags(libc::O_APPEND)
+        .open(&old)
+        .ok()?;
+    crate::sys::rename::noreplace(&old, path).ok()?;
+    Some(emptied)
 }
 
 /// "; used 1.250 s CPU, peak 245 MiB, at most 3 processes, 1 left running (killed)".

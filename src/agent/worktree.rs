@@ -14,6 +14,7 @@ use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Files looked at in a tree that is not a git work tree; a larger tree
@@ -39,18 +40,87 @@ pub fn fingerprint(w: &WatchSpec, contain: &Containment) -> Option<u64> {
     crate::sys::regular::read(&w.prompt_file, 64 * 1024 * 1024)
         .ok()?
         .hash(&mut h);
-    // Only a state directory inside the working directory (run's
-    // WORKDIR/.ralph-qchat) is left out; a daemon's task workspace lies
-    // inside the state directory and is looked at whole.
-    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let (state, work) = (canon(&w.state_dir), canon(&w.workdir));
-    let exclude = (state.starts_with(&work) && state != work).then_some(state);
-    let exclude = exclude.as_deref();
-    match git_state(&work, exclude, w.timeout, contain, &mut h) {
+    let place = Place::of(w);
+    let exclude = place.exclude.as_deref();
+    let git = place
+        .git_top
+        .as_deref()
+        .and_then(|top| git_state(top, exclude, w.timeout, contain, &mut h));
+    match git {
         Some(()) => {}
-        None => walk(&work, exclude, &mut h)?,
+        None => walk(&place.work, exclude, &mut h)?,
     }
     Some(h.finish())
+}
+
+/// Where a fingerprint looks: the working directory resolved, the state
+/// directory to leave out, the git work tree it is in. Finding them takes
+/// two path resolutions and a stat per parent directory; the workers keep
+/// them for the tasks they ran, taken again when the working directory is
+/// another (a different inode), when its `.git` came or went, and every few
+/// seconds (a work tree made around it).
+struct Place {
+    state_dir: PathBuf,
+    workdir: PathBuf,
+    inode: (u64, u64),
+    dot_git: bool,
+    taken: Instant,
+    work: PathBuf,
+    exclude: Option<PathBuf>,
+    git_top: Option<PathBuf>,
+}
+
+const PLACE_FRESH: Duration = Duration::from_secs(5);
+const PLACES_KEPT: usize = 256;
+
+static PLACES: std::sync::Mutex<Vec<Arc<Place>>> = std::sync::Mutex::new(Vec::new());
+
+fn places() -> std::sync::MutexGuard<'static, Vec<Arc<Place>>> {
+    PLACES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Place {
+    fn of(w: &WatchSpec) -> Arc<Place> {
+        let inode = std::fs::metadata(&w.workdir)
+            .map(|m| (m.dev(), m.ino()))
+            .unwrap_or((0, 0));
+        let dot_git = w.workdir.join(".git").exists();
+        let now = Instant::now();
+        let fresh = |p: &Place| {
+            p.workdir == w.workdir
+                && p.state_dir == w.state_dir
+                && p.inode == inode
+                && inode != (0, 0)
+                && p.dot_git == dot_git
+                && now.duration_since(p.taken) < PLACE_FRESH
+        };
+        if let Some(p) = places().iter().find(|p| fresh(p)).cloned() {
+            return p;
+        }
+        // Only a state directory inside the working directory (run's
+        // WORKDIR/.ralph-qchat) is left out; a daemon's task workspace lies
+        // inside the state directory and is looked at whole.
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let (state, work) = (canon(&w.state_dir), canon(&w.workdir));
+        let exclude = (state.starts_with(&work) && state != work).then_some(state);
+        let place = Arc::new(Place {
+            state_dir: w.state_dir.clone(),
+            workdir: w.workdir.clone(),
+            inode,
+            dot_git,
+            taken: now,
+            git_top: git_top(&work),
+            work,
+            exclude,
+        });
+        let mut c = places();
+        c.retain(|p| p.workdir != w.workdir || p.state_dir != w.state_dir);
+        if c.len() >= PLACES_KEPT {
+            c.remove(0);
+        }
+        c.push(place.clone());
+        place
+    }
 }
 
 /// `git` for a fingerprint: no fsmonitor (an agent may have put a hook
@@ -92,15 +162,14 @@ fn git_top(dir: &Path) -> Option<PathBuf> {
 /// One `git status` (porcelain v2, which names HEAD in its header, paths
 /// relative to the top) and the size and mtime of every path it lists.
 fn git_state(
-    dir: &Path,
+    top: &Path,
     exclude: Option<&Path>,
     timeout: Duration,
     contain: &Containment,
     h: &mut DefaultHasher,
 ) -> Option<()> {
-    let top = git_top(dir)?;
     let status = git(
-        &top,
+        top,
         &[
             "status",
             "--porcelain=v2",
@@ -209,6 +278,27 @@ mod tests {
         assert_ne!(a, b);
         std::fs::write(d.join("PROMPT.md"), "task\n- [x] step 1\n").unwrap();
         assert_ne!(fingerprint(&w, &Containment::group_only()), Some(b));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_working_directory_pointed_elsewhere_is_looked_at_where_it_now_is() {
+        let d = scratch("moved");
+        std::fs::create_dir_all(d.join("x")).unwrap();
+        std::fs::create_dir_all(d.join("y")).unwrap();
+        std::os::unix::fs::symlink(d.join("x"), d.join("w")).unwrap();
+        let w = WatchSpec {
+            workdir: d.join("w"),
+            ..spec(&d)
+        };
+        let c = Containment::group_only();
+        fingerprint(&w, &c).unwrap();
+        std::fs::remove_file(d.join("w")).unwrap();
+        std::os::unix::fs::symlink(d.join("y"), d.join("w")).unwrap();
+        let a = fingerprint(&w, &c).unwrap();
+        // What the worker kept of x must not be what it looks at now.
+        std::fs::write(d.join("y/new.rs"), "fn main() {}").unwrap();
+        assert_ne!(fingerprint(&w, &c), Some(a));
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -65,6 +65,8 @@ pub struct Cell {
     /// cgroup.procs of the v1 companions: the child writes "0" to each.
     procs: Vec<OwnedFd>,
     events: OwnedFd,
+    /// Kept open: read before and after each attempt.
+    cpu_stat: Option<OwnedFd>,
     memory: Option<Controller>,
     pids: Option<Controller>,
     /// cgroup.kill was written: never reused (a child started into a
@@ -315,9 +317,11 @@ impl Tree {
             .map_err(|e| ctx("open", &dir, e))?;
         let events = open_at(dir_fd.as_raw_fd(), c"cgroup.events", libc::O_RDONLY)
             .map_err(|e| ctx("open", &dir.join("cgroup.events"), e))?;
+        let cpu_stat = open_at(dir_fd.as_raw_fd(), c"cpu.stat", libc::O_RDONLY).ok();
         let mut cell = Cell {
             procs: Vec::new(),
             events,
+            cpu_stat,
             name: cname,
             parent: self.root_fd.clone(),
             dir_fd,
@@ -556,6 +560,16 @@ fn read_at(dir: &OwnedFd, name: &std::ffi::CStr) -> Option<String> {
     Some(s)
 }
 
+/// The start of a small interface file read through a descriptor kept
+/// open: one pread, no allocation (cpu.stat is a few hundred bytes; a key
+/// past the buffer is simply not found).
+fn pread_start<'a>(fd: &OwnedFd, buf: &'a mut [u8]) -> Option<&'a str> {
+    // SAFETY: a descriptor we hold and a buffer of buf.len() bytes.
+    let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let n = usize::try_from(n).ok()?;
+    std::str::from_utf8(&buf[..n]).ok()
+}
+
 fn key_of(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|l| {
         let (k, v) = l.split_once(' ')?;
@@ -632,11 +646,13 @@ impl Cell {
     }
 
     pub fn counted(&self) -> Counted {
+        let mut buf = [0u8; 1024];
+        let usec = match &self.cpu_stat {
+            Some(fd) => pread_start(fd, &mut buf).and_then(|s| key_of(s, "usage_usec")),
+            None => read_at(&self.dir_fd, c"cpu.stat").and_then(|s| key_of(&s, "usage_usec")),
+        };
         let mut c = Counted {
-            cpu_seconds: read_at(&self.dir_fd, c"cpu.stat")
-                .and_then(|s| key_of(&s, "usage_usec"))
-                .unwrap_or(0) as f64
-                / 1e6,
+            cpu_seconds: usec.unwrap_or(0) as f64 / 1e6,
             ..Counted::default()
         };
         match &self.memory {
