@@ -373,6 +373,35 @@ fn verify_command_gates_completion_and_its_failure_reaches_the_next_instruction(
 }
 
 #[test]
+fn an_edit_of_the_prompt_between_iterations_reaches_the_next_instruction() {
+    // The verify command runs between two attempts and edits the prompt
+    // file: the next attempt must be told the file as it is then, not as
+    // the last attempt left it (which the scheduler may reuse only when
+    // nothing ran in between).
+    let sb = Sandbox::new("verify-edits");
+    let prompt = sb.path("PROMPT.md").display().to_string();
+    let verify = sb.write_exec(
+        "verify.sh",
+        format!("#!/bin/bash\nif [ -e fixed ]; then exit 0; fi\necho 'note added by verify' >> '{prompt}'\necho 'FAILED tests/test_parse'\nexit 1\n"),
+    );
+    sb.write(
+        "cfg.toml",
+        format!(
+            "[orchestrator]\nverify_command = [\"{}\"]\nverify_timeout = 10.0\niteration_delay = 0.0\n",
+            verify.display()
+        ),
+    );
+    let r = run(sb.run_cmd("verify-aware.sh", &["--config", "cfg.toml", "--no-git"]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    assert_eq!(sb.state()["iteration"], 2);
+    let instructions = sb.read("fake-runs.log.instructions");
+    let mut each = instructions.split("=====\n");
+    assert!(!each.next().unwrap().contains("note added by verify"));
+    let second = each.next().unwrap();
+    assert!(second.contains("note added by verify"), "{second}");
+}
+
+#[test]
 fn a_task_whose_verification_never_passes_does_not_complete() {
     let sb = Sandbox::new("verify-never");
     sb.write(

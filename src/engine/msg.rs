@@ -81,8 +81,9 @@ pub struct JobMsg {
 }
 
 pub enum JobResult {
-    /// The outcome, and whether the prompt file was complete after it.
-    Agent(Box<AgentOutcome>, bool),
+    /// The outcome, whether the prompt file was complete after it, and the
+    /// prompt file as read then (None: it could not be read).
+    Agent(Box<AgentOutcome>, bool, Option<Vec<u8>>),
     Prompt(std::io::Result<Vec<u8>>),
     Command(Box<AgentOutcome>),
     Checkpoint(Done),

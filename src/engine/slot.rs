@@ -90,6 +90,9 @@ pub struct Slot {
     pub published: Arc<TaskState>,
     /// The working tree (`trees::key` of the workdir), once looked up.
     pub tree: Option<std::path::PathBuf>,
+    /// The prompt file as the worker read it after the last attempt, and
+    /// the scheduler's pass it arrived in (`Scheduler::start`).
+    pub prompt_after: Option<(u64, Vec<u8>)>,
 }
 
 impl Slot {
@@ -124,6 +127,7 @@ impl Slot {
             read_failures: 0,
             published: Arc::new(TaskState::new("", "", "")),
             tree: None,
+            prompt_after: None,
         }
     }
 

@@ -49,6 +49,12 @@ impl Trees {
             .map(|(other, _)| other.as_str())
     }
 
+    /// `id` holds its tree already: nobody else can (whoever overlaps it
+    /// waits), so it need not be compared with every other again.
+    pub fn holds(&self, id: &str) -> bool {
+        self.held.contains_key(id)
+    }
+
     pub fn take(&mut self, id: &str, tree: PathBuf) {
         self.held.insert(id.to_string(), tree);
     }
@@ -88,6 +94,7 @@ mod tests {
     fn a_held_tree_is_released_by_its_task_only() {
         let mut t = Trees::default();
         t.take("a", PathBuf::from("/srv/repo"));
+        assert!(t.holds("a") && !t.holds("b"));
         assert_eq!(t.holder("b", Path::new("/srv/repo/sub")), Some("a"));
         assert_eq!(t.holder("a", Path::new("/srv/repo")), None);
         assert_eq!(t.holder("b", Path::new("/srv/other")), None);

@@ -49,11 +49,13 @@ pub fn spawn_worker(
                             req.task_id, req.iteration
                         )));
                         let o = run_watched(&mut supervisor, req, &contain);
-                        let complete = check.as_ref().is_some_and(|c| {
+                        let read = check.as_ref().and_then(|c| {
                             crate::sys::regular::read(&c.path, c.max)
-                                .is_ok_and(|t| prompt_complete(&t, &c.marker))
+                                .ok()
+                                .map(|t| (prompt_complete(&t, &c.marker), t))
                         });
-                        JobResult::Agent(Box::new(o), complete)
+                        let complete = read.as_ref().is_some_and(|(done, _)| *done);
+                        JobResult::Agent(Box::new(o), complete, read.map(|(_, t)| t))
                     }
                     Job::ReadPrompt(c) => {
                         set(Some(format!("reading the prompt of task {}", msg.task)));
