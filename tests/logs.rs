@@ -312,6 +312,25 @@ fn a_fast_loop_allocates_no_inode_per_iteration() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert_eq!(names.len(), 2, "{names:?}");
+    // The task's record likewise: each new one is swapped with the last
+    // (which the next one overwrites), no file made and freed per record.
+    let records: Vec<&String> = calls
+        .iter()
+        .filter(|c| c.contains("rename") && c.contains("/state.json\""))
+        .collect();
+    let swapped = records
+        .iter()
+        .filter(|c| c.contains("RENAME_EXCHANGE") && c.ends_with("= 0"))
+        .count();
+    let replaced = records
+        .iter()
+        .filter(|c| !c.contains("RENAME_EXCHANGE") && c.ends_with("= 0"))
+        .count();
+    assert!(swapped >= 2, "{records:?}");
+    assert!(
+        replaced <= 1,
+        "records renamed over state.json: {records:?}"
+    );
 }
 
 #[test]

@@ -347,6 +347,11 @@ fn full_disk_is_reported_and_recovered() {
         "{}",
         health(&sb)
     );
+    let why = health(&sb)["reasons"].to_string();
+    assert!(
+        why.contains("is full") || why.contains("No space left"),
+        "{why}"
+    );
     std::fs::remove_file(&filler).unwrap();
     await_status(&sb, "t1", "completed", 20);
     let t = sb.task("t1");

@@ -325,17 +325,16 @@ impl Intake {
         // another drop, never the same task.
         let known = |id: &str, key: &str| {
             let state = tasks.join(id).join("state.json");
-            match std::fs::read(&state) {
-                Ok(b) => match serde_json::from_slice::<crate::task::TaskState>(&b) {
-                    Ok(t)
-                        if t.source.as_deref() == Some(name.as_str())
-                            && t.source_key.as_deref() == Some(key) =>
-                    {
-                        spool::Known::ThisEntry
-                    }
-                    _ => spool::Known::Other,
-                },
-                Err(_) => spool::Known::No,
+            match crate::store::tasks::read_record(&state) {
+                Ok(Some(t))
+                    if t.source.as_deref() == Some(name.as_str())
+                        && t.source_key.as_deref() == Some(key) =>
+                {
+                    spool::Known::ThisEntry
+                }
+                Ok(Some(_)) => spool::Known::Other,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => spool::Known::Other,
+                _ => spool::Known::No,
             }
         };
         match spool::examine(

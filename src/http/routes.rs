@@ -161,8 +161,29 @@ fn state_dir_writable(shared: &Shared) -> Result<(), String> {
             std::io::Error::last_os_error()
         ));
     }
+    // A full file system: records may still fit in the blocks they had
+    // (the writer reuses its files), but transcripts, archives and new
+    // tasks do not.
+    // SAFETY: statvfs on a valid C string into a zeroed struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0 {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let blocks = if root { st.f_bfree } else { st.f_bavail };
+        let free = blocks as u64 * st.f_frsize as u64;
+        if free < MIN_FREE {
+            return Err(format!(
+                "the file system of state directory {} is full ({} KiB free): transcripts, archives and new tasks cannot be written; free some space",
+                shared.state_dir.display(),
+                free / 1024
+            ));
+        }
+    }
     Ok(())
 }
+
+/// Free space below which the state directory counts as full.
+const MIN_FREE: u64 = 64 * 1024;
 
 pub(super) fn health(shared: &Shared) -> (u16, Value) {
     let base = |status: &str| {

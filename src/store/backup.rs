@@ -18,7 +18,8 @@ const LOCK: &str = "records.lock";
 
 /// Never in a backup: the process locks, the port of a running daemon, the
 /// cgroups an instance on this machine made (another machine's daemon would
-/// kill cgroups of that name), our temporary files (`.NAME.tmpPID`; a
+/// kill cgroups of that name), our temporary files (`.NAME.tmpPID`, and the
+/// writer's `.state.json.tmp`, an older record or a partial one; a
 /// workspace's files are the agent's, whatever their names).
 fn excluded(rel: &Path) -> bool {
     let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -456,6 +457,7 @@ mod tests {
             "http.port",
             "cgroups",
             "tasks/a/.state.json.tmp42",
+            "tasks/a/.state.json.tmp",
             ".restore.7/x",
         ] {
             assert!(excluded(Path::new(p)), "{p}");

@@ -54,20 +54,7 @@ impl TaskStore {
     }
 
     pub fn load(&self, id: &str) -> io::Result<Option<TaskState>> {
-        let path = self.task_dir(id).join("state.json");
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{} is not a valid task record: {e}", path.display()),
-                )
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io::Error::new(
-                e.kind(),
-                format!("cannot read {}: {e}", path.display()),
-            )),
-        }
+        read_record(&self.task_dir(id).join("state.json"))
     }
 
     /// Every readable record, sorted by id, and a message for each unreadable one.
@@ -122,6 +109,36 @@ impl TaskStore {
         logs.sort();
         for p in &logs[..logs.len() - keep] {
             let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The task record at `path` (None: there is none). What does not parse is
+/// read again, twice: the writer reuses the file a record was in two
+/// records later (`writer::SPARE`), so a reader that held it open that long
+/// read it emptied or half rewritten; state.json itself is whole.
+pub fn read_record(path: &Path) -> io::Result<Option<TaskState>> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match std::fs::read(path) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(t) => return Ok(Some(t)),
+                Err(_) if tries < 3 => continue,
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{} is not a valid task record: {e}", path.display()),
+                    ));
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot read {}: {e}", path.display()),
+                ));
+            }
         }
     }
 }
