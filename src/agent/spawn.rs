@@ -15,11 +15,9 @@
 //! memory, does only async-signal-safe syscalls on data prepared before the
 //! clone, and execs; the calling worker resumes once it has.
 //!
-//! A child's exit signals nobody (exit signal 0): its worker waits for it
-//! through its pidfd and wait4(__WALL), and a SIGCHLD per request would wake
-//! the reaper, which reads /proc for orphans each time (about a twentieth of
-//! the daemon's CPU at high rates). An orphan reparented to us signals
-//! SIGCHLD as ever: the kernel resets the exit signal on reparenting.
+//! Its exit signals SIGCHLD, which wakes the reaper per request: an exit
+//! signal of 0 would not spare that, exec sets it back to SIGCHLD (seen with
+//! strace).
 
 use super::attempt::AgentRequest;
 use super::plan::{BaseEnv, Plan};
@@ -254,7 +252,12 @@ impl Launcher {
                 // SAFETY: child_main touches only `args` (alive until we
                 // return, and we are suspended until the child execs or
                 // exits) and its stack.
-                pid = libc::clone(child_main, top, libc::CLONE_VM | libc::CLONE_VFORK, arg);
+                pid = libc::clone(
+                    child_main,
+                    top,
+                    libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                    arg,
+                );
                 e = io::Error::last_os_error();
             }
             libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
@@ -386,7 +389,7 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 unsafe fn clone_into(cgroup: RawFd, stack: *mut libc::c_void, arg: *mut libc::c_void) -> i32 {
     let ca = CloneArgs {
         flags: libc::CLONE_VM as u64 | libc::CLONE_VFORK as u64 | CLONE_INTO_CGROUP,
-        exit_signal: 0,
+        exit_signal: libc::SIGCHLD as u64,
         stack: stack as u64,
         stack_size: STACK as u64,
         cgroup: cgroup as u64,
