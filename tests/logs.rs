@@ -331,6 +331,10 @@ fn a_fast_loop_allocates_no_inode_per_iteration() {
         replaced <= 1,
         "records renamed over state.json: {records:?}"
     );
+    // A finished task keeps one record file, not a spare beside it.
+    let task = sb.path(".ralph-qchat/tasks/PROMPT");
+    assert!(task.join("state.json").is_file());
+    assert!(!task.join(".state.json.tmp").exists());
 }
 
 #[test]

@@ -49,7 +49,11 @@ impl Persist {
         // A task that started, ended or paused is written without waiting for
         // the writer's tick: what an operator looks for after a crash.
         let mut urgent = false;
+        let mut last = Vec::new();
         for s in slots.filter(|s| s.dirty) {
+            if s.phase == Phase::Finished {
+                last.push(s.state.id.clone());
+            }
             urgent |= s.state.status != s.published.status;
             if let Some(t) = s.active_since {
                 s.state.runtime_secs += now.duration_since(t).as_secs_f64();
@@ -67,6 +71,9 @@ impl Persist {
         }
         if !batch.is_empty() {
             self.writer.send(batch, urgent);
+        }
+        for id in last {
+            self.writer.finished(&id);
         }
         changed
     }

@@ -49,6 +49,8 @@ enum Msg {
     File(PathBuf, Vec<u8>),
     /// Keep only the newest `keep` transcripts of a task.
     Prune(String, usize),
+    /// The task's last record was sent.
+    Finished(String),
 }
 
 pub struct Writer {
@@ -88,6 +90,12 @@ impl Writer {
         self.post(Msg::Prune(id.to_string(), keep));
     }
 
+    /// The task's last record was sent: its spare goes (a finished task
+    /// would keep a second file for ever); one more record makes it anew.
+    pub fn finished(&self, id: &str) {
+        self.post(Msg::Finished(id.to_string()));
+    }
+
     fn post(&self, msg: Msg) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(msg);
@@ -118,6 +126,7 @@ fn run(store: TaskStore, tick: Duration, rx: Receiver<Msg>, report: impl Fn(Writ
         let mut batch: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         let mut files: BTreeMap<PathBuf, Vec<u8>> = BTreeMap::new();
         let mut prunes: BTreeMap<String, usize> = BTreeMap::new();
+        let mut finished: BTreeSet<String> = BTreeSet::new();
         let mut take = |msg: Msg| match msg {
             Msg::Tasks(b, urgent) => {
                 batch.extend(b);
@@ -129,6 +138,10 @@ fn run(store: TaskStore, tick: Duration, rx: Receiver<Msg>, report: impl Fn(Writ
             }
             Msg::Prune(id, keep) => {
                 prunes.insert(id, keep);
+                false
+            }
+            Msg::Finished(id) => {
+                finished.insert(id);
                 false
             }
         };
@@ -157,6 +170,9 @@ fn run(store: TaskStore, tick: Duration, rx: Receiver<Msg>, report: impl Fn(Writ
         drop(held);
         for (id, keep) in prunes {
             store.prune_transcripts(&id, keep);
+        }
+        for id in finished {
+            let _ = std::fs::remove_file(store.task_dir(&id).join(SPARE));
         }
     }
 }
