@@ -14,7 +14,6 @@ use super::attempt::{AgentOutcome, AgentRequest};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::os::unix::fs::OpenOptionsExt;
 
 /// How an attempt ended, and where its parts are: the `=== record` line
 /// that ends each attempt (read back by store/transcripts.rs).
@@ -73,13 +72,11 @@ impl Transcript {
         let Some(path) = &req.transcript else {
             return t;
         };
-        let file = match recycle(path, req) {
-            Some(f) => Ok(f),
-            None => std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path),
-        };
+        recycle(path, req);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path);
         match file {
             Ok(f) => t.file = Some(BufWriter::with_capacity(64 * 1024, f)),
             Err(e) => {
@@ -185,23 +182,30 @@ impl Transcript {
 /// two leaves an empty old transcript (pruned later), never old bytes under
 /// a new name; never over an existing file (a retry appends to it: the old
 /// one, out of keep_transcripts already, is then left empty for the
-/// pruning). The file is opened once, for appending, and kept open.
-fn recycle(path: &std::path::Path, req: &AgentRequest) -> Option<File> {
+/// pruning).
+///
+/// Emptied through a descriptor of its own, closed at once: ext4 writes out
+/// a file truncated to zero when the descriptor that truncated it is closed
+/// (auto_da_alloc); closed while empty that costs nothing, while the
+/// transcript written through it would have been written out at its close
+/// (a block write per iteration, measured: 5% of the daemon's CPU).
+fn recycle(path: &std::path::Path, req: &AgentRequest) {
     let keep = req.keep_transcripts as u64;
     let it = req.iteration;
     if keep == 0 || it <= keep || path.file_name() != Some(format!("{it:06}.log").as_ref()) {
-        return None;
+        return;
     }
-    let old = path.parent()?.join(format!("{:06}.log", it - keep));
-    // O_APPEND by hand: std refuses append together with truncate.
+    let Some(dir) = path.parent() else {
+        return;
+    };
+    let old = dir.join(format!("{:06}.log", it - keep));
     let emptied = std::fs::OpenOptions::new()
         .write(true)
         .truncate(true)
-        .custom_flags(libc::O_APPEND)
-        .open(&old)
-        .ok()?;
-    crate::sys::rename::noreplace(&old, path).ok()?;
-    Some(emptied)
+        .open(&old);
+    if emptied.is_ok() {
+        let _ = crate::sys::rename::noreplace(&old, path);
+    }
 }
 
 /// "; used 1.250 s CPU, peak 245 MiB, at most 3 processes, 1 left running (killed)".
