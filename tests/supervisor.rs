@@ -381,6 +381,33 @@ fn the_operators_glibc_tunables_reach_the_agent_unchanged() {
 }
 
 #[test]
+fn the_agent_gets_blocking_stdout_and_stderr() {
+    // Our ends of its pipes are non-blocking; its own must not be (a CLI
+    // writing to a non-blocking pipe gets EAGAIN: node and Python fail).
+    let sb = Sandbox::new("blocking");
+    sb.write_exec(
+        "probe.sh",
+        "#!/bin/sh\necho \"out $(grep '^flags' /proc/$$/fdinfo/1)\"\necho \"err $(grep '^flags' /proc/$$/fdinfo/2)\" >&2\nprintf '\\nTASK_COMPLETE\\n' >> \"$RALPH_QCHAT_PROMPT_FILE\"\n",
+    );
+    let r = run(sb.cmd(&["run", "--agent-command", "./probe.sh", "--no-git"]));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let t = sb.read(".ralph-qchat/tasks/PROMPT/iterations/000001.log");
+    for which in ["out", "err"] {
+        let line = t
+            .lines()
+            .find(|l| l.starts_with(&format!("{which} flags:")))
+            .unwrap_or_else(|| panic!("no {which} flags in {t}"));
+        let octal = line.rsplit(|c: char| c.is_whitespace()).next().unwrap();
+        let flags = i64::from_str_radix(octal, 8).unwrap();
+        assert_eq!(
+            flags & libc::O_NONBLOCK as i64,
+            0,
+            "{which} is non-blocking: {line}"
+        );
+    }
+}
+
+#[test]
 fn an_iteration_ends_when_its_output_ends_not_after_the_drain_period() {
     let sb = Sandbox::new("drainend");
     // The agent exits first; a helper holding its pipes follows as soon as it

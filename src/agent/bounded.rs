@@ -60,6 +60,7 @@ pub fn run(
     let mut jail = contain.enter(label, None);
     let joins = jail.joins();
     let spec = Spec {
+        nonblocking: false,
         role: "helper command",
         program: cmd.get_program(),
         args: &args,

@@ -252,6 +252,7 @@ mod tests {
             workdir: Path::new("/work/dir"),
             max_as: 0,
             joins: &joins,
+            nonblocking: false,
         };
         let mut plan = Plan::default();
         // Twice: the second build reuses the first one's buffers.

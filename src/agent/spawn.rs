@@ -28,7 +28,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
 
 /// Environment variable that marks every process of an agent run, so leftovers
 /// of a killed daemon can be found and ended on the next start.
@@ -59,6 +59,9 @@ pub struct Spec<'a> {
     pub max_as: u64,
     /// The attempt's cgroups.
     pub joins: &'a Joins,
+    /// Our ends of its stdout and stderr pipes are made non-blocking (for
+    /// a poller), its own ends stay blocking.
+    pub nonblocking: bool,
 }
 
 impl<'a> Spec<'a> {
@@ -71,6 +74,7 @@ impl<'a> Spec<'a> {
             workdir: &req.workdir,
             max_as,
             joins,
+            nonblocking: true,
         }
     }
 }
@@ -185,9 +189,11 @@ impl Launcher {
             .build(req, &self.env)
             .map_err(|e| other(e.to_string()))?;
         let plan = &self.plan;
-        let (out_r, out_w) = pipe().map_err(|e| other(format!("pipe: {e}")))?;
-        let (err_r, err_w) = pipe().map_err(|e| other(format!("pipe: {e}")))?;
-        let (rep_r, rep_w) = pipe().map_err(|e| other(format!("pipe: {e}")))?;
+        // Made non-blocking by pipe2 for both ends, the child's cleared in
+        // the child: two system calls fewer per start than fcntl on ours.
+        let flags = if req.nonblocking { libc::O_NONBLOCK } else { 0 };
+        let (out_r, out_w) = pipe(flags).map_err(|e| other(format!("pipe: {e}")))?;
+        let (err_r, err_w) = pipe(flags).map_err(|e| other(format!("pipe: {e}")))?;
         let args = ChildArgs {
             candidates: plan.candidates(),
             argv: plan.argv(),
@@ -198,7 +204,9 @@ impl Launcher {
                 out_w.as_raw_fd(),
                 err_w.as_raw_fd(),
             ],
-            report: rep_w.as_raw_fd(),
+            blocking_out: req.nonblocking,
+            stage: AtomicU8::new(0),
+            errno: AtomicI32::new(0),
             // SAFETY: getpid has no preconditions.
             parent: unsafe { libc::getpid() },
             max_as: req.max_as,
@@ -266,7 +274,7 @@ impl Launcher {
             }
             pid
         };
-        drop((out_w, err_w, rep_w));
+        drop((out_w, err_w));
         let mut spawned = Spawned {
             pid,
             stdout: Some(out_r),
@@ -274,16 +282,17 @@ impl Launcher {
             status: None,
             rusage: None,
         };
-        // Nothing to read means exec closed the report pipe: it started.
-        let mut rep = [0u8; 5];
-        let n = read_full(&rep_r, &mut rep);
-        if n < rep.len() {
+        // We resumed once the child exec'd or exited: a child that failed
+        // said where, in our memory, before it exited (as posix_spawn does;
+        // a pipe for it cost three system calls and two descriptors).
+        let stage = args.stage.load(Ordering::Acquire);
+        if stage == 0 {
             return Ok(spawned);
         }
         let _ = spawned.wait();
-        let errno = i32::from_ne_bytes([rep[1], rep[2], rep[3], rep[4]]);
+        let errno = args.errno.load(Ordering::Acquire);
         let e = io::Error::from_raw_os_error(errno);
-        Err(match (rep[0], errno) {
+        Err(match (stage, errno) {
             (STAGE_EXEC, libc::ENOENT) => SpawnError::Unavailable(format!(
                 "{role} `{shown}` not found (looked in PATH and {}); install it{}",
                 req.workdir.display(),
@@ -324,34 +333,14 @@ fn page_size() -> usize {
     if p > 0 { p as usize } else { 4096 }
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+fn pipe(flags: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills two fds on success.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | flags) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fresh fds we now own.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
-    let mut got = 0;
-    while got < buf.len() {
-        // SAFETY: reading into the unfilled rest of buf.
-        let n = unsafe {
-            libc::read(
-                fd.as_raw_fd(),
-                buf[got..].as_mut_ptr().cast(),
-                buf.len() - got,
-            )
-        };
-        if n > 0 {
-            got += n as usize;
-        } else if n == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            break;
-        }
-    }
-    got
 }
 
 /// Makes children join their cgroup by writing cgroup.procs, as on kernels
@@ -444,8 +433,12 @@ struct ChildArgs {
     cwd: *const libc::c_char,
     /// Becomes the child's stdin, stdout, stderr.
     fds: [libc::c_int; 3],
-    /// Write end of the report pipe (close-on-exec): errors go back here.
-    report: libc::c_int,
+    /// Its stdout and stderr were made non-blocking: made blocking again.
+    blocking_out: bool,
+    /// Where the child failed (a STAGE_, 0 = it did not) and errno then:
+    /// written by the child in our memory before it exits.
+    stage: AtomicU8,
+    errno: AtomicI32,
     parent: libc::pid_t,
     max_as: u64,
     joins: *const RawFd,
@@ -483,7 +476,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         if libc::setpgid(0, 0) != 0 {
-            fail(a.report, STAGE_SETUP);
+            fail(a, STAGE_SETUP);
         }
         // The death signal follows the thread that cloned us: workers outlive
         // their children, so this fires only when the daemon itself dies.
@@ -495,7 +488,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             0,
         ) != 0
         {
-            fail(a.report, STAGE_SETUP);
+            fail(a, STAGE_SETUP);
         }
         if libc::getppid() != a.parent {
             libc::_exit(1);
@@ -508,13 +501,13 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 libc::O_WRONLY | libc::O_CLOEXEC,
             );
             if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                fail(a.report, STAGE_CGROUP);
+                fail(a, STAGE_CGROUP);
             }
             libc::close(fd);
         }
         for i in 0..a.n_joins {
             if libc::write(*a.joins.add(i), b"0".as_ptr().cast(), 1) != 1 {
-                fail(a.report, STAGE_CGROUP);
+                fail(a, STAGE_CGROUP);
             }
         }
         let zero = libc::rlimit {
@@ -528,7 +521,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 rlim_max: a.max_as,
             };
             if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
-                fail(a.report, STAGE_SETUP);
+                fail(a, STAGE_SETUP);
             }
         }
         for (target, &fd) in a.fds.iter().enumerate() {
@@ -540,11 +533,18 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 libc::dup2(fd, target) == target
             };
             if !ok {
-                fail(a.report, STAGE_SETUP);
+                fail(a, STAGE_SETUP);
+            }
+        }
+        if a.blocking_out {
+            for fd in [1, 2] {
+                if libc::fcntl(fd, libc::F_SETFL, 0) != 0 {
+                    fail(a, STAGE_SETUP);
+                }
             }
         }
         if libc::chdir(a.cwd) != 0 {
-            fail(a.report, STAGE_CHDIR);
+            fail(a, STAGE_CHDIR);
         }
         let mut errno = libc::ENOENT;
         let mut denied = false;
@@ -565,7 +565,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             errno = libc::EACCES;
         }
         *libc::__errno_location() = errno;
-        fail(a.report, STAGE_EXEC)
+        fail(a, STAGE_EXEC)
     }
 }
 
@@ -592,12 +592,11 @@ fn rt_sigaction(
 }
 
 /// Reports the stage and errno to the parent and exits.
-unsafe fn fail(report: libc::c_int, stage: u8) -> ! {
-    // SAFETY: raw syscalls on our own fds and a stack buffer.
+unsafe fn fail(a: &ChildArgs, stage: u8) -> ! {
+    // SAFETY: errno of this thread, then a raw exit.
     unsafe {
-        let e = (*libc::__errno_location()).to_ne_bytes();
-        let msg = [stage, e[0], e[1], e[2], e[3]];
-        libc::write(report, msg.as_ptr().cast(), msg.len());
+        a.errno.store(*libc::__errno_location(), Ordering::Release);
+        a.stage.store(stage, Ordering::Release);
         libc::_exit(127)
     }
 }

@@ -322,7 +322,7 @@ impl Supervisor {
         let pipes: [Option<OwnedFd>; 2] = [child.stdout.take(), child.stderr.take()];
         for (i, p) in pipes.iter().enumerate() {
             if let Some(fd) = p {
-                set_nonblocking(fd.as_raw_fd());
+                // Non-blocking already (Spec::agent).
                 let _ = self.poll.registry().register(
                     &mut SourceFd(&fd.as_raw_fd()),
                     Token(i),
@@ -487,14 +487,6 @@ fn cancel_ending(r: CancelReason) -> Ending {
     match r {
         CancelReason::Cancel => Ending::Cancelled,
         CancelReason::Shutdown => Ending::ShutDown,
-    }
-}
-
-fn set_nonblocking(fd: RawFd) {
-    // SAFETY: fcntl on an fd we own.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
     }
 }
 
