@@ -135,45 +135,47 @@ Measured with `perf record -g` and `strace -f -tt` on the daemon running a
 no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
 ±0.1).
 
-- **Throughput at concurrency 20** (target 0.9; 0.73 to 0.91 here on ext4,
-  median 0.79; on tmpfs 0.71 to 0.98). The gap is the daemon's own CPU: the
-  daemon and its agents share two cores (idle under 1% while requests run,
-  measured from /proc/stat), so every cycle it spends is a request the
-  floor makes instead. Per request the floor's spawning threads spend about
-  0.08 ms, the daemon's threads 0.35 to 0.45 ms (the last two columns;
-  0.6 ms before the round of 2026-12-01 evening, 1.1 ms before the one
-  that morning); for 0.9 the daemon would have to spend about 0.2 ms with
-  the writeback and RCU work it causes in kernel threads, which no column
-  counts. A profile of the daemon's own threads after that round
-  (`perf record --no-inherit --call-graph dwarf`, concurrency 20, ext4):
-  workers 80% (starting the agent 18%: clone3 8%, three pipes, the fds;
-  the transcript opened, its header, footer and record line written and
-  closed 19%; waiting on the agent's pipes and pidfd 15%; the cgroup cell
-  reopened and read 6%), scheduler 11%, writer 5%, reaper 4% (a SIGCHLD
-  per request wakes it to look for orphans in /proc: an exit signal of 0
-  does not spare it, exec sets SIGCHLD again), malloc and free about 10%
-  spread over all of them. Done in that round (the daemon's CPU per
-  request at concurrency 20 on ext4 0.61 → 0.45 ms between the full runs
-  before and after it; 0.51 → 0.48 ms in 10 alternated runs of 3,000
-  requests with the first half of it, which is about the noise): the child's argv and environment are laid out in
-  buffers the worker keeps, from a copy of the environment taken once
+- **Throughput at concurrency 20** (target 0.9; 0.66 to 0.91 here on ext4
+  over the last two full runs, medians 0.76 and 0.79; on tmpfs 0.89). The
+  gap is CPU: the daemon and its agents share two cores (idle under 1% while
+  requests run, for floor and daemon alike, measured from /proc/stat), so
+  every cycle spent for the daemon is a request the floor makes instead.
+  Per request the floor's spawning threads spend about 0.08 ms, the
+  daemon's threads 0.33 ms (the last two columns; 0.61 ms before the round
+  of 2026-12-01 evening, 1.1 ms before the one that morning). On top of
+  that comes what the daemon makes kernel threads do, which no column
+  counts: writing back each iteration's transcript and the records (the
+  tmpfs row, without it, is 0.1 higher). For 0.9 the two together would
+  have to stay under about 0.15 ms. The profile of the daemon's own threads
+  after that round (`perf record --no-inherit --call-graph dwarf`,
+  concurrency 20, ext4): workers 80% (starting the agent 17%, clone3 half
+  of it; the transcript opened, taken over from the one that falls out of
+  `keep_transcripts` and renamed, 16%, its path walks and the rename most of
+  it; waiting on the agent's pipes and pidfd 18%; the cgroup cell reopened
+  and read 8%), scheduler 11%, writer 5%, reaper 4% (a SIGCHLD per request
+  wakes it to look for orphans in /proc: an exit signal of 0 does not spare
+  that, exec sets SIGCHLD again), malloc and free about 10% spread over all
+  of them. Done in that round: the child's argv and environment laid out
+  in buffers the worker keeps, from a copy of the environment taken once
   (`Plan::new` read the whole environment per start: 7%); a task that goes
   on in the same scheduler pass starts with the prompt file its last
   attempt's worker read after the attempt, not with a trip to a worker and
-  back to read it again; a task's new record is swapped with state.json
-  (`RENAME_EXCHANGE`) and the next one written into the file the last one
-  left, so no inode is made and freed per record (on this ext4 without a
-  journal each new inode searched past the recently freed ones,
-  `recently_deleted`: the writer fell from 13% to 5%); a transcript that
-  takes an old one's inode is opened once; where a fingerprint looks is
-  kept per working directory; cpu.stat is kept open and read with pread.
-  What is left to try, largest first: one pipe for stdout and stderr
-  where the profile does not tell them apart, and none for the exec report
-  (the child can write it into our memory, as posix_spawn does); the
-  transcript's header and footer written with its first and last output
-  instead of apart; the reaper told which exits are agents' (their pids
-  are known) so it reads /proc only for others; a job queue without
-  crossbeam's spinning and yielding (12 `sched_yield` per request).
+  back; a task's new record swapped with state.json (`RENAME_EXCHANGE`) and
+  the next one written into the file the last one left, so no inode is
+  made and freed per record (on this ext4 without a journal each new inode
+  searched past the recently freed ones, `recently_deleted`: the writer
+  fell from 13% to 5%); the old transcript emptied through a descriptor
+  closed at once (ext4 writes out a file truncated to zero at the close of
+  the descriptor that truncated it, `auto_da_alloc`: through the
+  transcript's own descriptor that was a block write per iteration, 5%);
+  the exec report through our memory instead of a pipe, the pipes made
+  non-blocking by `pipe2`; where a fingerprint looks kept per working
+  directory; cpu.stat kept open and read with pread. What is left to try,
+  largest first: transcripts named by a slot of `keep_transcripts` with an
+  index, opened and renamed relative to a directory descriptor (the path
+  walks and the rename); the reaper told which exits are agents' (their
+  pids are known) so it reads /proc only for the others; a job queue
+  without crossbeam's spinning and yielding (12 `sched_yield` per request).
   - Done: an attempt's cgroup is kept, empty, for the next attempt where it
     counts only CPU (no memory or pids controller on it, no limit written,
     never killed: a process clone3'd into a cgroup after a write to its
@@ -219,7 +221,7 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
   reparented to the main thread, not among every running agent. The
   throughput difference between the modes is at the noise of this machine
   (the per-round differences range over ±0.1).
-- **Throughput at concurrency 1** (0.75 to 0.89): the same per-request work,
+- **Throughput at concurrency 1** (0.75 to 0.92): the same per-request work,
   on the path between one agent's exit and the next start (the worker's
   fingerprint and completion check, one hand-off to the scheduler and one
   back, the transcript created by the worker). The added latency per
