@@ -9,12 +9,21 @@
 //! no child of its own, while every agent and helper is the child of the
 //! worker thread that started it. So on each SIGCHLD this thread reaps the
 //! zombies among the main thread's children, and only those.
+//!
+//! Every agent's exit sends SIGCHLD too (the worker waits for it; exec
+//! sets the exit signal back to SIGCHLD whatever clone asked), hundreds a
+//! second at high rates, and each look reads /proc: it looks at most once
+//! per `SCAN_EVERY`, the signals that came meanwhile covered by that look.
+//! An orphan's zombie waits that much longer at most.
 
 use signal_hook::consts::SIGCHLD;
 use signal_hook::iterator::Signals;
 use std::io;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const SCAN_EVERY: Duration = Duration::from_millis(50);
 
 static STARTED: OnceLock<()> = OnceLock::new();
 static REAPED: AtomicU64 = AtomicU64::new(0);
@@ -33,8 +42,22 @@ pub fn start() -> io::Result<()> {
         .name("reaper".into())
         .spawn(move || {
             reap_all();
-            for _ in signals.forever() {
+            let mut last = Instant::now();
+            // wait() blocks until a signal came; an empty return is spurious.
+            loop {
+                if signals.wait().count() == 0 {
+                    if signals.is_closed() {
+                        break;
+                    }
+                    continue;
+                }
+                let since = last.elapsed();
+                if since < SCAN_EVERY {
+                    std::thread::sleep(SCAN_EVERY - since);
+                }
+                let _ = signals.pending().count();
                 reap_all();
+                last = Instant::now();
             }
         })?;
     let _ = STARTED.set(());
