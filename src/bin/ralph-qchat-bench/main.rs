@@ -135,14 +135,16 @@ Measured with `perf record -g` and `strace -f -tt` on the daemon running a
 no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
 ±0.1).
 
-- **Throughput at concurrency 20** (target 0.9; 0.66 to 0.91 here on ext4
-  over the last two full runs, medians 0.76 and 0.79; on tmpfs 0.89). The
+- **Throughput at concurrency 20** (target 0.9; 0.66 to 1.03 here on ext4
+  over the last three full runs, medians 0.76 to 0.80; on tmpfs 0.83 to
+  0.89). The
   gap is CPU: the daemon and its agents share two cores (idle under 1% while
   requests run, for floor and daemon alike, measured from /proc/stat), so
   every cycle spent for the daemon is a request the floor makes instead.
-  Per request the floor's spawning threads spend about 0.08 ms, the
-  daemon's threads 0.33 ms (the last two columns; 0.61 ms before the round
-  of 2026-12-01 evening, 1.1 ms before the one that morning). On top of
+  Per request the floor's spawning threads spend 0.07 to 0.10 ms, the
+  daemon's threads 0.33 to 0.46 ms (the last two columns; the machine's
+  speed moves both alike from run to run; 0.61 ms before the round of
+  2026-12-01 evening, 1.1 ms before the one that morning). On top of
   that comes what the daemon makes kernel threads do, which no column
   counts: writing back each iteration's transcript and the records (the
   tmpfs row, without it, is 0.1 higher). For 0.9 the two together would
@@ -153,9 +155,9 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
   `keep_transcripts` and renamed, 16%, its path walks and the rename most of
   it; waiting on the agent's pipes and pidfd 18%; the cgroup cell reopened
   and read 8%), scheduler 11%, writer 5%, reaper 4% (a SIGCHLD per request
-  wakes it to look for orphans in /proc: an exit signal of 0 does not spare
-  that, exec sets SIGCHLD again), malloc and free about 10% spread over all
-  of them. Done in that round: the child's argv and environment laid out
+  woke it to look for orphans in /proc: an exit signal of 0 does not spare
+  that, exec sets SIGCHLD again; it now looks at most every 50 ms), malloc
+  and free about 10% spread over all of them. Done in that round: the child's argv and environment laid out
   in buffers the worker keeps, from a copy of the environment taken once
   (`Plan::new` read the whole environment per start: 7%); a task that goes
   on in the same scheduler pass starts with the prompt file its last
@@ -173,8 +175,7 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
   directory; cpu.stat kept open and read with pread. What is left to try,
   largest first: transcripts named by a slot of `keep_transcripts` with an
   index, opened and renamed relative to a directory descriptor (the path
-  walks and the rename); the reaper told which exits are agents' (their
-  pids are known) so it reads /proc only for the others; a job queue
+  walks and the rename); a job queue
   without crossbeam's spinning and yielding (12 `sched_yield` per request).
   - Done: an attempt's cgroup is kept, empty, for the next attempt where it
     counts only CPU (no memory or pids controller on it, no limit written,
@@ -221,10 +222,10 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
   reparented to the main thread, not among every running agent. The
   throughput difference between the modes is at the noise of this machine
   (the per-round differences range over ±0.1).
-- **Throughput at concurrency 1** (0.75 to 0.92): the same per-request work,
-  on the path between one agent's exit and the next start (the worker's
-  fingerprint and completion check, one hand-off to the scheduler and one
-  back, the transcript created by the worker). The added latency per
+- **Throughput at concurrency 1** (0.75 to 0.96; medians 0.84 to 0.90):
+  the same per-request work, on the path between one agent's exit and the
+  next start (the worker's fingerprint and completion check, one hand-off
+  to the scheduler and one back, the transcript created by the worker). The added latency per
   request meets its target (p99 added ≤ 2 ms).
 - Fixed in the rounds before, each found by the profile: agents are started
   with `clone(CLONE_VM | CLONE_VFORK)` and only async-signal-safe setup
