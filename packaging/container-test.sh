@@ -35,7 +35,7 @@ t0=$(date +%s.%N)
 say() { printf '[%6.2fs] %s\n' "$(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN{print a-b}')" "$*"; }
 fail() {
   echo "FAIL: $*" >&2
-  for c in $(podman ps -a --format '{{.Names}}' | grep "^$CT" || true); do
+  for c in $(podman ps -a --format '{{.Names}}' | grep -E "^($CT|ralph-qchat-ci-compose-$$)" || true); do
     echo "--- podman logs $c" >&2; podman logs "$c" 2>&1 | tail -30 >&2 || true
   done
   exit 1
@@ -235,12 +235,19 @@ svc=$(podman ps --filter "label=io.podman.compose.project=$PROJECT" --format '{{
 wait_for 15 "'$BIN' health --url http://127.0.0.1:$port/health" || fail "compose: /health does not answer on $port"
 out=$(podman healthcheck run "$svc" 2>&1) || fail "compose: HEALTHCHECK failed: $out"
 podman exec "$svc" ralph-qchat submit /prompts/task.md --id composed >/dev/null || fail "compose: submit"
+# One answer decides, and is what a failure shows: asking again after the
+# wait failed once in CI with no trace of why (podman exec's stderr goes
+# through the filter above and can come after the failure's message).
+completed=
 for _ in $(seq 150); do
-  podman exec "$svc" ralph-qchat status composed --json 2>/dev/null | grep -q '"status": "completed"' && break
+  answer=$(podman exec "$svc" ralph-qchat status composed --json 2>&1) && rc=0 || rc=$?
+  if [[ $rc == 0 ]] && grep -q '"status": "completed"' <<<"$answer"; then
+    completed=1
+    break
+  fi
   sleep 0.1
 done
-podman exec "$svc" ralph-qchat status composed --json | grep -q '"status": "completed"' \
-  || fail "compose: the task did not complete: $(podman exec "$svc" ralph-qchat status composed 2>&1)"
+[[ -n $completed ]] || fail "compose: the task did not complete (status exit $rc): $answer"
 compose stop || fail "podman-compose stop"
 [[ $(podman inspect --format '{{.State.ExitCode}}' "$svc") == 0 ]] || fail "compose stop: exit $(podman inspect --format '{{.State.ExitCode}}' "$svc")"
 [[ $(podman inspect --format '{{.HostConfig.RestartPolicy.Name}}' "$svc") == unless-stopped ]] || fail "compose: restart policy"
