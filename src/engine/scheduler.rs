@@ -620,33 +620,24 @@ impl Scheduler {
     /// worker) ends the pass, and the file is read again.
     fn start(&mut self, id: &str) {
         let pass = self.pass;
-        let fresh = self
-            .slots
-            .get_mut(id)
-            .and_then(|s| s.prompt_after.take())
-            .filter(|(p, _)| *p == pass);
-        if let Some((_, prompt)) = fresh {
-            if let Some(slot) = self.slots.get_mut(id) {
-                if slot.active_since.is_none() {
-                    slot.active_since = Some(Instant::now());
-                }
-            }
-            return self.prompt_read(id, Ok(prompt));
-        }
-        let seq = self.next_seq();
-        let max = self.cfg.limits.max_prompt_size;
-        let marker = self.cfg.orchestrator.completion_marker.clone();
         let Some(slot) = self.slots.get_mut(id) else {
             return;
         };
         if slot.active_since.is_none() {
             slot.active_since = Some(Instant::now());
         }
+        if let Some((_, prompt)) = slot.prompt_after.take().filter(|(p, _)| *p == pass) {
+            return self.prompt_read(id, Ok(prompt));
+        }
+        let seq = self.next_seq();
+        let Some(slot) = self.slots.get_mut(id) else {
+            return;
+        };
         slot.phase = Phase::Reading { seq };
         let check = PromptCheck {
             path: PathBuf::from(&slot.state.prompt_file),
-            max,
-            marker,
+            max: self.cfg.limits.max_prompt_size,
+            marker: self.cfg.orchestrator.completion_marker.clone(),
         };
         self.pool.send(id, seq, Job::ReadPrompt(check));
     }

@@ -1,4 +1,4 @@
-//! A rename that never replaces what is there.
+//! Renames that never replace what is there, or swap it.
 
 use std::io;
 use std::path::Path;
@@ -7,40 +7,36 @@ use std::path::Path;
 /// step: renameat2(RENAME_NOREPLACE), or where the file system lacks it a
 /// hard link (which never replaces either) and an unlink.
 pub fn noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    use std::ffi::CString;
-    let c = |p: &Path| {
-        CString::new(p.as_os_str().as_encoded_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a path"))
-    };
-    let (a, b) = (c(from)?, c(to)?);
-    // SAFETY: valid C strings; AT_FDCWD resolves them as paths.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r == 0 {
-        return Ok(());
+    match renameat2(from, to, libc::RENAME_NOREPLACE) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        r => r,
     }
-    let e = io::Error::last_os_error();
-    if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
-        return Err(e);
-    }
-    std::fs::hard_link(from, to)?;
-    std::fs::remove_file(from)
 }
 
 /// Swaps `from` and `to` in one step (renameat2(RENAME_EXCHANGE)); where
 /// `to` does not exist yet, or the file system cannot swap, `from` is
 /// renamed over `to`. True when swapped: `from` then holds what `to` held.
 pub fn exchange(from: &Path, to: &Path) -> io::Result<bool> {
-    use std::ffi::CString;
+    match renameat2(from, to, libc::RENAME_EXCHANGE) {
+        Ok(()) => Ok(true),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::EINVAL | libc::ENOSYS)
+            ) =>
+        {
+            std::fs::rename(from, to).map(|()| false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
     let c = |p: &Path| {
-        CString::new(p.as_os_str().as_encoded_bytes())
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a path"))
     };
     let (a, b) = (c(from)?, c(to)?);
@@ -51,21 +47,14 @@ pub fn exchange(from: &Path, to: &Path) -> io::Result<bool> {
             a.as_ptr(),
             libc::AT_FDCWD,
             b.as_ptr(),
-            libc::RENAME_EXCHANGE,
+            flags,
         )
     };
     if r == 0 {
-        return Ok(true);
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
-    let e = io::Error::last_os_error();
-    if !matches!(
-        e.raw_os_error(),
-        Some(libc::ENOENT | libc::EINVAL | libc::ENOSYS)
-    ) {
-        return Err(e);
-    }
-    std::fs::rename(from, to)?;
-    Ok(false)
 }
 
 #[cfg(test)]
