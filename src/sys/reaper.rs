@@ -74,6 +74,14 @@ pub fn reaped() -> u64 {
     REAPED.load(Ordering::Relaxed)
 }
 
+/// Reaps the zombies among the main thread's children at once (from any
+/// thread: it waits only for those, never for a worker's own child).
+pub fn reap_now() {
+    if active() {
+        reap_all();
+    }
+}
+
 fn reap_all() {
     let me = std::process::id();
     let Ok(list) = std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")) else {
