@@ -354,3 +354,43 @@ fn logs_of_an_unknown_task_is_a_clear_error() {
     let usage = sb.cmd(&["logs"]).output().unwrap();
     assert_eq!(usage.status.code(), Some(64));
 }
+
+/// What each iteration of a fast loop costs the daemon, seen in its system
+/// calls: the prompt file read once after each attempt (the completion
+/// check and the fingerprint share the bytes), and no thread spinning with
+/// sched_yield while it waits for the next message (crossbeam's receivers
+/// yield four times before they sleep: 12 per request at high rates).
+#[test]
+fn a_fast_loop_reads_the_prompt_once_per_iteration_and_waits_without_spinning() {
+    if !strace_available() {
+        return;
+    }
+    let sb = Sandbox::new("logs-syscalls");
+    // No checkpoints: each ends a scheduler pass, and the prompt is read
+    // again after one.
+    sb.write("qchat.toml", "[orchestrator]\ncheckpoint_interval = 0\n");
+    let mut cmd = sb.run_cmd("complete-after.sh", &["--config", "qchat.toml"]);
+    cmd.env("FAKE_N", "12");
+    let log = sb.path("trace");
+    let r = run(traced(&cmd, &log, "openat,sched_yield"));
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let calls = calls(&log);
+    // The daemon's reads (O_NONBLOCK: the agent's shell never asks for it).
+    let reads = calls
+        .iter()
+        .filter(|c| {
+            c.starts_with("openat(") && c.contains("PROMPT.md\"") && c.contains("O_NONBLOCK")
+        })
+        .count();
+    // 12 after the attempts, the first iteration's prompt and fingerprint
+    // before the first attempt (two a read per iteration).
+    assert!(
+        (12..=15).contains(&reads),
+        "{reads} reads of the prompt for 12 iterations: {calls:#?}"
+    );
+    let yields = calls
+        .iter()
+        .filter(|c| c.starts_with("sched_yield"))
+        .count();
+    assert_eq!(yields, 0, "threads spun waiting: {yields} sched_yield");
+}

@@ -34,12 +34,17 @@ pub struct WatchSpec {
 
 /// The fingerprint, or None when it cannot be taken (unreadable tree, git
 /// failing, too many files): no fingerprint never counts as a stall.
-pub fn fingerprint(w: &WatchSpec, contain: &Containment) -> Option<u64> {
+/// `prompt`: the prompt file's bytes, when the caller has just read them.
+pub fn fingerprint(w: &WatchSpec, prompt: Option<&[u8]>, contain: &Containment) -> Option<u64> {
     let mut h = DefaultHasher::new();
-    // Bounded and never blocking: the agent may have made it a FIFO.
-    crate::sys::regular::read(&w.prompt_file, 64 * 1024 * 1024)
-        .ok()?
-        .hash(&mut h);
+    match prompt {
+        Some(p) => p.hash(&mut h),
+        // Bounded and never blocking: the agent may have made it a FIFO.
+        None => crate::sys::regular::read(&w.prompt_file, 64 * 1024 * 1024)
+            .ok()?
+            .as_slice()
+            .hash(&mut h),
+    }
     let place = Place::of(w);
     let exclude = place.exclude.as_deref();
     let git = place
@@ -270,14 +275,14 @@ mod tests {
     fn a_plain_tree_changes_with_its_files_not_with_the_state_dir() {
         let d = scratch("plain");
         let w = spec(&d);
-        let a = fingerprint(&w, &Containment::group_only()).unwrap();
+        let a = fingerprint(&w, None, &Containment::group_only()).unwrap();
         std::fs::write(d.join("state/tasks/log"), "transcript").unwrap();
-        assert_eq!(fingerprint(&w, &Containment::group_only()), Some(a));
+        assert_eq!(fingerprint(&w, None, &Containment::group_only()), Some(a));
         std::fs::write(d.join("new.rs"), "fn main() {}").unwrap();
-        let b = fingerprint(&w, &Containment::group_only()).unwrap();
+        let b = fingerprint(&w, None, &Containment::group_only()).unwrap();
         assert_ne!(a, b);
         std::fs::write(d.join("PROMPT.md"), "task\n- [x] step 1\n").unwrap();
-        assert_ne!(fingerprint(&w, &Containment::group_only()), Some(b));
+        assert_ne!(fingerprint(&w, None, &Containment::group_only()), Some(b));
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -292,13 +297,13 @@ mod tests {
             ..spec(&d)
         };
         let c = Containment::group_only();
-        fingerprint(&w, &c).unwrap();
+        fingerprint(&w, None, &c).unwrap();
         std::fs::remove_file(d.join("w")).unwrap();
         std::os::unix::fs::symlink(d.join("y"), d.join("w")).unwrap();
-        let a = fingerprint(&w, &c).unwrap();
+        let a = fingerprint(&w, None, &c).unwrap();
         // What the worker kept of x must not be what it looks at now.
         std::fs::write(d.join("y/new.rs"), "fn main() {}").unwrap();
-        assert_ne!(fingerprint(&w, &c), Some(a));
+        assert_ne!(fingerprint(&w, None, &c), Some(a));
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -315,9 +320,9 @@ mod tests {
             baseline: true,
             timeout: Duration::from_secs(10),
         };
-        let a = fingerprint(&w, &Containment::group_only()).unwrap();
+        let a = fingerprint(&w, None, &Containment::group_only()).unwrap();
         std::fs::write(ws.join("work.txt"), "1").unwrap();
-        assert_ne!(fingerprint(&w, &Containment::group_only()), Some(a));
+        assert_ne!(fingerprint(&w, None, &Containment::group_only()), Some(a));
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -347,14 +352,14 @@ mod tests {
         g(&["init", "-q"]);
         std::fs::write(d.join(".git/info/exclude"), "state/\n").unwrap();
         let w = spec(&d);
-        let a = fingerprint(&w, &Containment::group_only()).unwrap();
-        assert_eq!(fingerprint(&w, &Containment::group_only()), Some(a));
+        let a = fingerprint(&w, None, &Containment::group_only()).unwrap();
+        assert_eq!(fingerprint(&w, None, &Containment::group_only()), Some(a));
         std::fs::write(d.join("work.txt"), "1").unwrap();
         g(&["add", "-A"]);
         g(&["commit", "-q", "-m", "work"]);
-        let b = fingerprint(&w, &Containment::group_only()).unwrap();
+        let b = fingerprint(&w, None, &Containment::group_only()).unwrap();
         assert_ne!(a, b, "a commit with a clean tree is progress");
-        assert_eq!(fingerprint(&w, &Containment::group_only()), Some(b));
+        assert_eq!(fingerprint(&w, None, &Containment::group_only()), Some(b));
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -48,12 +48,10 @@ pub fn spawn_worker(
                             "agent for task {} iteration {}",
                             req.task_id, req.iteration
                         )));
-                        let o = run_watched(&mut supervisor, req, &contain);
-                        let read = check.as_ref().and_then(|c| {
-                            crate::sys::regular::read(&c.path, c.max)
-                                .ok()
-                                .map(|t| (prompt_complete(&t, &c.marker), t))
-                        });
+                        let (o, after) =
+                            run_watched(&mut supervisor, req, check.as_ref(), &contain);
+                        let marker = check.as_ref().map_or("", |c| c.marker.as_str());
+                        let read = after.map(|t| (prompt_complete(&t, marker), t));
                         let complete = read.as_ref().is_some_and(|(done, _)| *done);
                         JobResult::Agent(Box::new(o), complete, read.map(|(_, t)| t))
                     }
@@ -86,22 +84,30 @@ pub fn spawn_worker(
 }
 
 /// Runs an agent, fingerprinting the working tree around it when asked
-/// (before: only for a baseline; after: only when it succeeded).
+/// (before: only for a baseline; after: only when it succeeded), and reads
+/// the prompt file as the attempt left it for the completion check. The
+/// fingerprint hashes those same bytes when it is the same file, not a
+/// second read of it.
 fn run_watched(
     supervisor: &mut Supervisor,
     req: &crate::agent::AgentRequest,
+    check: Option<&super::msg::PromptCheck>,
     contain: &Containment,
-) -> crate::agent::AgentOutcome {
+) -> (crate::agent::AgentOutcome, Option<Vec<u8>>) {
     use crate::agent::worktree::fingerprint;
     let before = req
         .watch
         .as_ref()
         .filter(|w| w.baseline)
-        .and_then(|w| fingerprint(w, contain));
+        .and_then(|w| fingerprint(w, None, contain));
     let mut o = supervisor.run(req);
     o.tree_before = before;
+    let after = check.and_then(|c| crate::sys::regular::read(&c.path, c.max).ok());
     if o.class == crate::agent::Class::Success {
-        o.tree_after = req.watch.as_ref().and_then(|w| fingerprint(w, contain));
+        o.tree_after = req.watch.as_ref().and_then(|w| {
+            let same = check.is_some_and(|c| c.path == w.prompt_file);
+            fingerprint(w, after.as_deref().filter(|_| same), contain)
+        });
     }
-    o
+    (o, after)
 }
