@@ -19,9 +19,10 @@ const RECORD: &str = "cgroups";
 /// beyond kill_grace. A process in uninterruptible sleep (a dead NFS server)
 /// can take that long; the result is recorded then anyway, and said.
 const SETTLE: Duration = Duration::from_secs(5);
-/// Empty cells kept for reuse (by name; one per worker is all a full pool
-/// needs).
+/// Empty cells kept for reuse (one per worker is all a full pool needs):
+/// the first MAX_OPEN open, the rest by name.
 const MAX_SPARE: usize = 256;
+const MAX_OPEN: usize = 64;
 
 /// `[limits] containment`: a cgroup per attempt when this host lets us make
 /// one, else the child subreaper and the attempt's mark.
@@ -46,12 +47,21 @@ pub struct Containment {
     seq: AtomicU64,
     /// The record of our own subtree, removed with it.
     record: Option<PathBuf>,
-    /// Names of empty cells of ended attempts that count only CPU, for the
-    /// next attempts: making and removing a cgroup per attempt was a seventh
-    /// of the daemon's own CPU at high rates (the kernel creates and removes
-    /// its interface files). Names, not open cells: a cell waiting holds no
-    /// descriptor.
-    spare: std::sync::Mutex<Vec<String>>,
+    /// Empty cells of ended attempts that count only CPU, for the next
+    /// attempts: making and removing a cgroup per attempt was a seventh of
+    /// the daemon's own CPU at high rates (the kernel creates and removes
+    /// its interface files).
+    spare: std::sync::Mutex<Spare>,
+}
+
+/// Kept open (three descriptors each), with the CPU each had counted when
+/// its last attempt ended (nothing runs in it meanwhile): reopening a cell
+/// and reading its cpu.stat before each start was 4% of the daemon's CPU.
+/// Beyond MAX_OPEN by name, reopened when taken.
+#[derive(Debug, Default)]
+struct Spare {
+    open: Vec<(Cell, f64)>,
+    names: Vec<String>,
 }
 
 /// What an attempt used, as far as the mode can tell.
@@ -84,6 +94,10 @@ pub struct Jail<'a> {
     pgid: i32,
     /// Processes found running when the attempt was first ended.
     left: std::cell::Cell<Option<u64>>,
+    /// The cell was seen empty after the leader exited: it stays so (no
+    /// process of it is left to fork, nothing else starts in it), so the
+    /// end needs no second look.
+    seen_empty: std::cell::Cell<bool>,
     /// CPU the cell had counted before this attempt (a reused cell).
     cpu_before: f64,
 }
@@ -287,7 +301,10 @@ impl Containment {
     pub fn close(&self) {
         let spare = std::mem::take(&mut *self.spare.lock().unwrap_or_else(|p| p.into_inner()));
         if let Some(t) = &self.tree {
-            for name in spare {
+            for (cell, _) in spare.open {
+                let _ = cell.remove();
+            }
+            for name in spare.names {
                 t.remove_cell(&name);
             }
             t.remove();
@@ -308,15 +325,30 @@ impl Containment {
             self.max_processes.load(Ordering::Relaxed),
         );
         // An empty cell of an earlier attempt, where nothing but CPU is counted.
-        let reused = (m == 0 && p == 0)
-            .then(|| self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop())
-            .flatten()
-            .and_then(|name| {
-                let t = self.tree.as_ref()?;
-                // Gone (removed by hand): a new one is made below.
-                t.reopen(&name).ok()
-            });
-        let cpu_before = reused.as_ref().map_or(0.0, |c| c.counted().cpu_seconds);
+        let (open, name) = match m == 0 && p == 0 {
+            true => {
+                let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+                match spare.open.pop() {
+                    // One removed by hand meanwhile reads as populated (its
+                    // files are gone): left, and a new one made below.
+                    Some(c) if !c.0.populated() => (Some(c), None),
+                    Some(_) => (None, None),
+                    None => (None, spare.names.pop()),
+                }
+            }
+            false => (None, None),
+        };
+        let reused = open.or_else(|| {
+            let t = self.tree.as_ref()?;
+            // Gone (removed by hand): a new one is made below.
+            let c = t.reopen(&name?).ok()?;
+            let cpu = c.counted().cpu_seconds;
+            Some((c, cpu))
+        });
+        let (reused, cpu_before) = match reused {
+            Some((c, cpu)) => (Some(c), cpu),
+            None => (None, 0.0),
+        };
         let cell = reused.or_else(|| {
             let t = self.tree.as_ref()?;
             let name = format!(
@@ -339,6 +371,7 @@ impl Containment {
             marker,
             pgid: 0,
             left: std::cell::Cell::new(None),
+            seen_empty: std::cell::Cell::new(false),
             cpu_before,
         }
     }
@@ -366,15 +399,16 @@ impl Jail<'_> {
         let first = self.left.get().is_none();
         match &self.cell {
             Some(c) => {
+                let populated = c.populated();
                 if first {
-                    let n = if c.populated() {
-                        count_procs(&c.dir)
-                    } else {
-                        0
-                    };
+                    let n = if populated { count_procs(&c.dir) } else { 0 };
                     self.left.set(Some(n as u64));
                 }
-                c.kill();
+                if populated {
+                    c.kill();
+                } else if self.pgid > 0 {
+                    self.seen_empty.set(true);
+                }
             }
             None => {
                 // The group's members carry the mark too: count them all.
@@ -402,7 +436,7 @@ impl Jail<'_> {
                     .left
                     .get()
                     .unwrap_or_else(|| count_procs(&c.dir) as u64);
-                let emptied = c.empty(until);
+                let emptied = self.seen_empty.get() || c.empty(until);
                 if !emptied {
                     log::error!(task = task;
                         "processes of cgroup {} did not end within {:.0?} of SIGKILL (uninterruptible sleep?); the cgroup is left in place and ended at the next start",
@@ -418,8 +452,11 @@ impl Jail<'_> {
                     killed: left,
                 };
                 let mut spare = self.contain.spare.lock().unwrap_or_else(|p| p.into_inner());
-                if emptied && c.reusable() && spare.len() < MAX_SPARE {
-                    spare.push(c.name());
+                let kept = spare.open.len() + spare.names.len();
+                if emptied && c.reusable() && spare.open.len() < MAX_OPEN {
+                    spare.open.push((c, counted.cpu_seconds));
+                } else if emptied && c.reusable() && kept < MAX_SPARE {
+                    spare.names.push(c.name());
                 } else {
                     drop(spare);
                     if let Err(e) = c.remove() {
