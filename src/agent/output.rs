@@ -375,14 +375,14 @@ impl Output {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::agent::classify::{RuleSpec, Rules};
     use crate::agent::{Cancel, Progress};
     use proptest::prelude::*;
     use std::time::Duration;
 
-    fn request(mode: OutputMode, marker: Option<&str>, echo: &[&str]) -> AgentRequest {
+    pub(crate) fn request(mode: OutputMode, marker: Option<&str>, echo: &[&str]) -> AgentRequest {
         let spec = RuleSpec {
             pattern: r"^Logging in\.\.\.".into(),
             class: "auth".into(),
@@ -420,7 +420,7 @@ mod tests {
     }
 
     fn feed(req: &AgentRequest, chunks: &[(usize, &[u8])]) -> Output {
-        let mut t = Transcript::open(req);
+        let mut t = Transcript::open(req, Vec::new());
         let mut o = Output::new(req);
         for (s, c) in chunks {
             o.take(*s, c, req, &mut t);

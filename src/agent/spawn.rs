@@ -308,6 +308,10 @@ impl Launcher {
                 ))
             }
             (STAGE_CGROUP, _) => other(format!("joining the attempt's cgroup: {e}")),
+            (STAGE_CHDIR, libc::ENOENT) => other(format!(
+                "working directory {} does not exist",
+                req.workdir.display()
+            )),
             (STAGE_CHDIR, _) => other(format!(
                 "cannot enter working directory {}: {e}",
                 req.workdir.display()

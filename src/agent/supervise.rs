@@ -34,6 +34,8 @@ pub struct Supervisor {
     events: Events,
     waker: Arc<Waker>,
     buf: Vec<u8>,
+    /// The transcripts' buffer, handed from one attempt to the next.
+    transcript_buf: Vec<u8>,
     launcher: Launcher,
     contain: Arc<Containment>,
 }
@@ -142,6 +144,7 @@ impl Supervisor {
             events: Events::with_capacity(8),
             waker,
             buf: Vec::new(),
+            transcript_buf: Vec::new(),
             launcher: Launcher::new()?,
             contain,
         })
@@ -202,7 +205,7 @@ impl Supervisor {
         let unstarted = |ending: Ending| {
             finish(
                 ending,
-                &mut Transcript::open(req),
+                &mut Transcript::open(req, Vec::new()),
                 None,
                 Resources::default(),
             )
@@ -210,10 +213,8 @@ impl Supervisor {
         if let Some(r) = req.cancel.reason() {
             return unstarted(cancel_ending(r));
         }
-        if !req.workdir.is_dir() {
-            let msg = format!("working directory {} does not exist", req.workdir.display());
-            return unstarted(Ending::SpawnFailed(msg));
-        }
+        // A working directory that is gone is the child's chdir failing
+        // (spawn says so): no stat of it before every start.
         let contain = self.contain.clone();
         let mut jail = contain.enter(&req.task_id, marker_of(req));
         let joins = jail.joins();
@@ -234,7 +235,7 @@ impl Supervisor {
         // Created while the agent loads: the file system's cost of a new
         // transcript is off the path to the agent's start. Its output waits
         // in the pipes meanwhile.
-        let mut transcript = Transcript::open(req);
+        let mut transcript = Transcript::open(req, std::mem::take(&mut self.transcript_buf));
         let pid = child.id();
         req.progress.pid.store(pid as u32, Ordering::Relaxed);
         req.progress.bytes_read.store(0, Ordering::Relaxed);
@@ -244,7 +245,9 @@ impl Supervisor {
         let resources = jail.finish(req.kill_grace, child.rusage, &req.task_id);
         req.progress.pid.store(0, Ordering::Relaxed);
         out.finish(req);
-        finish(ending, &mut transcript, Some(&out), resources)
+        let outcome = finish(ending, &mut transcript, Some(&out), resources);
+        self.transcript_buf = transcript.into_buffer();
+        outcome
     }
 
     fn supervise(
@@ -505,5 +508,29 @@ pub(super) fn pidfd_open(pid: i32) -> Option<OwnedFd> {
     } else {
         // SAFETY: a fresh fd returned by the kernel.
         Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::output::tests::request;
+    use crate::agent::profile::OutputMode;
+
+    #[test]
+    fn a_working_directory_that_is_gone_is_said_so() {
+        let mut req = request(OutputMode::Text, None, &[]);
+        req.program = "/bin/true".into();
+        req.workdir = "/nonexistent/ralph-qchat-test".into();
+        let mut s = Supervisor::new(Arc::new(Containment::group_only())).unwrap();
+        let o = s.run(&req);
+        match &o.ending {
+            Ending::SpawnFailed(m) => assert!(
+                m.contains("working directory /nonexistent/ralph-qchat-test does not exist"),
+                "{m}"
+            ),
+            e => panic!("{e:?}"),
+        }
+        assert_eq!(o.class, Class::Failed);
     }
 }

@@ -13,7 +13,10 @@
 use super::attempt::{AgentOutcome, AgentRequest};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
+
+/// Output gathered before a write: a flood is written in pieces this big.
+pub const BUFFER: usize = 64 * 1024;
 
 /// How an attempt ended, and where its parts are: the `=== record` line
 /// that ends each attempt (read back by store/transcripts.rs).
@@ -44,7 +47,12 @@ impl Record {
 }
 
 pub struct Transcript {
-    file: Option<BufWriter<File>>,
+    file: Option<File>,
+    /// Written out when full and whenever the pipes run dry. The caller's,
+    /// kept from one attempt to the next: a new 64 KiB buffer per attempt
+    /// made malloc consolidate its free lists every time (2% of the
+    /// daemon's CPU at high rates).
+    buf: Vec<u8>,
     task: String,
     iteration: u64,
     attempt: u32,
@@ -56,11 +64,15 @@ pub struct Transcript {
 
 impl Transcript {
     /// Opens (appends to) the request's transcript and writes the header;
-    /// a request without one gets a transcript that writes nothing.
-    pub fn open(req: &AgentRequest) -> Transcript {
+    /// a request without one gets a transcript that writes nothing. `buf`:
+    /// the buffer to gather output in (an earlier one's, `into_buffer`).
+    pub fn open(req: &AgentRequest, mut buf: Vec<u8>) -> Transcript {
         let started = crate::sys::time::now_rfc3339();
+        buf.clear();
+        buf.reserve(BUFFER);
         let mut t = Transcript {
             file: None,
+            buf,
             task: req.task_id.clone(),
             iteration: req.iteration,
             attempt: req.attempt,
@@ -78,7 +90,7 @@ impl Transcript {
             .append(true)
             .open(path);
         match file {
-            Ok(f) => t.file = Some(BufWriter::with_capacity(64 * 1024, f)),
+            Ok(f) => t.file = Some(f),
             Err(e) => {
                 log::warn!(task = req.task_id.as_str(); "cannot write transcript {}: {e}", path.display());
             }
@@ -102,10 +114,20 @@ impl Transcript {
     }
 
     fn put(&mut self, bytes: &[u8]) {
-        if let Some(f) = &mut self.file
-            && let Err(e) = f.write_all(bytes)
-        {
-            self.lost(e);
+        if self.file.is_none() {
+            return;
+        }
+        if self.buf.len() + bytes.len() > BUFFER {
+            self.flush();
+        }
+        if bytes.len() >= BUFFER {
+            if let Some(f) = &mut self.file
+                && let Err(e) = f.write_all(bytes)
+            {
+                self.lost(e);
+            }
+        } else {
+            self.buf.extend_from_slice(bytes);
         }
     }
 
@@ -117,10 +139,19 @@ impl Transcript {
 
     pub fn flush(&mut self) {
         if let Some(f) = &mut self.file
-            && let Err(e) = f.flush()
+            && !self.buf.is_empty()
+            && let Err(e) = f.write_all(&self.buf)
         {
             self.lost(e);
         }
+        self.buf.clear();
+    }
+
+    /// Everything written, the file closed: the buffer, for the next one.
+    pub fn into_buffer(mut self) -> Vec<u8> {
+        self.flush();
+        self.file = None;
+        std::mem::take(&mut self.buf)
     }
 
     pub fn footer(&mut self, o: &AgentOutcome) {
@@ -171,6 +202,14 @@ impl Transcript {
         };
         self.put(line.as_bytes());
         self.put(record.line().as_bytes());
+        self.flush();
+    }
+}
+
+impl Drop for Transcript {
+    /// What is gathered still goes to the file (an attempt that ended
+    /// without a footer: a panic on the way).
+    fn drop(&mut self) {
         self.flush();
     }
 }
