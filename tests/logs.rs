@@ -357,11 +357,9 @@ fn logs_of_an_unknown_task_is_a_clear_error() {
 
 /// What each iteration of a fast loop costs the daemon, seen in its system
 /// calls: the prompt file read once after each attempt (the completion
-/// check and the fingerprint share the bytes), and no thread spinning with
-/// sched_yield while it waits for the next message (crossbeam's receivers
-/// yield four times before they sleep: 12 per request at high rates).
+/// check and the fingerprint share the bytes).
 #[test]
-fn a_fast_loop_reads_the_prompt_once_per_iteration_and_waits_without_spinning() {
+fn a_fast_loop_reads_the_prompt_once_per_iteration() {
     if !strace_available() {
         return;
     }
@@ -372,7 +370,7 @@ fn a_fast_loop_reads_the_prompt_once_per_iteration_and_waits_without_spinning() 
     let mut cmd = sb.run_cmd("complete-after.sh", &["--config", "qchat.toml"]);
     cmd.env("FAKE_N", "12");
     let log = sb.path("trace");
-    let r = run(traced(&cmd, &log, "openat,sched_yield"));
+    let r = run(traced(&cmd, &log, "openat"));
     assert_eq!(r.code(), 0, "{}", r.stderr);
     let calls = calls(&log);
     // The daemon's reads (O_NONBLOCK: the agent's shell never asks for it).
@@ -388,9 +386,4 @@ fn a_fast_loop_reads_the_prompt_once_per_iteration_and_waits_without_spinning() 
         (12..=15).contains(&reads),
         "{reads} reads of the prompt for 12 iterations: {calls:#?}"
     );
-    let yields = calls
-        .iter()
-        .filter(|c| c.starts_with("sched_yield"))
-        .count();
-    assert_eq!(yields, 0, "threads spun waiting: {yields} sched_yield");
 }

@@ -7,7 +7,7 @@
 
 use super::msg::{Control, Event};
 use crate::store::spool::{self, Entry};
-use crate::sys::queue::Sender;
+use crossbeam_channel::Sender;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};

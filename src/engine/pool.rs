@@ -6,7 +6,7 @@ use super::diagnostics::WorkerView;
 use super::msg::{Event, Job, JobMsg};
 use super::worker::{WorkerState, spawn_worker};
 use crate::agent::Containment;
-use crate::sys::queue::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -23,7 +23,7 @@ pub struct Pool {
 impl Pool {
     /// An empty pool whose workers will report to `events`.
     pub fn new(events: Sender<Event>, contain: Arc<Containment>) -> Pool {
-        let (jobs, jobs_rx) = crate::sys::queue::unbounded();
+        let (jobs, jobs_rx) = crossbeam_channel::unbounded();
         Pool {
             contain,
             jobs,

@@ -24,11 +24,10 @@ use crate::config::Config;
 use crate::metrics::METRICS;
 use crate::store::TaskStore;
 use crate::store::pauses::{self, Pause, PauseKind};
-use crate::sys::queue::{Receiver, Sender};
 use crate::task::completion::prompt_complete;
 use crate::task::rules::{self, Limits, Verdict};
 use crate::task::{Status, TaskState};
-use crossbeam_channel::RecvTimeoutError;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -134,7 +133,7 @@ impl Scheduler {
         shared: Arc<Shared>,
         contain: Arc<Containment>,
     ) -> std::io::Result<Scheduler> {
-        let (events_tx, events) = crate::sys::queue::unbounded();
+        let (events_tx, events) = crossbeam_channel::unbounded();
         let interval = cfg.monitoring.metrics_interval;
         let owner = request::owner_prefix(store.state_dir());
         let persist = Persist::start(&store, events_tx.clone())?;

@@ -4,8 +4,8 @@
 use super::msg::{Event, Job, JobMsg, JobResult};
 use crate::agent::checkpoint::checkpoint;
 use crate::agent::{Containment, Supervisor};
-use crate::sys::queue::{Receiver, Sender};
 use crate::task::completion::prompt_complete;
+use crossbeam_channel::{Receiver, Sender};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;

@@ -16,7 +16,7 @@
 //! so the moments an operator looks for are on disk without the tick's delay.
 
 use super::tasks::TaskStore;
-use crate::sys::queue::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -66,7 +66,7 @@ impl Writer {
         tick: Duration,
         report: impl Fn(Written) + Send + 'static,
     ) -> std::io::Result<Writer> {
-        let (tx, rx) = crate::sys::queue::unbounded();
+        let (tx, rx) = crossbeam_channel::unbounded();
         let handle = std::thread::Builder::new()
             .name("writer".into())
             .spawn(move || run(store, tick, rx, report))?;
@@ -329,7 +329,7 @@ mod tests {
     fn an_urgent_record_does_not_wait_for_the_tick() {
         let dir = scratch("urgent");
         let store = TaskStore::new(&dir);
-        let (tx, rx) = crate::sys::queue::unbounded();
+        let (tx, rx) = crossbeam_channel::unbounded();
         // A tick far longer than any write: waiting for it would show.
         let tick = Duration::from_secs(60);
         let mut w = Writer::start(store, tick, move |x| {

@@ -7,7 +7,6 @@ pub mod inotify;
 pub mod malloc;
 pub mod proc;
 pub mod prune;
-pub mod queue;
 pub mod reaper;
 pub mod regular;
 pub mod rename;
