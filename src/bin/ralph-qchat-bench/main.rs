@@ -136,13 +136,13 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
 ±0.1).
 
 - **Throughput at concurrency 20** (target 0.9; 0.66 to 1.03 here on ext4
-  over the last three full runs, medians 0.76 to 0.80; on tmpfs 0.83 to
+  over the last five full runs, medians 0.76 to 0.81; on tmpfs 0.80 to
   0.89). The
   gap is CPU: the daemon and its agents share two cores (idle under 1% while
   requests run, for floor and daemon alike, measured from /proc/stat), so
   every cycle spent for the daemon is a request the floor makes instead.
   Per request the floor's spawning threads spend 0.07 to 0.10 ms, the
-  daemon's threads 0.33 to 0.46 ms (the last two columns; the machine's
+  daemon's threads 0.33 to 0.47 ms (the last two columns; the machine's
   speed moves both alike from run to run; 0.61 ms before the round of
   2026-12-01 evening, 1.1 ms before the one that morning). On top of
   that comes what the daemon makes kernel threads do, which no column
@@ -172,11 +172,33 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
   transcript's own descriptor that was a block write per iteration, 5%);
   the exec report through our memory instead of a pipe, the pipes made
   non-blocking by `pipe2`; where a fingerprint looks kept per working
-  directory; cpu.stat kept open and read with pread. What is left to try,
-  largest first: transcripts named by a slot of `keep_transcripts` with an
-  index, opened and renamed relative to a directory descriptor (the path
-  walks and the rename); a job queue
-  without crossbeam's spinning and yielding (12 `sched_yield` per request).
+  directory; cpu.stat kept open and read with pread.
+  - The round of 2026-12-02 (system calls of the daemon's own threads per
+    request, strace of 1,000 requests at concurrency 20: 96.6 before, 83.5
+    after): the prompt file read once after an attempt for both the completion check and the
+    fingerprint; spare cgroup cells kept open with the CPU they had
+    counted (three opens, three closes and a read of cpu.stat fewer per
+    start), a cell seen empty after the leader's exit not read again; the
+    transcript's 64 KiB buffer kept by the worker (a new one per attempt
+    made glibc consolidate its free lists); no stat of the working
+    directory before each start (a gone one is the child's chdir failing).
+    In CPU per request this is near the noise of this machine (±15%
+    between runs of the same binary): 0.360 against 0.378 ms in 6 rounds
+    side by side with the code before; the ratios of the full run after it
+    (the tables above) are those of before, concurrency 20 on ext4 0.81,
+    concurrency 1 0.89. Tried in the same round and taken back: every
+    channel's receiver sleeping at once instead of crossbeam's spinning and
+    yielding (0 `sched_yield` per request, but 1.7 more voluntary context
+    switches, and 8 to 15% more CPU in every pair of runs: on two cores a
+    yield hands the core to the thread about to send).
+  - What is left, largest first in the profile: the transcript's recycling
+    (the old file truncated, 4% of the daemon's CPU, most of it ext4
+    freeing the blocks, and its rename, 5%); `clone3` itself (10%: the
+    kernel copies a table of ~190 descriptors per start); the fingerprint's
+    walk of the working tree (4%); the writer's fsyncs (3%); the log lines
+    of each iteration (3%); malloc without its thread caches (about 8%,
+    kept off for memory, see below). None is more than a few hundredths
+    of the ratio alone.
   - Done: an attempt's cgroup is kept, empty, for the next attempt where it
     counts only CPU (no memory or pids controller on it, no limit written,
     never killed: a process clone3'd into a cgroup after a write to its
@@ -205,15 +227,16 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
     machine; batches now start at most every 0.1 s (`TICK` in
     src/store/writer.rs). An append-only journal instead of per-task record
     files would save part of the writer's share (2%); not done.
-- **Containment** (cgroup mode, the default as root or under the unit): per
-  request the daemon makes a cgroup (`mkdirat` under an open root), starts
-  the agent inside it with `clone3(CLONE_INTO_CGROUP)`, reads
-  `cgroup.events` when the agent exits (no `cgroup.kill` and no wait when it
-  is already empty, the common case), reads `cpu.stat` and removes the
-  cgroup. The profile puts `cgroup_mkdir` (the kernel creates the cgroup's
-  ~15 interface files) at 1.5% of all CPU samples of a concurrency-20 run
-  and `cgroup_rmdir` at 0.8%; the daemon's own CPU per request grows by
-  4 to 8% at concurrency 20. Two costs were removed on the way: joining by
+- **Containment** (cgroup mode, the default as root or under the unit): a
+  request's agent starts inside a cgroup of its own with
+  `clone3(CLONE_INTO_CGROUP)`, in a cell an earlier attempt left empty
+  where only CPU is counted (else one made by `mkdirat` under an open root
+  and removed after); `cgroup.events` is read when the agent exits (no
+  `cgroup.kill` and no wait when it is already empty, the common case) and
+  `cpu.stat` once. Before cells were reused, a cgroup was made and removed
+  per request: the profile put `cgroup_mkdir` (the kernel creates the
+  cgroup's ~15 interface files) at 1.5% of all CPU samples of a
+  concurrency-20 run and `cgroup_rmdir` at 0.8%. Two costs were removed on the way: joining by
   writing `cgroup.procs` (a migration: it waits for an RCU grace period,
   serialised under `cgroup_mutex`; 0.1 to 0.2 of the ratio at concurrency
   20) is done only for the v1 memory and pids companions of a hybrid host,
