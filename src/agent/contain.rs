@@ -54,10 +54,11 @@ pub struct Containment {
     spare: std::sync::Mutex<Spare>,
 }
 
-/// Kept open (three descriptors each), with the CPU each had counted when
-/// its last attempt ended (nothing runs in it meanwhile): reopening a cell
-/// and reading its cpu.stat before each start was 4% of the daemon's CPU.
-/// Beyond MAX_OPEN by name, reopened when taken.
+/// Kept open (three descriptors each) while attempts run, with the CPU each
+/// had counted when its last attempt ended (nothing runs in it meanwhile):
+/// reopening a cell and reading its cpu.stat before each start was 4% of
+/// the daemon's CPU. Beyond MAX_OPEN, and once the pool is idle (`rest`),
+/// by name, reopened when taken.
 #[derive(Debug, Default)]
 struct Spare {
     open: Vec<(Cell, f64)>,
@@ -293,6 +294,21 @@ impl Containment {
                         "; it did not empty and is left in place".into()
                     }
                 );
+            }
+        }
+    }
+
+    /// No attempt runs: the spare cells' descriptors are closed, the cells
+    /// kept by name (reopened when next taken). A daemon at rest holds no
+    /// more descriptors after a busy hour than before it.
+    pub fn rest(&self) {
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        let open = std::mem::take(&mut spare.open);
+        for (cell, _) in open {
+            if spare.names.len() < MAX_SPARE {
+                spare.names.push(cell.name());
+            } else {
+                let _ = cell.remove();
             }
         }
     }

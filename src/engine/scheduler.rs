@@ -307,6 +307,7 @@ impl Scheduler {
             } else if !self.trimmed {
                 self.trimmed = true;
                 crate::sys::malloc::release_free_memory();
+                self.contain.rest();
             }
             if !busy && self.shutdown.is_some() {
                 break;
