@@ -176,9 +176,9 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
   - The round of 2026-12-02 (system calls of the daemon's own threads per
     request, strace of 1,000 requests at concurrency 20: 96.6 before, 83.5
     after): the prompt file read once after an attempt for both the completion check and the
-    fingerprint; spare cgroup cells kept open with the CPU they had
-    counted (three opens, three closes and a read of cpu.stat fewer per
-    start), a cell seen empty after the leader's exit not read again; the
+    fingerprint; spare cgroup cells kept open while attempts run, with the
+    CPU they had counted (three opens, three closes and a read of cpu.stat
+    fewer per start; closed when the pool goes idle), a cell seen empty after the leader's exit not read again; the
     transcript's 64 KiB buffer kept by the worker (a new one per attempt
     made glibc consolidate its free lists); no stat of the working
     directory before each start (a gone one is the child's chdir failing).
