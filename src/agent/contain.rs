@@ -65,6 +65,21 @@ struct Spare {
     names: Vec<String>,
 }
 
+impl Spare {
+    /// Keeps an empty cell (open when `open` and there is room), or gives
+    /// it back to be removed when there is no room at all.
+    fn put(&mut self, cell: Cell, cpu: f64, open: bool) -> Option<Cell> {
+        if open && self.open.len() < MAX_OPEN {
+            self.open.push((cell, cpu));
+        } else if self.open.len() + self.names.len() < MAX_SPARE {
+            self.names.push(cell.name());
+        } else {
+            return Some(cell);
+        }
+        None
+    }
+}
+
 /// What an attempt used, as far as the mode can tell.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Resources {
@@ -303,14 +318,28 @@ impl Containment {
     /// more descriptors after a busy hour than before it.
     pub fn rest(&self) {
         let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
-        let open = std::mem::take(&mut spare.open);
-        for (cell, _) in open {
-            if spare.names.len() < MAX_SPARE {
-                spare.names.push(cell.name());
-            } else {
-                let _ = cell.remove();
+        for (cell, cpu) in std::mem::take(&mut spare.open) {
+            if let Some(c) = spare.put(cell, cpu, false) {
+                let _ = c.remove();
             }
         }
+    }
+
+    /// An empty cell of an earlier attempt and the CPU it had counted.
+    fn take_spare(&self) -> Option<(Cell, f64)> {
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = spare.open.pop() {
+            drop(spare);
+            // One removed by hand meanwhile reads as populated (its files
+            // are gone): left, and a new one made.
+            return (!c.0.populated()).then_some(c);
+        }
+        let name = spare.names.pop()?;
+        drop(spare);
+        // Gone (removed by hand): a new one is made.
+        let c = self.tree.as_ref()?.reopen(&name).ok()?;
+        let cpu = c.counted().cpu_seconds;
+        Some((c, cpu))
     }
 
     /// Removes our own subtree (at exit, when no attempt runs).
@@ -341,27 +370,7 @@ impl Containment {
             self.max_processes.load(Ordering::Relaxed),
         );
         // An empty cell of an earlier attempt, where nothing but CPU is counted.
-        let (open, name) = match m == 0 && p == 0 {
-            true => {
-                let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
-                match spare.open.pop() {
-                    // One removed by hand meanwhile reads as populated (its
-                    // files are gone): left, and a new one made below.
-                    Some(c) if !c.0.populated() => (Some(c), None),
-                    Some(_) => (None, None),
-                    None => (None, spare.names.pop()),
-                }
-            }
-            false => (None, None),
-        };
-        let reused = open.or_else(|| {
-            let t = self.tree.as_ref()?;
-            // Gone (removed by hand): a new one is made below.
-            let c = t.reopen(&name?).ok()?;
-            let cpu = c.counted().cpu_seconds;
-            Some((c, cpu))
-        });
-        let (reused, cpu_before) = match reused {
+        let (reused, cpu_before) = match (m == 0 && p == 0).then(|| self.take_spare()).flatten() {
             Some((c, cpu)) => (Some(c), cpu),
             None => (None, 0.0),
         };
@@ -467,14 +476,16 @@ impl Jail<'_> {
                     oom_kills: counted.oom_kills,
                     killed: left,
                 };
-                let mut spare = self.contain.spare.lock().unwrap_or_else(|p| p.into_inner());
-                let kept = spare.open.len() + spare.names.len();
-                if emptied && c.reusable() && spare.open.len() < MAX_OPEN {
-                    spare.open.push((c, counted.cpu_seconds));
-                } else if emptied && c.reusable() && kept < MAX_SPARE {
-                    spare.names.push(c.name());
-                } else {
-                    drop(spare);
+                let unkept = match emptied && c.reusable() {
+                    true => self
+                        .contain
+                        .spare
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .put(c, counted.cpu_seconds, true),
+                    false => Some(c),
+                };
+                if let Some(c) = unkept {
                     if let Err(e) = c.remove() {
                         log::warn!(task = task; "cannot remove cgroup {}: {e}", c.dir.display());
                     }

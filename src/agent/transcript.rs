@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io::Write;
 
 /// Output gathered before a write: a flood is written in pieces this big.
-pub const BUFFER: usize = 64 * 1024;
+const BUFFER: usize = 64 * 1024;
 
 /// How an attempt ended, and where its parts are: the `=== record` line
 /// that ends each attempt (read back by store/transcripts.rs).
@@ -50,7 +50,7 @@ pub struct Transcript {
     file: Option<File>,
     /// Written out when full and whenever the pipes run dry. The caller's,
     /// kept from one attempt to the next: a new 64 KiB buffer per attempt
-    /// made malloc consolidate its free lists every time (2% of the
+    /// made malloc consolidate its free lists every time (1% of the
     /// daemon's CPU at high rates).
     buf: Vec<u8>,
     task: String,
@@ -69,7 +69,6 @@ impl Transcript {
     pub fn open(req: &AgentRequest, mut buf: Vec<u8>) -> Transcript {
         let started = crate::sys::time::now_rfc3339();
         buf.clear();
-        buf.reserve(BUFFER);
         let mut t = Transcript {
             file: None,
             buf,
@@ -90,7 +89,10 @@ impl Transcript {
             .append(true)
             .open(path);
         match file {
-            Ok(f) => t.file = Some(f),
+            Ok(f) => {
+                t.file = Some(f);
+                t.buf.reserve(BUFFER);
+            }
             Err(e) => {
                 log::warn!(task = req.task_id.as_str(); "cannot write transcript {}: {e}", path.display());
             }
@@ -114,20 +116,18 @@ impl Transcript {
     }
 
     fn put(&mut self, bytes: &[u8]) {
-        if self.file.is_none() {
-            return;
-        }
         if self.buf.len() + bytes.len() > BUFFER {
             self.flush();
         }
-        if bytes.len() >= BUFFER {
-            if let Some(f) = &mut self.file
-                && let Err(e) = f.write_all(bytes)
-            {
-                self.lost(e);
+        match &mut self.file {
+            // None asked for, or a write failed.
+            None => {}
+            Some(f) if bytes.len() >= BUFFER => {
+                if let Err(e) = f.write_all(bytes) {
+                    self.lost(e);
+                }
             }
-        } else {
-            self.buf.extend_from_slice(bytes);
+            Some(_) => self.buf.extend_from_slice(bytes),
         }
     }
 
