@@ -327,9 +327,13 @@ impl Scheduler {
                 Ok(ev) => {
                     self.handle(ev);
                     // Everything already queued is handled before the next
-                    // flush, so one batch carries all their state changes.
-                    while let Ok(ev) = self.events.try_recv() {
-                        self.handle(ev);
+                    // flush, so one batch carries all their state changes;
+                    // only that, so timers run however fast events come.
+                    for _ in 0..self.events.len() {
+                        match self.events.try_recv() {
+                            Ok(ev) => self.handle(ev),
+                            Err(_) => break,
+                        }
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
