@@ -199,6 +199,32 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
     of each iteration (3%); malloc without its thread caches (about 8%,
     kept off for memory, see below). None is more than a few hundredths
     of the ratio alone.
+  - What all of that costs together, measured in the round after it (20
+    tasks x 150 iterations, experiment builds side by side with the shipped
+    one): writing no transcript at all, 20% less of the daemon's CPU per
+    request (0.300 against 0.376 ms, 5 pairs) and 4.5% more requests a
+    second; with everything optional off besides (no transcripts, no stall
+    detection and so no fingerprint, warnings only, subreaper instead of
+    cgroups), 36% less CPU and 10% more requests (6 pairs; the pairs'
+    rates 0.87 to 1.35 of the shipped build's). In a full `--only
+    throughput` run of this benchmark that same hour that build made 0.78
+    (0.73 … 0.91) at concurrency 20 on ext4 where the shipped one made 0.84
+    (0.74 … 0.87): the noise of this machine is larger than what the
+    optional work costs, and what is left without it (the agent started,
+    its pipes and pidfd watched, the scheduler's hop, the record written
+    durably) holds the ratio near 0.9 by itself. A third of the
+    transcript's cost is new inodes: a task's first `keep_transcripts`
+    iterations each make a file (the recycling takes over after them), and
+    on ext4 without a journal each new inode searches past the recently
+    deleted ones (`recently_deleted`, about 0.3 ms a file here, the
+    previous round's directory having just been removed): 8.9% of the
+    daemon's CPU at 200 iterations a task, about twice that share at the
+    benchmark's 100. A file holding several iterations (a segment) would
+    make a fraction of them; it is not built. Tried and taken back in that
+    round: the writer woken only when nothing was waiting for it yet or
+    something urgent came (a message per change woke it ~1,700 times a
+    second for ten batches): no difference the noise let through (7 pairs,
+    0.406 against 0.383 ms, rates 870 against 948 a second).
   - Done: an attempt's cgroup is kept, empty, for the next attempt where it
     counts only CPU (no memory or pids controller on it, no limit written,
     never killed: a process clone3'd into a cgroup after a write to its
@@ -220,7 +246,13 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
     most every 0.1 s while it iterates (a change of status at once), so up
     to the last tenth of a second of iterations run again, counted in
     `interrupted_iterations`; a transcript keeps everything up to the
-    agent's last write.
+    agent's last write. Until 2026-12-02 that held only on a machine with
+    a core to spare: the writer left its gathering only when the channel
+    stayed empty for crossbeam's whole spin, and with the cores busy
+    (each `sched_yield` a time slice) records came faster than that, so no
+    batch was written for as long as the load lasted (records 200
+    iterations behind the agents for 12 s). It now looks at the tick after
+    every message (src/store/writer.rs, with a test).
   - Before: the writer began a new batch the moment the last one ended, so
     it rewrote each record after almost every change (~1,300 a second: a new
     temporary file, fsync, rename, directory fsync) and took a fifth of the
