@@ -16,6 +16,21 @@ fn health(sb: &Sandbox) -> serde_json::Value {
 }
 
 fn specs(sb: &Sandbox, n: usize, start: usize, max_iterations: u64) -> Vec<String> {
+    spool_specs(sb, n, start, max_iterations, true)
+}
+
+/// Specs for `ws/s0000..` whose PROMPT.md the caller wrote.
+fn specs_keeping_prompts(sb: &Sandbox, n: usize, max_iterations: u64) -> Vec<String> {
+    spool_specs(sb, n, 0, max_iterations, false)
+}
+
+fn spool_specs(
+    sb: &Sandbox,
+    n: usize,
+    start: usize,
+    max_iterations: u64,
+    write_prompt: bool,
+) -> Vec<String> {
     let spool = sb.state_dir().join("spool");
     std::fs::create_dir_all(&spool).unwrap();
     (start..start + n)
@@ -23,7 +38,9 @@ fn specs(sb: &Sandbox, n: usize, start: usize, max_iterations: u64) -> Vec<Strin
             let id = format!("s{i:04}");
             let ws = sb.path(&format!("ws/{id}"));
             std::fs::create_dir_all(&ws).unwrap();
-            std::fs::write(ws.join("PROMPT.md"), "# soak\n").unwrap();
+            if write_prompt {
+                std::fs::write(ws.join("PROMPT.md"), "# soak\n").unwrap();
+            }
             std::fs::write(
                 spool.join(format!("{id}.toml")),
                 format!(
@@ -547,4 +564,67 @@ fn drain_of_twenty_running_agents_with_a_long_grace_and_with_none() {
         }
         sb.assert_nothing_left();
     }
+}
+
+#[test]
+fn tasks_waiting_between_iterations_hold_no_copy_of_their_prompt() {
+    let sb = Sandbox::new("prompt-held");
+    sb.write(
+        "cfg.toml",
+        "[orchestrator]\ncheckpoint_interval = 0\nmax_stalled_iterations = 0\niteration_delay = 600\n[performance]\nmax_concurrent = 20\n",
+    );
+    let mut c = sb.cmd(&[
+        "daemon",
+        "--state-dir",
+        sb.state_dir().to_str().unwrap(),
+        "--agent-command",
+        "/bin/true",
+        "--config",
+        "cfg.toml",
+        "--health-port",
+        "0",
+        "--metrics-interval",
+        "0",
+        "--log-file",
+        "daemon.log",
+        "--log-level",
+        "warn",
+    ]);
+    c.env("QCHAT_POLL_INTERVAL", "0.05");
+    let d = start(c);
+    let pid = d.pid();
+    assert!(wait_until(Duration::from_secs(10), || sb
+        .state_dir()
+        .join("http.port")
+        .is_file()));
+    let base = rss_kib(pid);
+    // 200 tasks with 200 KiB prompts: 40 MiB if each kept the copy its
+    // last attempt's worker read, for the 600 s it waits. What stays
+    // without (records, worker buffers, the allocator's leftovers) is 6-8 MiB.
+    let big = "# a long task\n".repeat(200 * 1024 / 14);
+    for i in 0..200 {
+        std::fs::create_dir_all(sb.path(&format!("ws/s{i:04}"))).unwrap();
+        std::fs::write(sb.path(&format!("ws/s{i:04}/PROMPT.md")), &big).unwrap();
+    }
+    // The prompts are in place before the specs (which keep them) arrive.
+    let ids = specs_keeping_prompts(&sb, 200, 1000);
+    assert!(
+        wait_until(Duration::from_secs(60), || ids
+            .iter()
+            .all(|id| sb.task(id)["successful_iterations"].as_u64() == Some(1))),
+        "{}",
+        sb.read("daemon.log")
+    );
+    // Idle, the daemon gives freed memory back: what stays is what it holds.
+    let mut rss = 0;
+    let held = wait_until(Duration::from_secs(10), || {
+        rss = rss_kib(pid);
+        rss < base + 16 * 1024
+    });
+    d.stop();
+    eprintln!("RSS {base} KiB before, {rss} KiB with 200 tasks waiting");
+    assert!(
+        held,
+        "RSS {base} KiB before, {rss} KiB with 200 tasks waiting"
+    );
 }

@@ -499,7 +499,17 @@ impl Scheduler {
                             slot.prompt_after = prompt.map(|p| (self.pass, p));
                         }
                         stats::count_in_metrics(&o);
-                        self.agent_done(&task, *o, complete)
+                        self.agent_done(&task, *o, complete);
+                        // Kept only for a start in this pass; a task that
+                        // waits (a delay, a back-off, a check) or ended
+                        // would hold the prompt's bytes until then.
+                        let now = Instant::now();
+                        if let Some(slot) = self.slots.get_mut(&task)
+                            && !matches!(slot.phase, Phase::Ready)
+                            && !matches!(slot.phase, Phase::Waiting(t) if t <= now)
+                        {
+                            slot.prompt_after = None;
+                        }
                     }
                     JobResult::Prompt(read) => self.prompt_read(&task, read),
                     JobResult::Checkpoint(d) => self.checkpoint_done(&task, d),
