@@ -58,6 +58,39 @@ pub fn create_dirs(dir: &Path) -> io::Result<()> {
 
 pub use crate::sys::rename::noreplace as rename_noreplace;
 
+/// A temporary of `write_atomic` (`.NAME.tmpPID`) whose process is gone: a
+/// kill -9 between its write and its rename left it, and nothing else would
+/// ever remove it. A process that exists (ours, or another user's: EPERM)
+/// is never taken for gone.
+pub fn abandoned_temporary(name: &std::ffi::OsStr) -> bool {
+    let Some(pid) = name
+        .to_str()
+        .and_then(|n| n.strip_prefix('.'))
+        .and_then(|n| n.rsplit_once(".tmp"))
+        .and_then(|(_, pid)| pid.parse::<i32>().ok())
+    else {
+        return false;
+    };
+    if pid <= 0 || pid as u32 == std::process::id() {
+        return false;
+    }
+    // SAFETY: signal 0 only asks whether the process exists.
+    let gone = unsafe { libc::kill(pid, 0) } != 0;
+    gone && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+/// Removes the abandoned temporaries in `dir`: how many went.
+pub fn sweep_abandoned(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| abandoned_temporary(&e.file_name()))
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,6 +105,28 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_temporaries_of_processes_that_are_gone_are_abandoned() {
+        let own = format!(".state.json.tmp{}", std::process::id());
+        // Above any pid_max Linux allows (2^22).
+        for (name, abandoned) in [
+            (".state.json.tmp4194305", true),
+            (".metrics.json.tmp4194999", true),
+            (own.as_str(), false),
+            (".state.json.tmp1", false),
+            (".state.json.tmp", false),
+            ("state.json", false),
+            (".state.json.tmpx4194305", false),
+            ("notes.tmp4194305", false),
+        ] {
+            assert_eq!(
+                abandoned_temporary(std::ffi::OsStr::new(name)),
+                abandoned,
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -93,6 +93,19 @@ impl TaskStore {
         problems
     }
 
+    /// Removes what processes killed while writing left (`write_atomic`'s
+    /// temporaries) in the state directory and every task's directory: how
+    /// many went.
+    pub fn sweep_abandoned(&self) -> usize {
+        let mut n = super::atomic::sweep_abandoned(&self.root);
+        if let Ok(dir) = std::fs::read_dir(self.tasks_dir()) {
+            for e in dir.flatten() {
+                n += super::atomic::sweep_abandoned(&e.path());
+            }
+        }
+        n
+    }
+
     /// Keeps the newest `keep` transcripts of a task.
     pub fn prune_transcripts(&self, id: &str, keep: usize) {
         let Ok(dir) = std::fs::read_dir(self.transcript_dir(id)) else {
