@@ -66,17 +66,7 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     };
 
     let store = TaskStore::new(&state_dir);
-    // Beside the start, not before it: a state directory may hold a hundred
-    // thousand tasks, and nothing waits for these files to go.
-    let sweeping = store.clone();
-    let _ = std::thread::Builder::new()
-        .name("sweep".into())
-        .spawn(move || {
-            let n = sweeping.sweep_abandoned();
-            if n > 0 {
-                log::info!("removed {n} temporary file(s) (.NAME.tmpPID) that processes killed while writing had left in {}", sweeping.state_dir().display());
-            }
-        });
+    super::setup::sweep_abandoned(store.clone());
     let contain = super::setup::contain(&cfg, &state_dir, &shared)?;
     let mut scheduler = Scheduler::new(
         cfg.clone(),

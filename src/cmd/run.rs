@@ -97,6 +97,7 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
         LockError::Io { .. } => Failure::new(exit::CANT_CREATE, e.to_string()),
     })?;
     let store = TaskStore::new(&s.state_dir);
+    super::setup::sweep_abandoned(store.clone());
     let id = task::id_from_file_name(
         &s.prompt
             .file_name()

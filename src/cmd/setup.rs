@@ -136,3 +136,21 @@ pub fn reader_state_dir(
     }
     Ok(dir)
 }
+
+/// Removes the temporaries that processes killed while writing left
+/// (`store::atomic::abandoned_temporary`), beside the start rather than
+/// before it: a state directory may hold a hundred thousand tasks, and
+/// nothing waits for these files to go. Called with the state lock held.
+pub fn sweep_abandoned(store: crate::store::TaskStore) {
+    let _ = std::thread::Builder::new()
+        .name("sweep".into())
+        .spawn(move || {
+            let n = store.sweep_abandoned();
+            if n > 0 {
+                log::info!(
+                    "removed {n} temporary file(s) (.NAME.tmpPID) that processes killed while writing had left in {}",
+                    store.state_dir().display()
+                );
+            }
+        });
+}
