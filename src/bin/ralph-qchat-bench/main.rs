@@ -136,8 +136,8 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
 ±0.1).
 
 - **Throughput at concurrency 20** (target 0.9; 0.66 to 1.03 here on ext4
-  over the last five full runs, medians 0.76 to 0.81; on tmpfs 0.80 to
-  0.89). The
+  over the last six full runs, medians 0.76 to 0.84; on tmpfs 0.80 to
+  0.95). The
   gap is CPU: the daemon and its agents share two cores (idle under 1% while
   requests run, for floor and daemon alike, measured from /proc/stat), so
   every cycle spent for the daemon is a request the floor makes instead.
