@@ -12,7 +12,6 @@ use crate::store::writer::{self, Writer, Written};
 use crate::sys::time::now_rfc3339;
 use crossbeam_channel::Sender;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct Persist {
@@ -56,17 +55,17 @@ impl Persist {
             }
             urgent |= s.state.status != s.published.status;
             if let Some(t) = s.active_since {
-                s.state.runtime_secs += now.duration_since(t).as_secs_f64();
+                s.st().runtime_secs += now.duration_since(t).as_secs_f64();
                 s.active_since =
                     (!matches!(s.phase, Phase::Finished | Phase::Hook { .. })).then_some(now);
             }
-            s.state.updated_at = now_rfc3339();
-            match serde_json::to_vec_pretty(&s.state) {
+            s.st().updated_at = now_rfc3339();
+            match serde_json::to_vec_pretty(&*s.state) {
                 Ok(json) => batch.push((s.state.id.clone(), json)),
                 Err(e) => log::error!(task = s.state.id.as_str(); "cannot encode task state: {e}"),
             }
             s.dirty = false;
-            s.published = Arc::new(s.state.clone());
+            s.published = s.state.clone();
             changed = true;
         }
         if !batch.is_empty() {

@@ -241,7 +241,7 @@ impl Scheduler {
         let hook = slot.state.hook.clone();
         if hook.as_deref() == Some("running") {
             log::warn!(task = id.as_str(); "the on_task_end hook was running when the last process ended; it is not run again");
-            slot.state.hook = Some("interrupted".into());
+            slot.st().hook = Some("interrupted".into());
             slot.dirty = true;
         }
         self.slots.insert(id.clone(), slot);
@@ -365,7 +365,7 @@ impl Scheduler {
             tasks: self
                 .slots
                 .into_values()
-                .map(|s| s.state)
+                .map(|s| Arc::unwrap_or_clone(s.state))
                 .chain(past)
                 .collect(),
             signal: self.shutdown.map(|(_, s)| s),
@@ -616,7 +616,7 @@ impl Scheduler {
             if let Some(h) = &holder {
                 log::info!(task = id; "waits for task {h}, which works in the same tree as {}", slot.state.workdir);
             }
-            slot.state.waits_for = holder.clone();
+            slot.st().waits_for = holder.clone();
             slot.dirty = true;
         }
         if holder.is_none() {
@@ -672,7 +672,7 @@ impl Scheduler {
         };
         if slot.cancel_pending {
             slot.cancel_pending = false;
-            slot.state.in_progress = None;
+            slot.st().in_progress = None;
             slot.phase = Phase::Waiting(Instant::now());
             self.finish(id, Status::Cancelled, "cancelled", None);
             return false;
@@ -734,7 +734,7 @@ impl Scheduler {
                 } else {
                     log::debug!(task = id; "{msg}; trying again in {:.1} s", delay.as_secs_f64());
                 }
-                slot.state.last_error = Some(msg);
+                slot.st().last_error = Some(msg);
                 slot.dirty = true;
                 slot.phase = Phase::Waiting(Instant::now() + delay);
                 None
@@ -754,7 +754,7 @@ impl Scheduler {
         let verified_failed_now = !cfg.orchestrator.verify_command.is_empty()
             && slot.state.verify_failed_at == Some(slot.state.iteration);
         if prompt_complete(&raw, &cfg.orchestrator.completion_marker) && !verified_failed_now {
-            slot.state.in_progress = None;
+            slot.st().in_progress = None;
             self.complete(id, "completion_marker");
             return None;
         }
@@ -880,13 +880,13 @@ impl Scheduler {
             log::warn!(task = id, iteration = it; "agent output over limits.max_output_size: {} bytes dropped", o.bytes_dropped);
         }
         if o.class != Class::Stopped {
-            slot.state.last_class = Some(o.class.as_str().to_string());
+            slot.st().last_class = Some(o.class.as_str().to_string());
         }
         // Every attempt's cost counts, failed and throttled ones too.
-        slot.state.add_spent(&o.usage);
+        slot.st().add_spent(&o.usage);
         METRICS.spent(self.cfg.adapter.name.as_str(), &o.usage);
         if !o.resources.is_empty() {
-            slot.state.add_used(&o.resources);
+            slot.st().add_used(&o.resources);
             METRICS.used(self.cfg.adapter.name.as_str(), &o.resources);
         }
         slot.dirty = true;
@@ -895,7 +895,7 @@ impl Scheduler {
                 log::info!(task = id, iteration = it; "agent finished in {:.2} s ({} bytes of output)", o.duration.as_secs_f64(), o.bytes_read);
                 slot.succeeded();
                 // The agent has seen the failed verification.
-                slot.state.verify_failed = None;
+                slot.st().verify_failed = None;
                 self.gates.account.succeeded();
                 self.stats.iterations += 1;
                 self.stats.successes += 1;
@@ -989,11 +989,11 @@ impl Scheduler {
                 self.finish(id, Status::Failed, "agent_unavailable", Some(detail));
             }
             Verdict::RuntimeOut => {
-                slot.state.in_progress = None;
+                slot.st().in_progress = None;
                 self.finish(id, Status::LimitReached, "max_runtime", None);
             }
             Verdict::Cancelled => {
-                slot.state.in_progress = None;
+                slot.st().in_progress = None;
                 self.finish(id, Status::Cancelled, "cancelled", None);
             }
             Verdict::Interrupted => {
@@ -1216,7 +1216,7 @@ impl Scheduler {
         };
         // Shutdown stops a checkpoint that outlives the grace period.
         slot.cancel = Some(job.cancel.clone());
-        slot.state.last_checkpoint = slot.state.iteration;
+        slot.st().last_checkpoint = slot.state.iteration;
         slot.dirty = true;
         slot.phase = Phase::Checkpointing { seq, finishing };
         self.pool.send(id, seq, Job::Checkpoint(job));
@@ -1285,8 +1285,8 @@ impl Scheduler {
         match (o.class, &o.ending) {
             (Class::Success, _) => {
                 log::info!(task = id, iteration = it; "verification passed in {:.2} s", o.duration.as_secs_f64());
-                slot.state.verify_failed = None;
-                slot.state.verify_failed_at = None;
+                slot.st().verify_failed = None;
+                slot.st().verify_failed_at = None;
                 self.finish(id, Status::Completed, reason, None);
             }
             (Class::Stopped, crate::agent::Ending::Cancelled) => {
@@ -1299,9 +1299,9 @@ impl Scheduler {
             _ => {
                 let detail = describe(&o);
                 log::warn!(task = id, iteration = it; "verification failed: {detail}; the loop goes on and the next instruction carries its output");
-                slot.state.last_error = Some(format!("verify_command failed: {detail}"));
-                slot.state.verify_failed = Some(failure);
-                slot.state.verify_failed_at = Some(it);
+                slot.st().last_error = Some(format!("verify_command failed: {detail}"));
+                slot.st().verify_failed = Some(failure);
+                slot.st().verify_failed_at = Some(it);
                 slot.phase = Phase::Waiting(Instant::now() + delay);
             }
         }
@@ -1316,7 +1316,7 @@ impl Scheduler {
         if !self.cfg.hooks.on_task_end.is_empty() && slot.state.hook.is_none() {
             // Written with the end itself: a crash before the hook ran
             // leaves it to the next start.
-            slot.state.hook = Some("pending".into());
+            slot.st().hook = Some("pending".into());
         }
         match status {
             Status::Completed | Status::Cancelled => log::info!(task = id; "{msg}"),
@@ -1358,8 +1358,8 @@ impl Scheduler {
         let Some(slot) = self.slots.get_mut(id) else {
             return;
         };
-        slot.state.hook = Some("running".into());
-        slot.state.updated_at = crate::sys::time::now_rfc3339();
+        slot.st().hook = Some("running".into());
+        slot.st().updated_at = crate::sys::time::now_rfc3339();
         if let Err(e) = self.store.save(&slot.state) {
             log::error!(task = id; "cannot record that the on_task_end hook starts: {e}; running it anyway");
         }
@@ -1405,7 +1405,7 @@ impl Scheduler {
                 m
             }
         };
-        slot.state.hook = Some(result);
+        slot.st().hook = Some(result);
         slot.dirty = true;
         slot.phase = Phase::Finished;
         // Written once more as finished, then it leaves the hot set (`retire`).
@@ -1577,7 +1577,7 @@ impl Scheduler {
                 log::info!(task = id; "cancel request ignored: the task already ended {}; its on_task_end hook runs", slot.state.status.as_str())
             }
             Phase::Ready | Phase::Waiting(_) => {
-                slot.state.in_progress = None;
+                slot.st().in_progress = None;
                 self.finish(id, Status::Cancelled, "cancelled", None);
             }
         }

@@ -69,7 +69,10 @@ impl Phase {
 }
 
 pub struct Slot {
-    pub state: TaskState,
+    /// The record. Shared with `published` from the moment it is written
+    /// until it next changes (`st` copies it then): a task at rest, most of
+    /// a big queue, is held once, not twice.
+    pub state: Arc<TaskState>,
     pub phase: Phase,
     /// Retries made in the current iteration.
     pub retries_now: u32,
@@ -114,7 +117,7 @@ impl Slot {
             Phase::Ready
         };
         Slot {
-            state,
+            state: Arc::new(state),
             phase,
             retries_now: 0,
             rerun,
@@ -131,6 +134,11 @@ impl Slot {
         }
     }
 
+    /// The record, to change: copied first if a reader holds it.
+    pub fn st(&mut self) -> &mut TaskState {
+        Arc::make_mut(&mut self.state)
+    }
+
     /// Seconds of running, this process's share included.
     pub fn runtime(&self) -> f64 {
         self.state.runtime_secs + self.active_since.map_or(0.0, |t| t.elapsed().as_secs_f64())
@@ -142,7 +150,7 @@ impl Slot {
     /// An attempt begins: a new iteration unless this one is retried or
     /// re-run after an interruption.
     pub fn begin(&mut self, new_iteration: bool, next: u64) {
-        let st = &mut self.state;
+        let st = Arc::make_mut(&mut self.state);
         if new_iteration {
             st.iteration = next;
         }
@@ -159,7 +167,7 @@ impl Slot {
     /// The iteration succeeded: an earlier error is history, not the
     /// task's state (a completed task does not show an old failure).
     pub fn succeeded(&mut self) {
-        let st = &mut self.state;
+        let st = Arc::make_mut(&mut self.state);
         st.successful_iterations += 1;
         st.consecutive_failures = 0;
         st.in_progress = None;
@@ -171,7 +179,7 @@ impl Slot {
     /// iterations in a row changed nothing, or None when that is unknown
     /// (no fingerprint could be taken).
     pub fn progress(&mut self, before: Option<u64>, after: Option<u64>) -> Option<u32> {
-        let st = &mut self.state;
+        let st = Arc::make_mut(&mut self.state);
         if st.tree_fingerprint.is_none() {
             st.tree_fingerprint = before.map(|b| format!("{b:016x}"));
         }
@@ -188,7 +196,7 @@ impl Slot {
     /// The API asked to slow down: the same iteration runs again later;
     /// neither its retries nor the failures in a row move.
     pub fn throttled(&mut self, detail: &str) {
-        let st = &mut self.state;
+        let st = Arc::make_mut(&mut self.state);
         st.throttled += 1;
         st.in_progress = None;
         st.last_error = Some(detail.to_string());
@@ -204,27 +212,27 @@ impl Slot {
         // Waiting for the account is not running: the clock of max_runtime
         // stops until the next attempt starts.
         if let Some(t) = self.active_since.take() {
-            self.state.runtime_secs += t.elapsed().as_secs_f64();
+            self.st().runtime_secs += t.elapsed().as_secs_f64();
         }
-        let st = &mut self.state;
+        let st = Arc::make_mut(&mut self.state);
         st.in_progress = None;
         st.last_error = Some(detail.to_string());
         self.retries_now = 0;
         // The iteration did not run: the next start runs it under the same
         // number (the counter never goes back).
         self.rerun = true;
-        self.state.rerun_iteration = true;
+        self.st().rerun_iteration = true;
     }
 
     pub fn retrying(&mut self, detail: &str) {
         self.retries_now += 1;
-        self.state.retries += 1;
-        self.state.last_error = Some(detail.to_string());
+        self.st().retries += 1;
+        self.st().last_error = Some(detail.to_string());
     }
 
     /// The iteration failed for good; returns the failures in a row.
     pub fn failed(&mut self, detail: &str) -> u32 {
-        let st = &mut self.state;
+        let st = Arc::make_mut(&mut self.state);
         st.failed_iterations += 1;
         st.consecutive_failures += 1;
         st.in_progress = None;
@@ -235,7 +243,7 @@ impl Slot {
 
     /// The task ends; returns the line that tells the operator how.
     pub fn end(&mut self, status: Status, reason: &str, error: Option<String>) -> String {
-        let st = &mut self.state;
+        let st = Arc::make_mut(&mut self.state);
         st.status = status;
         st.reason = Some(reason.to_string());
         st.finished_at = Some(now_rfc3339());
@@ -346,7 +354,7 @@ mod tests {
                     3 => s.throttled("rate limit"),
                     4 => s.not_counted("agent missing"),
                     // The process dies mid-attempt; the next one adopts the record.
-                    _ => s = Slot::adopt(s.state.clone()),
+                    _ => s = Slot::adopt((*s.state).clone()),
                 }
                 let now = counters(&s.state);
                 for (a, b) in last.iter().zip(now.iter()) {
