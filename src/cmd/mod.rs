@@ -28,10 +28,12 @@ pub fn dispatch(cmd: Command) -> Result<i32, Failure> {
         }
         Command::Run(a) => {
             crate::sys::malloc::reexec_without_thread_caches();
+            crate::sys::malloc::one_arena();
             run::run(a)
         }
         Command::Daemon(a, standby) => {
             crate::sys::malloc::reexec_without_thread_caches();
+            crate::sys::malloc::one_arena();
             daemon::daemon(a, standby)
         }
         Command::Submit(a) => submit::submit(a),

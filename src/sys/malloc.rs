@@ -69,6 +69,24 @@ pub fn reexec_without_thread_caches() {
         .exec();
 }
 
+/// One malloc arena for the whole process. glibc gives threads arenas of
+/// their own, up to eight per core, each keeping what was freed in it and
+/// some slack at its top, so the daemon's memory followed where its thirty
+/// threads had happened to allocate: peak RSS with 1,000 task records
+/// varied from 9.7 to 13.3 MB between runs, 10.9 to 11.2 MB with one arena.
+/// Its threads allocate little, and on their own paths: the one lock cost
+/// nothing measurable (20 tasks x 150 iterations, 5 pairs side by side).
+/// An operator's own `glibc.malloc.arena_max` is left alone. Must run
+/// before any thread exists.
+pub fn one_arena() {
+    if std::env::var_os(TUNABLES).is_some_and(|v| v.to_string_lossy().contains("arena_max")) {
+        return;
+    }
+    // SAFETY: mallopt sets one of the allocator's parameters; no other
+    // thread exists yet to allocate meanwhile.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+}
+
 /// Puts the operator's GLIBC_TUNABLES back after a re-execution. Must run
 /// first in main, before any thread exists.
 pub fn restore_operator_environment() {
