@@ -291,7 +291,18 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
   pruning moved from the scheduler to the writer thread. Together:
   concurrency 20 went from 0.16–0.43 to 0.6–0.8, concurrency 1 from
   0.65–0.8 to 0.75–0.94.
-- **Memory**: glibc's per-thread malloc caches held about 1.4 MB of the
+- **Memory** (target 10 MB; 10.5 to 10.8 MB in four runs on 2026-12-02,
+  12.7 to 13.7 MB before that day's two changes): what is resident is the
+  binary's own code, 4.5 MB of its 5.2 MB of text (the kernel maps code in
+  64 KiB windows around each page used), glibc 1.4 MB, and 3 to 4 MB of
+  heap for 1,000 records and 20 running attempts. Done that day: a task's
+  record held once while it rests (shared with what /tasks reads until it
+  next changes), and one malloc arena instead of one per thread (the peak
+  had varied from 9.7 to 13.3 MB with where thirty threads happened to
+  allocate). A build with fat LTO and one codegen unit has 4.4 MB of text
+  and about 0.7 MB less resident, but takes 2 min 11 s per release build
+  instead of 40 s (the README's first command builds one): not adopted.
+  Before that, glibc's per-thread malloc caches held about 1.4 MB of the
   daemon and kept growing slowly under load (threads free each other's
   allocations); `daemon` and `run` re-execute themselves once with
   `glibc.malloc.tcache_count=0` (see src/malloc.rs). The price showed in
