@@ -66,7 +66,6 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
     };
 
     let store = TaskStore::new(&state_dir);
-    super::setup::sweep_abandoned(store.clone());
     let contain = super::setup::contain(&cfg, &state_dir, &shared)?;
     let mut scheduler = Scheduler::new(
         cfg.clone(),
@@ -77,7 +76,13 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
         contain.clone(),
     )
     .map_err(|e| Failure::new(exit::CANT_CREATE, format!("cannot start workers: {e}")))?;
-    let problems = store.for_each(|t| scheduler.adopt(t));
+    let mut active = Vec::new();
+    let problems = store.for_each(|t| {
+        if !t.status.is_finished() {
+            active.push(t.id.clone());
+        }
+        scheduler.adopt(t)
+    });
     scheduler.adopted();
     for p in &problems {
         log::error!("{p}; that task is left as it is on disk and not run");
@@ -119,6 +124,8 @@ pub fn daemon(args: RunArgs, standby: bool) -> Result<i32, Failure> {
         cfg.adapter.effective_command()
     );
     Notifier::from_env().ready(&status);
+    // After the port opens: beside the start it held up the adoption.
+    super::setup::sweep_abandoned(store.clone(), active);
 
     let reload: signals::Reload = Box::new(move || reload_config(&layers));
     let finished = signals::serve(scheduler, None, Some(reload), caught);

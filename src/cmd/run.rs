@@ -97,13 +97,13 @@ pub fn run(args: RunArgs) -> Result<i32, Failure> {
         LockError::Io { .. } => Failure::new(exit::CANT_CREATE, e.to_string()),
     })?;
     let store = TaskStore::new(&s.state_dir);
-    super::setup::sweep_abandoned(store.clone());
     let id = task::id_from_file_name(
         &s.prompt
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
     );
+    super::setup::sweep_abandoned(store.clone(), vec![id.clone()]);
     let state = match store.load(&id) {
         Ok(Some(st)) => match reopen(st) {
             Some(st) => st,

@@ -138,14 +138,19 @@ pub fn reader_state_dir(
 }
 
 /// Removes the temporaries that processes killed while writing left
-/// (`store::atomic::abandoned_temporary`), beside the start rather than
-/// before it: a state directory may hold a hundred thousand tasks, and
-/// nothing waits for these files to go. Called with the state lock held.
-pub fn sweep_abandoned(store: crate::store::TaskStore) {
+/// (`store::atomic::abandoned_temporary`) in the state directory and those
+/// of the tasks `ids`, in a thread of the lowest priority: nothing waits for
+/// these files to go. Called with the state lock held.
+pub fn sweep_abandoned(store: crate::store::TaskStore, ids: Vec<String>) {
     let _ = std::thread::Builder::new()
         .name("sweep".into())
         .spawn(move || {
-            let n = store.sweep_abandoned();
+            // SAFETY: gettid and setpriority of this thread only.
+            unsafe {
+                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+            }
+            let n = store.sweep_abandoned(&ids);
             if n > 0 {
                 log::info!(
                     "removed {n} temporary file(s) (.NAME.tmpPID) that processes killed while writing had left in {}",

@@ -94,16 +94,16 @@ impl TaskStore {
     }
 
     /// Removes what processes killed while writing left (`write_atomic`'s
-    /// temporaries) in the state directory and every task's directory: how
-    /// many went.
-    pub fn sweep_abandoned(&self) -> usize {
-        let mut n = super::atomic::sweep_abandoned(&self.root);
-        if let Ok(dir) = std::fs::read_dir(self.tasks_dir()) {
-            for e in dir.flatten() {
-                n += super::atomic::sweep_abandoned(&e.path());
-            }
-        }
-        n
+    /// temporaries) in the state directory and the directories of `ids`:
+    /// how many went. The callers name the tasks not yet finished, where
+    /// records are written; a directory read per finished task would make
+    /// every start cost what the history holds.
+    pub fn sweep_abandoned(&self, ids: &[String]) -> usize {
+        super::atomic::sweep_abandoned(&self.root)
+            + ids
+                .iter()
+                .map(|id| super::atomic::sweep_abandoned(&self.task_dir(id)))
+                .sum::<usize>()
     }
 
     /// Keeps the newest `keep` transcripts of a task.
