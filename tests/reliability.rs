@@ -86,6 +86,33 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap()
 }
 
+/// The daemon on `cfg.toml` with /bin/true as its agent, warnings only, in
+/// daemon.log; `extra` arguments after those.
+fn true_daemon(sb: &Sandbox, extra: &[&str]) -> Running {
+    let state = sb.state_dir().display().to_string();
+    let mut args = vec![
+        "daemon",
+        "--state-dir",
+        state.as_str(),
+        "--agent-command",
+        "/bin/true",
+        "--config",
+        "cfg.toml",
+        "--health-port",
+        "0",
+        "--metrics-interval",
+        "0",
+        "--log-file",
+        "daemon.log",
+        "--log-level",
+        "warn",
+    ];
+    args.extend_from_slice(extra);
+    let mut c = sb.cmd(&args);
+    c.env("QCHAT_POLL_INTERVAL", "0.05");
+    start(c)
+}
+
 #[test]
 fn soak_20000_requests_keeps_fds_and_memory_flat() {
     let sb = Sandbox::new("soak");
@@ -95,27 +122,7 @@ fn soak_20000_requests_keeps_fds_and_memory_flat() {
     );
     // /bin/true: the cheapest agent there is, so the daemon's own costs show
     // (it changes nothing, so stall detection is off).
-    let mut c = sb.cmd(&[
-        "daemon",
-        "--state-dir",
-        sb.state_dir().to_str().unwrap(),
-        "--agent-command",
-        "/bin/true",
-        "--config",
-        "cfg.toml",
-        "--iteration-delay",
-        "0",
-        "--health-port",
-        "0",
-        "--metrics-interval",
-        "0",
-        "--log-file",
-        "daemon.log",
-        "--log-level",
-        "warn",
-    ]);
-    c.env("QCHAT_POLL_INTERVAL", "0.05");
-    let d = start(c);
+    let d = true_daemon(&sb, &["--iteration-delay", "0"]);
     let pid = d.pid();
     // 1,000 requests, then the baseline.
     let first = specs(&sb, 20, 0, 50);
@@ -573,25 +580,7 @@ fn tasks_waiting_between_iterations_hold_no_copy_of_their_prompt() {
         "cfg.toml",
         "[orchestrator]\ncheckpoint_interval = 0\nmax_stalled_iterations = 0\niteration_delay = 600\n[performance]\nmax_concurrent = 20\n",
     );
-    let mut c = sb.cmd(&[
-        "daemon",
-        "--state-dir",
-        sb.state_dir().to_str().unwrap(),
-        "--agent-command",
-        "/bin/true",
-        "--config",
-        "cfg.toml",
-        "--health-port",
-        "0",
-        "--metrics-interval",
-        "0",
-        "--log-file",
-        "daemon.log",
-        "--log-level",
-        "warn",
-    ]);
-    c.env("QCHAT_POLL_INTERVAL", "0.05");
-    let d = start(c);
+    let d = true_daemon(&sb, &[]);
     let pid = d.pid();
     assert!(wait_until(Duration::from_secs(10), || sb
         .state_dir()
