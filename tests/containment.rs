@@ -459,3 +459,40 @@ fn attempts_reuse_an_empty_cgroup_and_count_only_their_own_cpu() {
     }
     sb.assert_nothing_left();
 }
+
+/// A process that leaves the agent's tree and exits on its own while the
+/// agent works on is reaped within moments, not when the attempt ends: the
+/// reaper is woken by the SIGCHLD its exit sends us (blocked in every
+/// thread and taken by the reaper; a thread that left it unblocked would
+/// swallow it). The agent hangs, so only the reaper can have reaped it.
+#[test]
+fn an_orphan_that_exits_while_its_agent_works_is_reaped_at_once() {
+    for mode in ["cgroup", "subreaper"] {
+        let sb = Sandbox::new(&format!("orphan-exits-{mode}"));
+        let agent = sb.write_exec(
+            "orphaning.sh",
+            "#!/bin/sh\n( sh -c 'echo $$ > orphan.pid; exec sleep 0.3' & )\necho working\nexec sleep 60\n",
+        );
+        let mut c = sb.run_program(agent.to_str().unwrap(), &["--max-iterations", "1"]);
+        c.env("QCHAT_CONTAINMENT", mode);
+        let r = start(c);
+        assert!(
+            wait_until(Duration::from_secs(10), || sb
+                .read("orphan.pid")
+                .trim()
+                .parse::<i32>()
+                .is_ok()),
+            "{mode}: the orphan never started"
+        );
+        let pid: i32 = sb.read("orphan.pid").trim().parse().unwrap_or(0);
+        let reaped = wait_until(Duration::from_secs(3), || gone(pid));
+        let still_zombie = !reaped && !alive(pid);
+        r.signal(libc::SIGTERM);
+        let f = r.finish(Duration::from_secs(15));
+        assert!(
+            reaped,
+            "{mode}: the orphan {pid} was not reaped 3 s after its 0.3 s sleep (zombie: {still_zombie}); run: {}",
+            f.stderr
+        );
+    }
+}

@@ -29,11 +29,13 @@ pub fn dispatch(cmd: Command) -> Result<i32, Failure> {
         Command::Run(a) => {
             crate::sys::malloc::reexec_without_thread_caches();
             crate::sys::malloc::one_arena();
+            crate::sys::reaper::block_sigchld();
             run::run(a)
         }
         Command::Daemon(a, standby) => {
             crate::sys::malloc::reexec_without_thread_caches();
             crate::sys::malloc::one_arena();
+            crate::sys::reaper::block_sigchld();
             daemon::daemon(a, standby)
         }
         Command::Submit(a) => submit::submit(a),
