@@ -146,6 +146,8 @@ pub struct Launcher {
     devnull: OwnedFd,
     env: BaseEnv,
     plan: Plan,
+    /// The signals the child sets back to SIG_DFL (`to_reset`).
+    resets: Vec<libc::c_int>,
 }
 
 // SAFETY: the stack is a private mapping used only by the owning worker.
@@ -177,6 +179,7 @@ impl Launcher {
             devnull: devnull.into(),
             env: BaseEnv::of_process(),
             plan: Plan::default(),
+            resets: to_reset(),
         })
     }
 
@@ -210,6 +213,8 @@ impl Launcher {
             // SAFETY: getpid has no preconditions.
             parent: unsafe { libc::getpid() },
             max_as: req.max_as,
+            resets: self.resets.as_ptr(),
+            n_resets: self.resets.len(),
             joins: std::ptr::null(),
             n_joins: 0,
             join_dir: -1,
@@ -445,6 +450,8 @@ struct ChildArgs {
     errno: AtomicI32,
     parent: libc::pid_t,
     max_as: u64,
+    resets: *const libc::c_int,
+    n_resets: usize,
     joins: *const RawFd,
     n_joins: usize,
     /// The v2 cgroup's directory when the child must join it itself.
@@ -459,22 +466,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // everything below is a raw syscall on data prepared before the clone.
     unsafe {
         let a = &*(arg as *const ChildArgs);
-        // Our handlers are not for the agent: back to defaults, SIGPIPE too
-        // (Rust ignores it) and glibc's internal signals (its sigaction
-        // refuses to touch those, hence the raw syscall); what the operator
-        // ignores stays ignored.
-        for sig in 1..=libc::SIGRTMAX() {
-            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-                continue;
-            }
-            let mut old = KernelSigaction::default();
-            if rt_sigaction(sig, None, Some(&mut old)) != 0 {
-                continue;
-            }
-            let internal = sig > libc::SIGSYS && sig < libc::SIGRTMIN();
-            if sig == libc::SIGPIPE || internal || old.handler > libc::SIG_IGN {
-                rt_sigaction(sig, Some(&KernelSigaction::default()), None);
-            }
+        // Our handlers are not for the agent (to_reset).
+        for i in 0..a.n_resets {
+            rt_sigaction(*a.resets.add(i), Some(&KernelSigaction::default()), None);
         }
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
@@ -573,6 +567,29 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     }
 }
 
+/// The signals a child must set back to SIG_DFL before it unblocks them:
+/// those with a handler of ours (one would run in the child, on our memory,
+/// in the moment before exec resets it), SIGPIPE (Rust ignores it, and an
+/// ignored signal stays ignored across exec) and glibc's internal signals
+/// (its sigaction refuses to touch those, hence the raw syscall); what the
+/// operator ignores stays ignored. Looked up when the launcher is made, not
+/// in each child: a query per signal was 64 system calls per start. Our
+/// handlers are all installed before the first launcher is made (the
+/// signals are caught first thing in `run` and the daemon).
+fn to_reset() -> Vec<libc::c_int> {
+    (1..=libc::SIGRTMAX())
+        .filter(|&sig| sig != libc::SIGKILL && sig != libc::SIGSTOP)
+        .filter(|&sig| {
+            let mut old = KernelSigaction::default();
+            if rt_sigaction(sig, None, Some(&mut old)) != 0 {
+                return false;
+            }
+            let internal = sig > libc::SIGSYS && sig < libc::SIGRTMIN();
+            sig == libc::SIGPIPE || internal || old.handler > libc::SIG_IGN
+        })
+        .collect()
+}
+
 /// The kernel's struct sigaction (not glibc's): handler SIG_DFL (0), no flags.
 #[repr(C)]
 #[derive(Default)]
@@ -602,5 +619,24 @@ unsafe fn fail(a: &ChildArgs, stage: u8) -> ! {
         a.errno.store(*libc::__errno_location(), Ordering::Release);
         a.stage.store(stage, Ordering::Release);
         libc::_exit(127)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn children_reset_our_handlers_sigpipe_and_glibcs_signals_only() {
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _ = signal_hook::flag::register(libc::SIGUSR2, flag);
+        let resets = to_reset();
+        for sig in [libc::SIGUSR2, libc::SIGPIPE, 32, 33] {
+            assert!(resets.contains(&sig), "{sig} not reset: {resets:?}");
+        }
+        // Signals at their default need no system call in the child.
+        for sig in [libc::SIGWINCH, libc::SIGURG, libc::SIGRTMIN()] {
+            assert!(!resets.contains(&sig), "{sig} reset: {resets:?}");
+        }
     }
 }
