@@ -225,6 +225,19 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
     something urgent came (a message per change woke it ~1,700 times a
     second for ten batches): no difference the noise let through (7 pairs,
     0.406 against 0.383 ms, rates 870 against 948 a second).
+  - The round of 2026-12-02 morning, from a profile of the whole machine
+    (`perf record -a`: the agents' processes too, which the CPU columns do
+    not count) and strace of the children before exec: each start's child
+    queried all 64 signal dispositions before exec (83 system calls, now
+    20: the launcher looks them up once, `to_reset` in src/agent/spawn.rs),
+    and each agent's exit ran signal-hook's SIGCHLD handler in one of our
+    threads (now SIGCHLD is blocked everywhere and taken by the reaper,
+    src/sys/reaper.rs). The system calls made for a request by the daemon's
+    threads and its children before exec went from about 164 to 98. Total
+    CPU per request (the daemon and its agents, against the floor and its
+    agents, 20 tasks x 150 iterations, 6 rounds in turns): 0.816 to 0.836
+    of the floor, within the noise of a slow hour (the floor's own total
+    2.0 ms a request, 1.4 ms an hour before).
   - Done: an attempt's cgroup is kept, empty, for the next attempt where it
     counts only CPU (no memory or pids controller on it, no limit written,
     never killed: a process clone3'd into a cgroup after a write to its
