@@ -111,7 +111,7 @@ pub fn run(
             });
     }
     drop(tx);
-    let pidfd = pidfd_open(pid);
+    let pidfd = child.pidfd.take().or_else(|| pidfd_open(pid));
     let mut stopping: Option<(Failure, Instant)> = None;
     let mut killed = false;
     let status = loop {

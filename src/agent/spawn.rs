@@ -86,6 +86,9 @@ pub struct Spawned {
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,
     status: Option<ExitStatus>,
+    /// A pidfd of the child, made by clone3 itself (CLONE_PIDFD) where it
+    /// was used: a pidfd_open fewer per start.
+    pub pidfd: Option<OwnedFd>,
     /// CPU seconds and peak RSS (bytes) of the child and the descendants it
     /// waited for, once reaped.
     pub rusage: Option<(f64, u64)>,
@@ -236,7 +239,7 @@ impl Launcher {
         let top = unsafe { self.stack.cast::<u8>().add(STACK) }.cast::<libc::c_void>();
         // Every signal stays blocked from before the clone until the child
         // has reset the handlers it inherited, so none of ours runs in it.
-        let pid = unsafe {
+        let (pid, pidfd) = unsafe {
             let mut all: libc::sigset_t = std::mem::zeroed();
             let mut old: libc::sigset_t = std::mem::zeroed();
             libc::sigfillset(&mut all);
@@ -244,9 +247,10 @@ impl Launcher {
             let argp: *mut ChildArgs = &mut args;
             let arg = argp.cast();
             let mut pid = -1;
+            let mut pidfd: libc::c_int = -1;
             let mut e = io::Error::from_raw_os_error(libc::ENOSYS);
             if let Some(dir) = into {
-                pid = clone_into(dir, self.stack, arg);
+                pid = clone_into(dir, self.stack, arg, &mut pidfd);
                 if pid < 0 {
                     e = io::Error::from_raw_os_error(-pid);
                     if matches!(
@@ -277,7 +281,9 @@ impl Launcher {
             if pid < 0 {
                 return Err(other(format!("clone: {e}")));
             }
-            pid
+            // SAFETY: a descriptor clone3 made for us, owned by nobody else.
+            let pidfd = (pidfd >= 0).then(|| OwnedFd::from_raw_fd(pidfd));
+            (pid, pidfd)
         };
         drop((out_w, err_w));
         let mut spawned = Spawned {
@@ -285,6 +291,7 @@ impl Launcher {
             stdout: Some(out_r),
             stderr: Some(err_r),
             status: None,
+            pidfd,
             rusage: None,
         };
         // We resumed once the child exec'd or exited: a child that failed
@@ -378,15 +385,25 @@ struct CloneArgs {
 
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
-/// clone3(CLONE_VM | CLONE_VFORK | CLONE_INTO_CGROUP) running `child_main(arg)`
-/// on `stack`: the child starts inside the cgroup of the directory fd
-/// `cgroup`. Returns the pid, or -errno. In assembly because the child
+/// clone3(CLONE_VM | CLONE_VFORK | CLONE_INTO_CGROUP | CLONE_PIDFD) running
+/// `child_main(arg)` on `stack`: the child starts inside the cgroup of the
+/// directory fd `cgroup`, and `pidfd` receives a pidfd of it. Returns the
+/// pid, or -errno. In assembly because the child
 /// returns from the syscall on the new stack, where no Rust frame exists to
 /// return to: it calls child_main straight away, which execs or exits.
 #[cfg(target_arch = "x86_64")]
-unsafe fn clone_into(cgroup: RawFd, stack: *mut libc::c_void, arg: *mut libc::c_void) -> i32 {
+unsafe fn clone_into(
+    cgroup: RawFd,
+    stack: *mut libc::c_void,
+    arg: *mut libc::c_void,
+    pidfd: &mut libc::c_int,
+) -> i32 {
     let ca = CloneArgs {
-        flags: libc::CLONE_VM as u64 | libc::CLONE_VFORK as u64 | CLONE_INTO_CGROUP,
+        flags: libc::CLONE_VM as u64
+            | libc::CLONE_VFORK as u64
+            | libc::CLONE_PIDFD as u64
+            | CLONE_INTO_CGROUP,
+        pidfd: pidfd as *mut libc::c_int as u64,
         exit_signal: libc::SIGCHLD as u64,
         stack: stack as u64,
         stack_size: STACK as u64,
@@ -425,7 +442,12 @@ unsafe fn clone_into(cgroup: RawFd, stack: *mut libc::c_void, arg: *mut libc::c_
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn clone_into(_: RawFd, _: *mut libc::c_void, _: *mut libc::c_void) -> i32 {
+unsafe fn clone_into(
+    _: RawFd,
+    _: *mut libc::c_void,
+    _: *mut libc::c_void,
+    _: &mut libc::c_int,
+) -> i32 {
     -libc::ENOSYS
 }
 

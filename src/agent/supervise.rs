@@ -333,7 +333,7 @@ impl Supervisor {
                 );
             }
         }
-        let pidfd = pidfd_open(pid);
+        let pidfd = child.pidfd.take().or_else(|| pidfd_open(pid));
         if let Some(fd) = &pidfd {
             let _ = self.poll.registry().register(
                 &mut SourceFd(&fd.as_raw_fd()),
