@@ -136,13 +136,13 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
 ±0.1).
 
 - **Throughput at concurrency 20** (target 0.9; 0.66 to 1.03 here on ext4
-  over the last six full runs, medians 0.76 to 0.84; on tmpfs 0.80 to
+  over the last seven full runs, medians 0.70 to 0.84; on tmpfs 0.80 to
   0.95). The
   gap is CPU: the daemon and its agents share two cores (idle under 1% while
   requests run, for floor and daemon alike, measured from /proc/stat), so
   every cycle spent for the daemon is a request the floor makes instead.
-  Per request the floor's spawning threads spend 0.07 to 0.10 ms, the
-  daemon's threads 0.33 to 0.47 ms (the last two columns; the machine's
+  Per request the floor's spawning threads spend 0.07 to 0.11 ms, the
+  daemon's threads 0.33 to 0.55 ms (the last two columns; the machine's
   speed moves both alike from run to run; 0.61 ms before the round of
   2026-12-01 evening, 1.1 ms before the one that morning). On top of
   that comes what the daemon makes kernel threads do, which no column
@@ -238,6 +238,37 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
     agents, 20 tasks x 150 iterations, 6 rounds in turns): 0.816 to 0.836
     of the floor, within the noise of a slow hour (the floor's own total
     2.0 ms a request, 1.4 ms an hour before).
+  - The round of 2026-12-02 afternoon (a freshly booted machine, slower:
+    `--only throughput` made 0.73 (0.63 … 0.76) at concurrency 20 on ext4,
+    0.83 (0.69 … 0.94) on tmpfs, 0.79 at concurrency 1, on the code that
+    made 0.84, 0.90 and 0.97 in the tables of the run before). Per thread
+    (CPU ticks of /proc/PID/task, 20 tasks x 150 iterations, ext4 and tmpfs
+    in turns, 3 pairs): the whole daemon 172–216 against 102–123, workers
+    99–122 against 58–82, scheduler 24–30 against 12–15, writer 26–44
+    against 3–5. So the disk doubles the daemon's CPU here: two fifths of
+    what it adds is the writer, a little more the workers' (the transcripts'
+    files). The writer's share is the block layer, not our code: per
+    record (counted with the `block:block_rq_issue` tracepoint and
+    /sys/block/vda/stat) the writer issues the record's data block, the
+    directory's block, 1.3 writes of the inode table (the file's and the
+    directory's inodes, often in one block) and two cache flushes (the
+    file's fsync and the directory's), and the spare's truncation frees
+    the last record's block, which this root file system, mounted
+    `discard`, discards at once (about one discard a record): about 6
+    requests, each a notify of the virtio disk (a VM exit, `iowrite16` 9%
+    of the writer's samples). Tried and taken back: the spare overwritten
+    in place, padded to a stable size and synced with `fdatasync` (no
+    discard, no block freed and allocated again; the inode table is
+    still written for the directory): the writer 10–30% less CPU in 10
+    pairs, 2–5% of the daemon's, the rates within the noise; and a reader
+    that held the spare open for two batches could then read two records
+    mixed where today it reads a prefix that does not parse (and reads
+    again): kept as it is. One flush per batch instead of two per record
+    would need the records' blocks written without their metadata
+    (`sync_file_range`), which is not durable on a file system that
+    writes elsewhere (btrfs): not as durable as now. The tmpfs row bounds
+    what any layout of the state could give: with no disk at all the same
+    run made 0.83 that hour.
   - Done: an attempt's cgroup is kept, empty, for the next attempt where it
     counts only CPU (no memory or pids controller on it, no limit written,
     never killed: a process clone3'd into a cgroup after a write to its
@@ -305,7 +336,9 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
   concurrency 20 went from 0.16–0.43 to 0.6–0.8, concurrency 1 from
   0.65–0.8 to 0.75–0.94.
 - **Memory** (target 10 MB; 10.5 to 10.8 MB in four runs on 2026-12-02,
-  12.7 to 13.7 MB before that day's two changes): what is resident is the
+  12.7 to 13.7 MB before that day's two changes; 9.8 MB in the full run
+  of that afternoon on a freshly booted machine, the same code: at the
+  edge of the target): what is resident is the
   binary's own code, 4.5 MB of its 5.2 MB of text (the kernel maps code in
   64 KiB windows around each page used), glibc 1.4 MB, and 3 to 4 MB of
   heap for 1,000 records and 20 running attempts. Done that day: a task's
@@ -322,7 +355,7 @@ no-op agent (2 cores, shared and noisy: ratios of consecutive runs vary by
   /health, whose requests allocate, when the port was tiny_http's: 0.6 to 1.1
   of a bare tiny_http between runs, against 0.9 to 1.0 with the caches. With
   the server of our own (src/http/server.rs, whose floor is the same server
-  answering a constant) /health is at about 1.0 of its floor and always
+  answering a constant) /health is at 0.7 to 1.0 of its floor and always
   several times its target.
 - **Output capture** against `cat > /dev/null`: `cat` only reads there (a
   write to /dev/null returns at once; 0.013 to 0.043 s for 50 MB between
