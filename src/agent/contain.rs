@@ -108,8 +108,13 @@ pub struct Jail<'a> {
     cell: Option<Cell>,
     marker: Option<String>,
     pgid: i32,
-    /// Processes found running when the attempt was first ended.
+    /// Processes found running when the attempt was first ended (cgroup).
     left: std::cell::Cell<Option<u64>>,
+    /// subreaper mode: the processes carrying the attempt's mark found alive
+    /// and killed, by every look (`kill_all`, then `finish`). One look can
+    /// miss a process another finds (inside execve), so they are counted
+    /// together, not the largest of the looks.
+    ended: std::cell::RefCell<Vec<i32>>,
     /// The cell was seen empty after the leader exited: it stays so (no
     /// process of it is left to fork, nothing else starts in it), so the
     /// end needs no second look.
@@ -396,6 +401,7 @@ impl Containment {
             marker,
             pgid: 0,
             left: std::cell::Cell::new(None),
+            ended: std::cell::RefCell::new(Vec::new()),
             seen_empty: std::cell::Cell::new(false),
             cpu_before,
         }
@@ -436,14 +442,11 @@ impl Jail<'_> {
                 }
             }
             None => {
-                // The group's members carry the mark too: count them all.
-                let n = self.kill_marked().len() as u64;
+                // The group's members carry the mark too: counted first.
+                self.kill_marked();
                 if self.pgid > 0 {
                     // SAFETY: SIGKILL to the process group our child leads.
                     unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
-                }
-                if first {
-                    self.left.set(Some(n));
                 }
             }
         }
@@ -492,7 +495,8 @@ impl Jail<'_> {
                 }
             }
             None => {
-                r.killed = self.sweep(until).max(self.left.get().unwrap_or(0));
+                self.sweep(until);
+                r.killed = self.ended.borrow().len() as u64;
                 if let Some((cpu, rss)) = leader {
                     r.cpu_seconds = cpu;
                     r.peak_memory = Some(rss);
@@ -510,29 +514,24 @@ impl Jail<'_> {
 
     /// subreaper mode: kills the leader's group and every descendant of
     /// ours carrying the attempt's mark, until none is alive.
-    fn sweep(&self, until: Instant) -> u64 {
+    fn sweep(&self, until: Instant) {
+        // The marked ones are found before the group is killed: a member
+        // killed with the group first (a `nohup cmd &` stays in the agent's
+        // group) could be a zombie, or reaped, by the time the scan looked,
+        // and went uncounted.
+        let mut alive = self.kill_marked();
         if self.pgid > 0 && group::group_alive(self.pgid) {
             // SAFETY: SIGKILL to the process group our child led.
             unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
         }
-        let mut killed: Vec<i32> = Vec::new();
-        loop {
-            let alive = self.kill_marked();
-            if alive.is_empty() || Instant::now() >= until {
-                break;
-            }
-            for p in alive {
-                if !killed.contains(&p) {
-                    killed.push(p);
-                }
-            }
+        while !alive.is_empty() && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(2));
+            alive = self.kill_marked();
         }
-        killed.len() as u64
     }
 
     /// SIGKILL to the live descendants of ours that carry the attempt's
-    /// mark; returns them.
+    /// mark; returns them, and adds them to `ended`.
     fn kill_marked(&self) -> Vec<i32> {
         let Some(marker) = &self.marker else {
             return Vec::new();
@@ -547,9 +546,13 @@ impl Jail<'_> {
                     .is_some_and(|env| env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()))
             })
             .collect();
+        let mut ended = self.ended.borrow_mut();
         for p in &alive {
             // SAFETY: SIGKILL to a descendant of ours carrying the attempt's mark.
             unsafe { libc::kill(*p, libc::SIGKILL) };
+            if !ended.contains(p) {
+                ended.push(*p);
+            }
         }
         alive
     }
