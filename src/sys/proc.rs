@@ -209,8 +209,33 @@ pub fn descendants(pid: i32) -> Vec<i32> {
 }
 
 /// The raw `NAME=value` entries of a process's environment.
+///
+/// A process inside execve reads as having none: between the new program's
+/// memory map and its stack being laid out, environ and cmdline are both
+/// empty (a shell that re-executes itself read so 17% of the time here).
+/// Such a read is taken again, for up to ~100 ms; an empty environ with a
+/// command line is a process without an environment (`env -i`), and one
+/// that became a zombie meanwhile is gone (None). Without this a tool
+/// shell caught in its exec looked unmarked and was not ended.
 pub fn environ(pid: i32) -> Option<Vec<u8>> {
-    std::fs::read(format!("/proc/{pid}/environ")).ok()
+    let path = format!("/proc/{pid}/environ");
+    for _ in 0..500 {
+        let env = std::fs::read(&path).ok()?;
+        if !env.is_empty() {
+            return Some(env);
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        if !cmdline.is_empty() {
+            // Settled: what is read after the command line is the program's.
+            return std::fs::read(&path).ok();
+        }
+        // A process that is exiting has let go of its memory too.
+        if matches!(state_and_group(pid), None | Some(('Z' | 'X', _))) {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    Some(Vec::new())
 }
 
 /// The name of the user this process runs as, from /etc/passwd.

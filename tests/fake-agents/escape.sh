@@ -8,6 +8,8 @@
 #           daemon  a double fork that daemonizes (setsid, parent exits)
 #           envi    `setsid env -i cmd &`: a new session and no environment (no mark)
 #           pipes   a new session that keeps stdout and stderr open
+#           reexec  four new sessions whose processes execute themselves again
+#                   without end (reexec.sh): often caught inside execve
 #   ESCAPE_THEN: exit (completes the task), hang (prints, then waits),
 #                silent (prints nothing, waits); unset: hang for a task whose
 #                id contains "hang", else exit
@@ -21,10 +23,16 @@ case "${ESCAPE:-setsid}" in
   daemon) ( setsid sh -c "$leave" >/dev/null 2>&1 < /dev/null & ) ;;
   envi) setsid env -i /bin/sh -c "$leave" >/dev/null 2>&1 < /dev/null & ;;
   pipes) setsid sh -c "$leave" & ;;
+  reexec)
+    for _ in 1 2 3 4; do
+      setsid sh -c "echo \$\$ >> '$pids'; exec /bin/sh '$(dirname "$0")/reexec.sh'" >/dev/null 2>&1 < /dev/null &
+    done ;;
 esac
-# The leftover is running (its pid is written) before we go on.
+# The leftovers are running (their pids are written) before we go on.
+want=1
+[ "${ESCAPE:-}" = reexec ] && want=4
 for _ in $(seq 1 200); do
-  [ -s "$pids" ] && break
+  [ -s "$pids" ] && [ "$(wc -l < "$pids")" -ge "$want" ] && break
   sleep 0.01
 done
 then="${ESCAPE_THEN:-}"
