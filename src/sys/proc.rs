@@ -158,13 +158,9 @@ pub fn state_and_group(pid: i32) -> Option<(char, i32)> {
 /// /proc nor of every running agent.
 pub fn adopted() -> Vec<i32> {
     let me = std::process::id();
-    let Ok(list) = std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")) else {
+    let Some(roots) = children(&format!("/proc/{me}/task/{me}/children")) else {
         return Vec::new();
     };
-    let roots: Vec<i32> = list
-        .split_whitespace()
-        .filter_map(|c| c.parse().ok())
-        .collect();
     let mut found = roots.clone();
     for r in roots {
         for d in descendants(r) {
@@ -174,6 +170,37 @@ pub fn adopted() -> Vec<i32> {
         }
     }
     found
+}
+
+/// The pids of a `children` file, read in one read(2) where they fit in
+/// 64 KiB. The kernel lists them from a position at each read: a child
+/// reaped between two reads (our reaper reaps what a sweep killed) shifted
+/// the rest, and the next read skipped one still alive; std's
+/// `read_to_string` reads 32 bytes at a time here, so six pids took two.
+pub fn children(path: &str) -> Option<Vec<i32>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut len = 0;
+    loop {
+        match f.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                len += n;
+                if len == buf.len() {
+                    buf.resize(buf.len() * 2, 0);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    Some(
+        String::from_utf8_lossy(&buf[..len])
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .collect(),
+    )
 }
 
 /// Every descendant of `pid` alive now (zombies included), from the
@@ -188,13 +215,10 @@ pub fn descendants(pid: i32) -> Vec<i32> {
         for t in tasks.flatten() {
             let mut path = t.path();
             path.push("children");
-            let Ok(list) = std::fs::read_to_string(&path) else {
+            let Some(list) = children(&path.to_string_lossy()) else {
                 continue;
             };
-            for c in list
-                .split_whitespace()
-                .filter_map(|c| c.parse::<i32>().ok())
-            {
+            for c in list {
                 if !found.contains(&c) {
                     found.push(c);
                     next.push(c);
@@ -213,29 +237,36 @@ pub fn descendants(pid: i32) -> Vec<i32> {
 /// A process inside execve reads as having none: between the new program's
 /// memory map and its stack being laid out, environ and cmdline are both
 /// empty (a shell that re-executes itself read so 17% of the time here).
-/// Such a read is taken again, for up to ~100 ms; an empty environ with a
-/// command line is a process without an environment (`env -i`), and one
-/// that became a zombie meanwhile is gone (None). Without this a tool
-/// shell caught in its exec looked unmarked and was not ended.
+/// So an empty environ is read again until it is not, for up to 250 ms,
+/// and taken for a process without an environment (`env -i`) only after
+/// five looks in a row that saw its command line: one look can fall in
+/// the next exec of a process that keeps executing (a busy machine
+/// preempts us between the reads). A zombie is gone (None). Without this a
+/// tool shell caught in its exec looked unmarked and was not ended.
 pub fn environ(pid: i32) -> Option<Vec<u8>> {
     let path = format!("/proc/{pid}/environ");
-    for _ in 0..500 {
+    let cmdline = format!("/proc/{pid}/cmdline");
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(250);
+    let mut settled = 0;
+    loop {
         let env = std::fs::read(&path).ok()?;
         if !env.is_empty() {
             return Some(env);
         }
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        if !cmdline.is_empty() {
-            // Settled: what is read after the command line is the program's.
-            return std::fs::read(&path).ok();
+        if std::fs::read(&cmdline).ok()?.is_empty() {
+            settled = 0;
+        } else {
+            settled += 1;
         }
         // A process that is exiting has let go of its memory too.
         if matches!(state_and_group(pid), None | Some(('Z' | 'X', _))) {
             return None;
         }
+        if settled == 5 || std::time::Instant::now() >= until {
+            return Some(env);
+        }
         std::thread::sleep(std::time::Duration::from_micros(200));
     }
-    Some(Vec::new())
 }
 
 /// The name of the user this process runs as, from /etc/passwd.

@@ -123,13 +123,10 @@ pub fn reap_now() {
 
 fn reap_all() {
     let me = std::process::id();
-    let Ok(list) = std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")) else {
+    let Some(list) = crate::sys::proc::children(&format!("/proc/{me}/task/{me}/children")) else {
         return;
     };
-    for pid in list
-        .split_whitespace()
-        .filter_map(|p| p.parse::<i32>().ok())
-    {
+    for pid in list {
         if !matches!(crate::sys::proc::state_and_group(pid), Some(('Z', _))) {
             continue;
         }
