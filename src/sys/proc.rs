@@ -158,7 +158,7 @@ pub fn state_and_group(pid: i32) -> Option<(char, i32)> {
 /// /proc nor of every running agent.
 pub fn adopted() -> Vec<i32> {
     let me = std::process::id();
-    let Some(roots) = children(&format!("/proc/{me}/task/{me}/children")) else {
+    let Some(roots) = children(format!("/proc/{me}/task/{me}/children")) else {
         return Vec::new();
     };
     let mut found = roots.clone();
@@ -177,7 +177,7 @@ pub fn adopted() -> Vec<i32> {
 /// reaped between two reads (our reaper reaps what a sweep killed) shifted
 /// the rest, and the next read skipped one still alive; std's
 /// `read_to_string` reads 32 bytes at a time here, so six pids took two.
-pub fn children(path: &str) -> Option<Vec<i32>> {
+pub fn children(path: impl AsRef<std::path::Path>) -> Option<Vec<i32>> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).ok()?;
     let mut buf = vec![0u8; 64 * 1024];
@@ -215,7 +215,7 @@ pub fn descendants(pid: i32) -> Vec<i32> {
         for t in tasks.flatten() {
             let mut path = t.path();
             path.push("children");
-            let Some(list) = children(&path.to_string_lossy()) else {
+            let Some(list) = children(&path) else {
                 continue;
             };
             for c in list {
@@ -232,6 +232,9 @@ pub fn descendants(pid: i32) -> Vec<i32> {
     found
 }
 
+/// `flags` of /proc/PID/stat: the process is a kernel thread.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
 /// The raw `NAME=value` entries of a process's environment.
 ///
 /// A process inside execve reads as having none: between the new program's
@@ -241,7 +244,8 @@ pub fn descendants(pid: i32) -> Vec<i32> {
 /// and taken for a process without an environment (`env -i`) only after
 /// five looks in a row that saw its command line: one look can fall in
 /// the next exec of a process that keeps executing (a busy machine
-/// preempts us between the reads). A zombie is gone (None). Without this a
+/// preempts us between the reads). A zombie is gone (None); a kernel
+/// thread has none, at once. Without this a
 /// tool shell caught in its exec looked unmarked and was not ended.
 pub fn environ(pid: i32) -> Option<Vec<u8>> {
     let path = format!("/proc/{pid}/environ");
@@ -258,11 +262,19 @@ pub fn environ(pid: i32) -> Option<Vec<u8>> {
         } else {
             settled += 1;
         }
-        // A process that is exiting has let go of its memory too.
-        if matches!(state_and_group(pid), None | Some(('Z' | 'X', _))) {
+        // A process that is exiting has let go of its memory too; a kernel
+        // thread never had any (the start-up sweep looks at every process,
+        // and on a host with hundreds of them waiting here would hold the
+        // start for minutes).
+        let f = stat_fields(&pid.to_string())?;
+        if matches!(
+            f.first().and_then(|s| s.chars().next()),
+            None | Some('Z' | 'X')
+        ) {
             return None;
         }
-        if settled == 5 || std::time::Instant::now() >= until {
+        let flags: u64 = f.get(6).and_then(|x| x.parse().ok()).unwrap_or(0);
+        if flags & PF_KTHREAD != 0 || settled == 5 || std::time::Instant::now() >= until {
             return Some(env);
         }
         std::thread::sleep(std::time::Duration::from_micros(200));

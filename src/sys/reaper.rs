@@ -123,7 +123,7 @@ pub fn reap_now() {
 
 fn reap_all() {
     let me = std::process::id();
-    let Some(list) = crate::sys::proc::children(&format!("/proc/{me}/task/{me}/children")) else {
+    let Some(list) = crate::sys::proc::children(format!("/proc/{me}/task/{me}/children")) else {
         return;
     };
     for pid in list {
